@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, offline on the CPU: install with every extra, lint, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh convert,video,test
+export HF_HUB_OFFLINE=1 JAX_PLATFORMS=cpu
+.venv/bin/ruff check vtm_jax tests configs
+.venv/bin/ruff format --check vtm_jax tests configs
+.venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,70 @@
+"""Checkpoint directories: orbax parameters plus a JSON record of what the model is.
+
+A directory holds ``params/`` (an orbax checkpoint) and ``model.json``: the architecture, the
+model's constructor arguments, the input size, preprocessing, class labels and the stored
+reduction settings, so a checkpoint alone says how to build and feed its model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from vtm_jax.errors import UserError
+
+RECORD_FILE = "model.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None:
+    """Write ``params`` and ``record`` to a new checkpoint directory."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        raise UserError(f"{directory} already holds a checkpoint; choose a new --output")
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, params)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, RECORD_FILE), "w") as f:
+        json.dump({"format_version": FORMAT_VERSION, **record}, f, indent=2)
+
+
+def load_record(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, RECORD_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE})")
+    with open(path) as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+    for key in ("architecture", "model", "input"):
+        if key not in record:
+            raise UserError(f"{path} has no {key!r} entry")
+    return record
+
+
+def load_checkpoint(directory: str) -> tuple[Any, dict[str, Any]]:
+    """Read ``(params, record)`` from a checkpoint directory; params are numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    record = load_record(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise UserError(f"{directory} has no {PARAMS_DIR}/ directory")
+    params = ocp.StandardCheckpointer().restore(params_dir)
+    return _to_numpy(params), record
+
+
+def _to_numpy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree)

@@ -1,0 +1,195 @@
+"""The ``vtm-jax`` command: convert, predict, bench.
+
+Bad input ends with one line ``vtm-jax: error: ...`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from vtm_jax.errors import UserError
+
+MODES = ("none", "merge", "random_merge", "drop", "random_drop", "hybrid")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from vtm_jax.checkpoint import save_checkpoint
+
+    if args.source == "hf":
+        from vtm_jax.convert.hf_vivit import load_hf_vivit
+
+        converted = load_hf_vivit(args.input)
+    else:
+        from vtm_jax.convert.scenic import read_scenic_checkpoint, vivit_config_from_params
+
+        params = read_scenic_checkpoint(args.input)
+        model, input_config = vivit_config_from_params(
+            params, num_frames=args.num_frames, image_size=args.image_size
+        )
+        size = input_config["image_size"]
+        converted = {
+            "params": params,
+            "model": model,
+            "input": input_config,
+            "labels": None,
+            # Scenic's ViViT input: zero-centred pixels, 256/224 short-side resize, stride 2.
+            "preprocessing": {
+                "num_frames": input_config["num_frames"],
+                "stride": 2,
+                "min_resize": round(size * 256 / 224),
+                "crop_size": size,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+            },
+        }
+    record = {
+        "architecture": "vivit",
+        "model": converted["model"],
+        "input": converted["input"],
+        "preprocessing": converted["preprocessing"],
+        "labels": converted["labels"],
+        "token_merging": {"mode": "none"},
+        "converted_from": {"source": args.source, "path": os.path.abspath(args.input)},
+    }
+    save_checkpoint(args.output, converted["params"], record)
+    print(f"wrote {args.output} ({record['architecture']}, {len(record['model'])} model fields)")
+
+
+def _merging_from_args(args: argparse.Namespace, stored: dict | None):
+    from vtm_jax.reduction import ReductionSettings
+
+    values = dict(stored or {})
+    if args.mode is not None:
+        values["mode"] = args.mode
+    if args.r is not None:
+        values["r"] = args.r
+        if values.get("mode", "none") == "none" and args.mode is None:
+            values["mode"] = "merge"  # --r alone asks for the paper's default mode
+    for name in ("schedule", "threshold", "seed", "head_aggregation"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.no_prop_attn:
+        values["prop_attn"] = False
+    return ReductionSettings.from_dict(values)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vtm_jax.checkpoint import load_record
+    from vtm_jax.predict import predict, top_k
+
+    merging = _merging_from_args(args, load_record(args.checkpoint).get("token_merging"))
+    logits, record = predict(args.checkpoint, args.video, merging, args.attention)
+    print(f"mode={merging.mode} r={merging.r} schedule={merging.schedule}")
+    for rank, (index, label, prob) in enumerate(top_k(logits, record.get("labels")), 1):
+        print(f"{rank}. {label} (class {index}): {prob:.4f}")
+    if args.save_logits:
+        np.save(args.save_logits, logits)
+        print(f"logits written to {args.save_logits}")
+
+
+def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.benchmark import bench_settings, format_table
+    from vtm_jax.config import load_config, vivit_from_config
+    from vtm_jax.reduction import ReductionSettings
+
+    config = load_config(config_args)
+    record = vivit_from_config(config)
+    merging = ReductionSettings.from_dict(config.get("token_merging"))
+    bench = config.get("bench", {})
+    settings = [ReductionSettings()]
+    if merging.mode != "none":
+        settings.append(merging)
+    m = record["model"]
+    clip = record["input"]
+    print(
+        f"{config.get('experiment_name', 'model')}: ViViT {m['num_layers']} layers, width "
+        f"{m['hidden_size']}, tubelet {tuple(m['patch_size'])}, input {clip['num_frames']}x"
+        f"{clip['image_size']}x{clip['image_size']}, batch {bench.get('batch_size', 1)}, random weights"
+    )
+    results = bench_settings(
+        record,
+        settings,
+        batch_size=bench.get("batch_size", 1),
+        warmup=bench.get("warmup", 1),
+        iterations=bench.get("iterations", 3),
+        attention=bench.get("attention", "auto"),
+    )
+    for r in results:
+        print(f"\nmode={r['mode']} r={r['r']} schedule={r['schedule']}")
+        print(f"  r per layer:      {r['r_per_layer']}")
+        print(f"  tokens per layer: {r['tokens_per_layer']}")
+        print(f"  GMACs per layer:  {[float(f'{g:.4g}') for g in r['gmacs_per_layer']]}")
+    print("\n" + format_table(results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"config": config.to_dict(), "results": results}, f, indent=2, default=str)
+        print(f"\nresults written to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtm-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
+    convert.add_argument("--source", choices=("hf", "scenic"), required=True)
+    convert.add_argument("--input", required=True, help="HF model directory or Scenic checkpoint")
+    convert.add_argument("--output", required=True, help="new checkpoint directory")
+    convert.add_argument("--num-frames", type=int, default=32, help="Scenic input frames")
+    convert.add_argument("--image-size", type=int, default=224, help="Scenic input size")
+
+    pred = sub.add_parser("predict", help="classify one clip")
+    pred.add_argument("--checkpoint", required=True)
+    pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
+    pred.add_argument("--mode", choices=MODES)
+    pred.add_argument("--r", type=int, help="tokens removed per layer")
+    pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
+    pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
+    pred.add_argument("--no-prop-attn", action="store_true", help="no proportional attention")
+    pred.add_argument("--head-aggregation", choices=("mean", "concat"))
+    pred.add_argument("--seed", type=int, help="seed of the random modes")
+    pred.add_argument("--attention", default="auto", help="attention backend")
+    pred.add_argument("--save-logits", metavar="OUT.npy")
+
+    bench = sub.add_parser(
+        "bench",
+        help="throughput at r=0 and the config's merging",
+        description="--config=FILE.py and --config.field=value overrides, as in Scenic",
+    )
+    bench.add_argument("--output", help="results JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # --config and --config.x=y go to ml_collections, the rest to argparse.
+    config_args = [a for a in argv if a == "--config" or a.startswith("--config")]
+    if "--config" in config_args:
+        parser.error("write --config=FILE (with '=')")
+    args = parser.parse_args([a for a in argv if a not in config_args])
+    if config_args and args.command != "bench":
+        parser.error(f"{args.command} takes no --config")
+    try:
+        if args.command == "convert":
+            _convert(args)
+        elif args.command == "predict":
+            _predict(args)
+        else:
+            _bench(args, config_args)
+    except UserError as e:
+        print(f"vtm-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vtm-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

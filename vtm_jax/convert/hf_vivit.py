@@ -1,0 +1,512 @@
+"""HuggingFace ViViT checkpoints (``VivitForVideoClassification``) to the Scenic ViViT tree.
+
+transformers 5 names the weights one way in memory (``vivit.layers.N.attention.q_proj``,
+``mlp.fc1``) and another on disk (``vivit.encoder.layer.N.attention.attention.query``,
+``intermediate.dense``); hub checkpoints use the on-disk names. Both are accepted, never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vtm_jax.convert.scenic import (
+    Params,
+    format_keys,
+    num_tokens,
+    unflatten_params,
+    vivit_param_shapes,
+)
+from vtm_jax.errors import UserError
+
+CONVERT_EXTRA = "pip install 'vtm-jax[convert]'"
+
+# VivitConfig's defaults: save_pretrained may leave out keys whose value equals them.
+_HF_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,
+    "num_frames": 32,
+    "tubelet_size": [2, 16, 16],
+    "num_channels": 3,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu_fast",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+}
+
+# hidden_act -> gelu_approximate. gelu_fast, gelu_new and gelu_pytorch_tanh are all the tanh
+# approximation; "gelu" is the exact erf form.
+_GELU_APPROXIMATE = {"gelu_fast": True, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
+
+# Scenic's ViViT input pipeline: 32 frames at stride 2, shortest side 256, centre crop 224,
+# pixels zero-centred to [-1, 1].
+DEFAULT_STRIDE = 2
+DEFAULT_MEAN = [0.5, 0.5, 0.5]
+DEFAULT_STD = [0.5, 0.5, 0.5]
+
+# How an HF tensor becomes a Scenic leaf. The HF shape follows from the Scenic shape.
+_IDENTITY, _LINEAR, _QKV_KERNEL, _QKV_BIAS, _OUT_KERNEL, _CONV = (
+    "identity",
+    "linear",
+    "qkv_kernel",
+    "qkv_bias",
+    "out_kernel",
+    "conv",
+)
+
+_ATTN = "MultiHeadDotProductAttention_0"
+_COMMON_KEYS = {
+    "vivit.embeddings.cls_token": ("cls", _IDENTITY),
+    "vivit.embeddings.position_embeddings": ("Transformer/posembed_input/pos_embedding", _IDENTITY),
+    "vivit.embeddings.patch_embeddings.projection.weight": ("embedding/kernel", _CONV),
+    "vivit.embeddings.patch_embeddings.projection.bias": ("embedding/bias", _IDENTITY),
+    "vivit.layernorm.weight": ("Transformer/encoder_norm/scale", _IDENTITY),
+    "vivit.layernorm.bias": ("Transformer/encoder_norm/bias", _IDENTITY),
+    "classifier.weight": ("output_projection/kernel", _LINEAR),
+    "classifier.bias": ("output_projection/bias", _IDENTITY),
+}
+_LAYER_NORMS = {
+    "layernorm_before.weight": ("LayerNorm_0/scale", _IDENTITY),
+    "layernorm_before.bias": ("LayerNorm_0/bias", _IDENTITY),
+    "layernorm_after.weight": ("LayerNorm_1/scale", _IDENTITY),
+    "layernorm_after.bias": ("LayerNorm_1/bias", _IDENTITY),
+}
+
+
+def _layer_keys(q: str, k: str, v: str, o: str, fc1: str, fc2: str) -> dict[str, tuple[str, str]]:
+    keys = dict(_LAYER_NORMS)
+    for hf, scenic in ((q, "query"), (k, "key"), (v, "value")):
+        keys[f"{hf}.weight"] = (f"{_ATTN}/{scenic}/kernel", _QKV_KERNEL)
+        keys[f"{hf}.bias"] = (f"{_ATTN}/{scenic}/bias", _QKV_BIAS)
+    keys[f"{o}.weight"] = (f"{_ATTN}/out/kernel", _OUT_KERNEL)
+    keys[f"{o}.bias"] = (f"{_ATTN}/out/bias", _IDENTITY)
+    keys[f"{fc1}.weight"] = ("MlpBlock_0/Dense_0/kernel", _LINEAR)
+    keys[f"{fc1}.bias"] = ("MlpBlock_0/Dense_0/bias", _IDENTITY)
+    keys[f"{fc2}.weight"] = ("MlpBlock_0/Dense_1/kernel", _LINEAR)
+    keys[f"{fc2}.bias"] = ("MlpBlock_0/Dense_1/bias", _IDENTITY)
+    return keys
+
+
+# naming -> (layer prefix, per-layer key suffixes)
+_NAMINGS = {
+    "disk": (
+        "vivit.encoder.layer.",
+        _layer_keys(
+            "attention.attention.query",
+            "attention.attention.key",
+            "attention.attention.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ),
+    ),
+    "memory": (
+        "vivit.layers.",
+        _layer_keys(
+            "attention.q_proj",
+            "attention.k_proj",
+            "attention.v_proj",
+            "attention.o_proj",
+            "mlp.fc1",
+            "mlp.fc2",
+        ),
+    ),
+}
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == _LINEAR:
+        return shape[::-1]
+    if kind == _QKV_KERNEL:
+        return (shape[1] * shape[2], shape[0])
+    if kind == _QKV_BIAS:
+        return (shape[0] * shape[1],)
+    if kind == _OUT_KERNEL:
+        return (shape[2], shape[0] * shape[1])
+    if kind == _CONV:
+        t, h, w, cin, cout = shape
+        return (cout, cin, t, h, w)
+    return shape
+
+
+def _to_scenic(kind: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    source = array
+    if kind in (_LINEAR, _QKV_KERNEL, _OUT_KERNEL):
+        array = array.T.reshape(shape)
+    elif kind == _QKV_BIAS:
+        array = array.reshape(shape)
+    elif kind == _CONV:
+        array = array.transpose(2, 3, 4, 1, 0)  # (out, in, t, h, w) -> (t, h, w, in, out)
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    # Arrays from a live torch state dict share its memory: never hand those out.
+    return array.copy() if np.may_share_memory(array, source) else array
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading weights
+
+
+def _import_torch(what: str) -> Any:
+    try:
+        import torch
+    except ImportError as error:
+        raise UserError(f"{what} needs PyTorch: {CONVERT_EXTRA}") from error
+    return torch
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, e.g. from model.state_dict()
+        return _torch_to_numpy(value)
+    array = np.asarray(value)
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        array = array.astype(np.float32, copy=False)
+    return array
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+    except ImportError as error:
+        raise UserError(f"{path} needs safetensors: {CONVERT_EXTRA}") from error
+
+    try:
+        return {k: _as_array(v) for k, v in load_file(path).items()}
+    except TypeError:
+        # numpy has no bfloat16: read such files through torch.
+        _import_torch(f"{path} (bfloat16)")
+        from safetensors.torch import load_file as load_torch_file
+
+        return {k: _torch_to_numpy(v) for k, v in load_torch_file(path).items()}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+
+
+def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    torch = _import_torch(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
+        raise UserError(f"cannot read {path}: {error}") from error
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{path} is not a flat state dict: non-tensor {format_keys(not_tensors)}")
+    return {k: _torch_to_numpy(v) for k, v in state.items()}
+
+
+def _shard_files(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read the shard index {index_path}: {error}") from error
+    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise UserError(f"{index_path} lists shards that are not there: {format_keys(absent)}")
+    return files
+
+
+def read_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
+    """Read an HF checkpoint directory's weights as ``{key: numpy array}`` (floats as float32).
+
+    Order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
+    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``; the last two need PyTorch.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    candidates = (
+        ("model.safetensors", False, _load_safetensors),
+        ("model.safetensors.index.json", True, _load_safetensors),
+        ("pytorch_model.bin", False, _load_torch_bin),
+        ("pytorch_model.bin.index.json", True, _load_torch_bin),
+    )
+    found = next(((n, i, f) for n, i, f in candidates if (directory / n).is_file()), None)
+    if found is None:
+        raise UserError(
+            f"no weights in {directory}: expected model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin"
+        )
+    name, is_index, load = found
+    files = _shard_files(directory / name) if is_index else [directory / name]
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        part = load(file)
+        repeated = [k for k in part if k in state]
+        if repeated:
+            raise UserError(f"{file} repeats keys of another shard: {format_keys(repeated)}")
+        state.update(part)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting
+
+
+def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated model and input settings from an HF ViViT config.json dict."""
+    model_type = hf_config.get("model_type", "vivit")
+    if model_type != "vivit":
+        raise UserError(f"config.json has model_type={model_type!r}, not 'vivit'")
+
+    def get(key: str) -> Any:
+        return hf_config.get(key, _HF_DEFAULTS[key])
+
+    hidden_act = get("hidden_act")
+    if hidden_act not in _GELU_APPROXIMATE:
+        raise UserError(
+            f"config.json hidden_act={hidden_act!r} is not supported; "
+            f"expected one of {', '.join(sorted(_GELU_APPROXIMATE))}"
+        )
+    if get("qkv_bias") is not True:
+        raise UserError("config.json has qkv_bias=false; only ViViT with q/k/v biases is supported")
+    if get("num_channels") != 3:
+        raise UserError(f"config.json has num_channels={get('num_channels')}; only 3 is supported")
+    image_size = get("image_size")
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2 or image_size[0] != image_size[1]:
+            raise UserError(f"config.json image_size={image_size} is not square")
+        image_size = image_size[0]
+    tubelet = get("tubelet_size")
+    if not isinstance(tubelet, (list, tuple)) or len(tubelet) != 3:
+        raise UserError(f"config.json tubelet_size={tubelet!r} is not [t, h, w]")
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    if heads <= 0 or hidden % heads:
+        raise UserError(
+            f"config.json hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
+        )
+    id2label = hf_config.get("id2label")
+    if id2label:
+        num_classes = len(id2label)
+    elif hf_config.get("num_labels") is not None:
+        num_classes = int(hf_config["num_labels"])
+    else:
+        num_classes = None  # taken from the classifier weight
+    return {
+        "num_classes": num_classes,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "mlp_dim": int(get("intermediate_size")),
+        "num_layers": int(get("num_hidden_layers")),
+        "patch_size": tuple(int(x) for x in tubelet),
+        "classifier": "token",
+        "representation_size": None,
+        "layer_norm_eps": float(get("layer_norm_eps")),
+        "gelu_approximate": _GELU_APPROXIMATE[hidden_act],
+        "num_frames": int(get("num_frames")),
+        "image_size": int(image_size),
+    }
+
+
+def _detect_naming(keys: list[str]) -> str:
+    disk = [k for k in keys if k.startswith(_NAMINGS["disk"][0])]
+    memory = [k for k in keys if k.startswith(_NAMINGS["memory"][0])]
+    if disk and memory:
+        raise UserError(
+            "mixed key namings: on-disk names (e.g. "
+            f"{disk[0]}) and transformers' in-memory names (e.g. {memory[0]})"
+        )
+    if memory:
+        return "memory"
+    if any(k.startswith(("vivit.", "classifier.")) for k in keys):
+        return "disk"
+    if any(k.startswith(("embeddings.", "encoder.layer.", "layers.")) for k in keys):
+        raise UserError(
+            "no classifier head: this is a base VivitModel checkpoint (keys without the "
+            "'vivit.' prefix); convert a VivitForVideoClassification checkpoint"
+        )
+    raise UserError(f"not a HuggingFace ViViT checkpoint; keys: {format_keys(keys) or 'none'}")
+
+
+def convert_vivit(
+    state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
+) -> tuple[Params, dict[str, Any], dict[str, int]]:
+    """Map an HF ViViT state dict (either naming) to the Scenic tree.
+
+    Returns ``(params, model_config, input_config)``. Any unknown, missing or mis-shaped key
+    is a UserError that names it.
+    """
+    settings = _settings(hf_config)
+    keys = list(state_dict)
+    prefix, layer_keys = _NAMINGS[_detect_naming(keys)]
+
+    table = dict(_COMMON_KEYS)
+    for i in range(settings["num_layers"]):
+        for suffix, (path, kind) in layer_keys.items():
+            table[f"{prefix}{i}.{suffix}"] = (f"Transformer/encoderblock_{i}/{path}", kind)
+
+    if not any(k.startswith("classifier.") for k in keys):
+        raise UserError(
+            "no classifier head (no classifier.weight / classifier.bias): convert a "
+            "VivitForVideoClassification checkpoint"
+        )
+    unknown = [k for k in keys if k not in table]
+    missing = [k for k in table if k not in state_dict]
+    if unknown or missing:
+        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
+        parts += [f"missing {format_keys(missing)}"] if missing else []
+        raise UserError(f"HF ViViT checkpoint keys do not match: {'; '.join(parts)}")
+
+    if settings["num_classes"] is None:
+        settings["num_classes"] = int(np.shape(state_dict["classifier.weight"])[0])
+    model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
+    input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
+    n_tokens = num_tokens(
+        num_frames=input_config["num_frames"],
+        image_size=input_config["image_size"],
+        patch_size=model_config["patch_size"],
+        classifier="token",
+    )
+    shapes = vivit_param_shapes(model_config, n_tokens)
+
+    arrays = {k: _as_array(v) for k, v in state_dict.items()}
+    expected_hf = {k: _hf_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
+    mis_shaped = [
+        f"{k} {arrays[k].shape} (expected {expected_hf[k]})"
+        for k in table
+        if arrays[k].shape != expected_hf[k]
+    ]
+    if mis_shaped:
+        raise UserError(f"HF ViViT checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}")
+
+    by_path = {path: (k, kind) for k, (path, kind) in table.items()}
+    flat = {}
+    for path, shape in shapes.items():  # Scenic's order
+        key, kind = by_path[path]
+        flat[path] = _to_scenic(kind, arrays[key], shape)
+    return unflatten_params(flat), model_config, input_config
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and preprocessing
+
+
+def _labels(hf_config: Mapping[str, Any], num_classes: int) -> list[str] | None:
+    id2label = hf_config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (ValueError, AttributeError) as error:
+        raise UserError(f"config.json id2label is not an index -> name map: {error}") from error
+    if sorted(by_index) != list(range(num_classes)):
+        raise UserError(f"config.json id2label does not index classes 0..{num_classes - 1}")
+    return [by_index[i] for i in range(num_classes)]
+
+
+def _per_channel(value: Any, name: str) -> list[float]:
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != 3:
+        raise UserError(f"preprocessor {name}={value!r} does not have 3 channels")
+    return values
+
+
+def _square_size(value: Any, name: str) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping) and "height" in value and value["height"] == value.get("width"):
+        return int(value["height"])
+    raise UserError(f"preprocessor {name}={value!r} is not a square size")
+
+
+def read_preprocessing(directory: str | Path, input_config: Mapping[str, int]) -> dict[str, Any]:
+    """Input pipeline settings: ``mean`` / ``std`` apply to pixels scaled to [0, 1].
+
+    Without a processor config these are Scenic's ViViT settings. With one, they reproduce
+    what transformers' VivitImageProcessor computes from it: rescale ``p * rescale_factor``,
+    minus 1 when ``offset``, then ``(x - image_mean) / image_std`` when ``do_normalize``.
+    Note that this double normalisation with the processor's own defaults gives [-3, 1], not
+    the [-1, 1] Scenic trained on; it is kept as written, so outputs match transformers.
+    """
+    image_size = int(input_config["image_size"])
+    prep: dict[str, Any] = {
+        "num_frames": int(input_config["num_frames"]),
+        "stride": DEFAULT_STRIDE,
+        "min_resize": round(image_size * 256 / 224),
+        "crop_size": image_size,
+        "mean": list(DEFAULT_MEAN),
+        "std": list(DEFAULT_STD),
+    }
+    directory = Path(directory)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        path = directory / name
+        if path.is_file():
+            break
+    else:
+        return prep
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+
+    if cfg.get("do_resize", True):
+        size = cfg.get("size", {"shortest_edge": 256})
+        if isinstance(size, int):
+            prep["min_resize"] = size
+        elif isinstance(size, Mapping) and "shortest_edge" in size:
+            prep["min_resize"] = int(size["shortest_edge"])
+        else:
+            raise UserError(f"{path}: only shortest-edge resizing is supported, got size={size}")
+    if cfg.get("do_center_crop", True):
+        crop = _square_size(cfg.get("crop_size", {"height": 224, "width": 224}), "crop_size")
+        if crop != image_size:
+            raise UserError(
+                f"{path}: crop_size {crop} differs from the model's image_size {image_size}"
+            )
+        prep["crop_size"] = crop
+
+    # Express transformers' affine map of raw pixels p in [0, 255] as (p / 255 - mean) / std.
+    do_rescale = cfg.get("do_rescale", True)
+    scale = float(cfg.get("rescale_factor", 1 / 127.5)) if do_rescale else 1.0
+    # The video processor always offsets when it rescales; the image processor reads `offset`.
+    offset = 1.0 if do_rescale and (name.startswith("video") or cfg.get("offset", True)) else 0.0
+    if cfg.get("do_normalize", True):
+        mean = _per_channel(cfg.get("image_mean", DEFAULT_MEAN), "image_mean")
+        std = _per_channel(cfg.get("image_std", DEFAULT_STD), "image_std")
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    prep["mean"] = [round((offset + m) / (255 * scale), 12) for m in mean]
+    prep["std"] = [round(s / (255 * scale), 12) for s in std]
+    return prep
+
+
+def load_hf_vivit(directory: str | Path) -> dict[str, Any]:
+    """Load an HF ViViT checkpoint directory.
+
+    Returns ``{'params', 'model', 'input', 'labels', 'preprocessing'}``: the Scenic tree,
+    the model config, ``{'num_frames', 'image_size'}``, class names from ``id2label`` (or
+    None) and :func:`read_preprocessing`'s settings.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"no config.json in {directory}")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {config_path}: {error}") from error
+    params, model_config, input_config = convert_vivit(read_state_dict(directory), hf_config)
+    return {
+        "params": params,
+        "model": model_config,
+        "input": input_config,
+        "labels": _labels(hf_config, model_config["num_classes"]),
+        "preprocessing": read_preprocessing(directory, input_config),
+    }

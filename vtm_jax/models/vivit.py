@@ -1,0 +1,193 @@
+"""Spatio-temporal ViViT ("model 1") with token reduction, in Scenic's parameter layout.
+
+Input ``[B, T, H, W, 3]`` (Scenic's NTHWC). A tubelet Conv embeds ``(t, h, w)`` patches in
+``(t h w)`` order, a class token is prepended, learned position embeddings added, then pre-LN
+blocks run joint space-time attention. Each block reduces its tokens after the attention
+residual and before the MLP (method.md §3.1), merging globally over all tokens.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.errors import UserError
+from vtm_jax.merge import clamp_r
+from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
+from vtm_jax.reduction import (
+    ReductionSettings,
+    Tokens,
+    initial_source,
+    key_metric,
+    layer_key,
+    reduce_tokens,
+)
+from vtm_jax.schedule import LayerPlan, plan_tokens
+
+CLASSIFIERS = ("token", "gap")
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN block: attention, residual, reduction of ``r`` tokens, then MLP and residual."""
+
+    num_heads: int
+    mlp_dim: int
+    r: int
+    class_token: bool
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(self, tokens: Tokens, key: jax.Array | None) -> Tokens:
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
+        bias = size_bias(tokens.size, self.merging.prop_attn)
+        y, keys = SelfAttention(
+            self.num_heads, self.attention_fn, name="MultiHeadDotProductAttention_0"
+        )(y, bias=bias)
+        tokens = tokens._replace(x=tokens.x + y)
+        r = clamp_r(tokens.x.shape[1], self.r, class_token=self.class_token)
+        if r > 0:
+            metric = key_metric(keys, self.merging.head_aggregation)
+            tokens = reduce_tokens(
+                tokens,
+                metric,
+                r,
+                settings=self.merging,
+                class_token=self.class_token,
+                key=key,
+            )
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        return tokens._replace(x=tokens.x + y)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, the blocks, and the final LayerNorm (Scenic's ``Transformer``)."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    class_token: bool
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(self, x: jax.Array, merge_rng: jax.Array | None = None) -> Tokens:
+        x = AddPositionEmbs(name="posembed_input")(x)
+        source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
+        tokens = Tokens(x, None, source)
+        for layer, r in enumerate(self.merging.layer_r(self.num_layers)):
+            tokens = EncoderBlock(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                r=r,
+                class_token=self.class_token,
+                merging=self.merging,
+                layer_norm_eps=self.layer_norm_eps,
+                gelu_approximate=self.gelu_approximate,
+                attention_fn=self.attention_fn,
+                name=f"encoderblock_{layer}",
+            )(tokens, layer_key(self.merging, layer, merge_rng))
+        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
+        return tokens._replace(x=x)
+
+
+class ViViT(nn.Module):
+    """ViViT model 1 with token reduction; parameter tree identical to Scenic's ``ViViT``.
+
+    ``merging`` holds the reduction settings (static); ``attention_fn`` is the attention
+    backend. With ``merging.trace_source`` set, the final source tracking is sown as
+    ``intermediates/source`` (apply with ``mutable=['intermediates']``).
+    """
+
+    num_classes: int
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_layers: int = 12
+    patch_size: tuple[int, int, int] = (2, 16, 16)  # (t, h, w)
+    classifier: str = "token"
+    representation_size: int | None = None
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    merging: ReductionSettings = ReductionSettings()
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(
+        self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
+    ) -> jax.Array:
+        del train  # no dropout: the checkpoints this serves were trained with rate 0
+        check_video_shape(video.shape, self.patch_size)
+        if self.classifier not in CLASSIFIERS:
+            raise UserError(
+                f"unknown classifier {self.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
+            )
+        x = nn.Conv(
+            self.hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            name="embedding",
+        )(video)
+        b = x.shape[0]
+        x = x.reshape(b, -1, self.hidden_size)
+        class_token = self.classifier == "token"
+        if class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size))
+            x = jnp.concatenate(
+                [jnp.broadcast_to(cls, (b, 1, self.hidden_size)).astype(x.dtype), x], 1
+            )
+        tokens = Encoder(
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            class_token=class_token,
+            merging=self.merging,
+            layer_norm_eps=self.layer_norm_eps,
+            gelu_approximate=self.gelu_approximate,
+            attention_fn=self.attention_fn,
+            name="Transformer",
+        )(x, merge_rng)
+        if tokens.source is not None:
+            self.sow("intermediates", "source", tokens.source)
+        x = tokens.x[:, 0] if class_token else tokens.x.mean(axis=1)
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+        return nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
+        )(x)
+
+
+def check_video_shape(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
+    """A clear error for a video the tubelet embedding cannot cut into whole patches."""
+    if len(shape) != 5 or shape[-1] != 3:
+        raise UserError(f"expected a video batch [B, T, H, W, 3], got shape {tuple(shape)}")
+    for name, size, patch in zip(
+        ("frames", "height", "width"), shape[1:4], patch_size, strict=True
+    ):
+        if size % patch:
+            raise UserError(f"{name} {size} is not a multiple of the tubelet size {patch}")
+
+
+def num_patches(model: ViViT, num_frames: int, image_size: int) -> int:
+    t, h, w = model.patch_size
+    return (num_frames // t) * (image_size // h) * (image_size // w)
+
+
+def token_plan(model: ViViT, num_frames: int, image_size: int) -> list[LayerPlan]:
+    """Static per-layer token counts of ``model`` on ``num_frames x image_size^2`` clips."""
+    class_token = model.classifier == "token"
+    tokens = num_patches(model, num_frames, image_size) + int(class_token)
+    return plan_tokens(tokens, model.merging.layer_r(model.num_layers), class_token=class_token)
+
+
+def with_merging(model: ViViT, merging: ReductionSettings) -> ViViT:
+    """The same model (same parameters) with other reduction settings."""
+    return model.clone(merging=merging)

@@ -1,0 +1,77 @@
+"""Classify one clip with a checkpoint: load, preprocess, run, top-5."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.data.video import preprocess, read_video
+from vtm_jax.errors import UserError
+from vtm_jax.models.registry import build_model
+from vtm_jax.reduction import ReductionSettings
+
+
+def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
+    """A model-ready float32 clip ``[T, S, S, 3]`` from a ``.npy`` array or a video file.
+
+    A float array is taken as already normalised and must have the model's exact input shape;
+    uint8 arrays and decoded videos are sampled, resized and normalised as ``record`` says.
+    """
+    num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
+    expected = (num_frames, size, size, 3)
+    if not os.path.isfile(path):
+        raise UserError(f"no such file: {path}")
+    if path.endswith(".npy"):
+        try:
+            frames = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UserError(f"cannot read {path} as a numpy array: {e}") from None
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise UserError(f"{path}: expected an array (T, H, W, 3), got shape {frames.shape}")
+        if np.issubdtype(frames.dtype, np.floating):
+            if frames.shape != expected:
+                raise UserError(
+                    f"{path}: a float array is taken as model-ready and must have shape "
+                    f"{expected}, got {frames.shape}"
+                )
+            return frames.astype(np.float32)
+        if frames.dtype != np.uint8:
+            raise UserError(
+                f"{path}: expected float (normalised) or uint8 pixels, got {frames.dtype}"
+            )
+    else:
+        frames = read_video(path)
+    prep = dict(record.get("preprocessing") or {})
+    prep.setdefault("num_frames", num_frames)
+    prep.setdefault("crop_size", size)
+    clip = preprocess(frames, prep)
+    if clip.shape != expected:
+        raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
+    return clip
+
+
+def predict(
+    checkpoint: str, video: str, merging: ReductionSettings | None = None, attention: str = "auto"
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Logits ``[num_classes]`` of one clip, and the checkpoint record."""
+    from vtm_jax.attention import get_attention
+
+    params, record = load_checkpoint(checkpoint)
+    if merging is None:
+        merging = ReductionSettings.from_dict(record.get("token_merging"))
+    model = build_model(record, merging, get_attention(attention))
+    clip = load_clip(video, record)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(clip)[None])
+    return np.asarray(logits[0]), record
+
+
+def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:
+    """The k best classes as ``(index, label, probability)``."""
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    best = np.argsort(-probs, kind="stable")[:k]
+    return [(int(i), labels[i] if labels else str(i), float(probs[i])) for i in best]
