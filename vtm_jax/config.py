@@ -20,10 +20,13 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["vtm-jax", *args]
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     try:
-        flag_values(["vtm-jax", *args])
+        flag_values(argv)
         config = flag_values.config
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"bad config: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,197 @@
+"""The command line: convert + predict reproduce HF, every mode runs, bad input is one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.serialization
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from vtm_jax.cli import main
+from vtm_jax.models.vivit import ViViT
+
+FRAMES, SIZE = 8, 32
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random HF ViViT saved to disk and converted with `vtm-jax convert --source hf`."""
+    torch.manual_seed(0)
+    config = transformers.VivitConfig(
+        image_size=SIZE,
+        num_frames=FRAMES,
+        tubelet_size=[2, 8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=7,
+    )
+    hf = transformers.VivitForVideoClassification(config).eval()
+    with torch.no_grad():
+        hf.vivit.embeddings.position_embeddings.normal_(std=0.5)
+    root = tmp_path_factory.mktemp("cli")
+    hf.save_pretrained(root / "hf")
+    assert (
+        main(
+            [
+                "convert",
+                "--source",
+                "hf",
+                "--input",
+                str(root / "hf"),
+                "--output",
+                str(root / "ckpt"),
+            ]
+        )
+        == 0
+    )
+    return hf, root
+
+
+def test_convert_predict_reproduces_hf(converted, capsys):
+    hf, root = converted
+    video = np.random.default_rng(0).standard_normal((FRAMES, SIZE, SIZE, 3)).astype(np.float32)
+    np.save(root / "clip.npy", video)
+    out = root / "logits.npy"
+    args = ["predict", "--checkpoint", str(root / "ckpt"), "--video", str(root / "clip.npy")]
+    assert main([*args, "--save-logits", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1. LABEL_" in printed and "5. LABEL_" in printed
+    with torch.no_grad():
+        expected = hf(pixel_values=torch.from_numpy(video.transpose(0, 3, 1, 2))[None]).logits
+    np.testing.assert_allclose(np.load(out), expected[0].numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--r", "6"],
+        ["--mode", "random_merge", "--r", "6", "--seed", "3"],
+        ["--mode", "drop", "--r", "6"],
+        ["--mode", "random_drop", "--r", "6"],
+        ["--mode", "hybrid", "--r", "6", "--threshold", "0.4"],
+        ["--mode", "merge", "--r", "10", "--schedule", "-1", "--head-aggregation", "concat"],
+        ["--mode", "merge", "--r", "6", "--no-prop-attn", "--attention", "blockwise"],
+    ],
+)
+def test_predict_modes(converted, extra, capsys):
+    _, root = converted
+    clip = root / "pixels.npy"
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 40, 50, 3), dtype=np.uint8)
+    np.save(clip, pixels)  # uint8: sampled, resized and normalised as the record says
+    out = root / "merged.npy"
+    args = ["predict", "--checkpoint", str(root / "ckpt"), "--video", str(clip)]
+    assert main([*args, *extra, "--save-logits", str(out)]) == 0
+    logits = np.load(out)
+    assert logits.shape == (7,) and np.isfinite(logits).all()
+    mode = extra[extra.index("--mode") + 1] if "--mode" in extra else "merge"
+    assert f"mode={mode} r=" in capsys.readouterr().out
+
+
+def test_predict_video_file(converted):
+    av = pytest.importorskip("av")
+    _, root = converted
+    path = str(root / "clip.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+        for i in range(24):
+            frame = np.full((40, 48, 3), (i * 10) % 256, np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    assert main(["predict", "--checkpoint", str(root / "ckpt"), "--video", path]) == 0
+
+
+def _bad(args, capsys, match):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vtm-jax: error:") and "\n" not in err, err
+    assert match in err, err
+
+
+def test_bad_input_is_one_line(converted, capsys, tmp_path):
+    _, root = converted
+    ckpt = str(root / "ckpt")
+    np.save(tmp_path / "wrong.npy", np.zeros((FRAMES, SIZE, SIZE + 1, 3), np.float32))
+    np.save(tmp_path / "ints.npy", np.zeros((FRAMES, SIZE, SIZE, 3), np.int16))
+    np.save(tmp_path / "short.npy", np.zeros((3, SIZE, SIZE, 3), np.uint8))
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
+    predict = ["predict", "--checkpoint", ckpt, "--video"]
+    _bad([*predict, str(tmp_path / "missing.npy")], capsys, "no such file")
+    _bad([*predict, str(tmp_path / "wrong.npy")], capsys, "must have shape (8, 32, 32, 3)")
+    _bad([*predict, str(tmp_path / "ints.npy")], capsys, "int16")
+    _bad([*predict, str(tmp_path / "short.npy")], capsys, "has 3 frames")
+    _bad([*predict, str(tmp_path / "corrupt.mp4")], capsys, "cannot decode")
+    _bad(
+        [*predict, str(tmp_path / "wrong.npy"), "--mode", "hybrid", "--r", "2"], capsys, "threshold"
+    )
+    _bad(["predict", "--checkpoint", str(tmp_path), "--video", "x.npy"], capsys, "not a vtm-jax")
+    _bad(
+        ["convert", "--source", "hf", "--input", str(tmp_path), "--output", str(tmp_path / "o")],
+        capsys,
+        "",
+    )
+    _bad(
+        ["convert", "--source", "hf", "--input", str(root / "hf"), "--output", ckpt],
+        capsys,
+        "already",
+    )
+
+
+def test_unknown_mode_exits_nonzero_without_traceback(converted):
+    _, root = converted
+    proc = subprocess.run(
+        [sys.executable, "-m", "vtm_jax.cli", "predict", "--checkpoint", str(root / "ckpt"),
+         "--video", "x.npy", "--mode", "tome"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'tome'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("layout", ["optimizer", "params"])
+def test_scenic_checkpoint_converts(tmp_path, layout, capsys):
+    model = ViViT(
+        num_classes=5, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8)
+    )
+    video = jax.random.normal(jax.random.PRNGKey(0), (1, FRAMES, SIZE, SIZE, 3))
+    params = model.init(jax.random.PRNGKey(1), video)["params"]
+    params = jax.tree.map(lambda p: p + 0.01, params)  # the zero-initialised head must matter
+    state = {"optimizer": {"target": params}} if layout == "optimizer" else {"params": params}
+    (tmp_path / "checkpoint_7").write_bytes(
+        flax.serialization.msgpack_serialize(jax.device_get(state))
+    )
+    convert = ["convert", "--source", "scenic", "--input", str(tmp_path), "--output"]
+    assert main([*convert, str(tmp_path / "ckpt"), "--num-frames", "8", "--image-size", "32"]) == 0
+    np.save(tmp_path / "clip.npy", np.asarray(video[0]))
+    out = tmp_path / "logits.npy"
+    predict = [
+        "predict",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--video",
+        str(tmp_path / "clip.npy"),
+    ]
+    assert main([*predict, "--save-logits", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), model.apply({"params": params}, video)[0], atol=1e-5)
+    _bad([*convert, str(tmp_path / "other")], capsys, "--num-frames")
+
+
+def test_bench_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", f"--config={REPO}/configs/vivit_tiny.py", "--config.bench.iterations=2"]
+    assert main([*args, "--config.token_merging.r=6", f"--output={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens per layer: [59, 53]" in printed and "| merge | 6 |" in printed
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["none", "merge"]
+    assert results[0]["speedup"] == 1.0 and results[1]["flop_limit"] > 1.0
+    _bad([*args, "--config.token_merging.mode=tome"], capsys, "unknown mode 'tome'")
+    _bad([*args, "--config.nonexistent=1"], capsys, "bad config")
