@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
+from tests.hf_models import random_hf_vivit
 from vtm_jax.cli import main
 from vtm_jax.models.vivit import ViViT
 
@@ -22,20 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """A random HF ViViT saved to disk and converted with `vtm-jax convert --source hf`."""
-    torch.manual_seed(0)
-    config = transformers.VivitConfig(
-        image_size=SIZE,
-        num_frames=FRAMES,
-        tubelet_size=[2, 8, 8],
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=7,
-    )
-    hf = transformers.VivitForVideoClassification(config).eval()
-    with torch.no_grad():
-        hf.vivit.embeddings.position_embeddings.normal_(std=0.5)
+    hf = random_hf_vivit(frames=FRAMES, size=SIZE, hidden=32, layers=2, labels=7)
     root = tmp_path_factory.mktemp("cli")
     hf.save_pretrained(root / "hf")
     assert (

@@ -99,7 +99,7 @@ def test_reduce_tokens_matches_oracle(mode, class_token):
         key = jax.random.PRNGKey(step)
         scores = None
         if mode.startswith("random"):
-            scores = torch.from_numpy(np.asarray(mg.random_scores(key, jnp.asarray(metric))))
+            scores = torch.from_numpy(np.array(mg.random_scores(key, jnp.asarray(metric))))
         ours_dense = reduce_tokens(
             ours, jnp.asarray(metric), r, settings=settings, class_token=class_token, key=key
         )

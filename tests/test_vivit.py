@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
+from tests.hf_models import random_hf_vivit
 from tests.reference.torch_tome_vivit import tome_vivit_forward
 from vtm_jax.convert.hf_vivit import load_hf_vivit
 from vtm_jax.models.registry import build_model
@@ -70,22 +70,7 @@ def test_full_size_r300_token_counts():
 @pytest.fixture(scope="module")
 def hf_vivit(tmp_path_factory):
     """A small random HF ViViT saved like a real checkpoint, and its conversion."""
-    torch.manual_seed(0)
-    config = transformers.VivitConfig(
-        image_size=SIZE,
-        num_frames=FRAMES,
-        tubelet_size=[2, 8, 8],
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-        attn_implementation="eager",
-    )
-    hf = transformers.VivitForVideoClassification(config).eval()
-    with torch.no_grad():  # HF initialises these to zeros/small values; make them matter
-        hf.vivit.embeddings.cls_token.normal_()
-        hf.vivit.embeddings.position_embeddings.normal_(std=0.5)
+    hf = random_hf_vivit(frames=FRAMES, size=SIZE)
     path = tmp_path_factory.mktemp("hf_vivit")
     hf.save_pretrained(path)
     return hf, load_hf_vivit(path), path
