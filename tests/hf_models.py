@@ -11,6 +11,7 @@ def random_hf_vivit(
 
     HF initialises the class token and position embeddings to zeros or tiny values; they are
     redrawn here so that a conversion that drops or misplaces them cannot pass.
+    The classifier is scaled up for the same reason.
     """
     torch.manual_seed(0)
     config = transformers.VivitConfig(
@@ -28,4 +29,6 @@ def random_hf_vivit(
     with torch.no_grad():
         model.vivit.embeddings.cls_token.normal_()
         model.vivit.embeddings.position_embeddings.normal_(std=0.5)
+        # A head with O(1) logits, so that a 1e-4 tolerance separates the reduction modes.
+        model.classifier.weight.normal_(std=1.0)
     return model

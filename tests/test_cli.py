@@ -182,3 +182,6 @@ def test_bench_tiny(tmp_path, capsys):
     assert results[0]["speedup"] == 1.0 and results[1]["flop_limit"] > 1.0
     _bad([*args, "--config.token_merging.mode=tome"], capsys, "unknown mode 'tome'")
     _bad([*args, "--config.nonexistent=1"], capsys, "bad config")
+    _bad(["bench", "--config=configs/nonexistent.py"], capsys, "config")
+    _bad([*args, "--config.bench.batch_size=0"], capsys, "batch_size >= 1")
+    _bad([*args, "--config.model.num_heads=5"], capsys, "not divisible by 5 heads")

@@ -86,3 +86,22 @@ def test_vivit_b_flops():
     assert vivit_b_gmacs(0) == pytest.approx(451.5, abs=0.1)
     assert vivit_b_gmacs(0) / vivit_b_gmacs(300) == pytest.approx(2.52, abs=0.02)
     assert block_macs(10, 10, hidden=4, mlp_dim=16) == 4 * 10 * 16 + 2 * 100 * 4 + 2 * 10 * 4 * 16
+
+
+def test_settings_r_forms():
+    import dataclasses
+
+    from vtm_jax.reduction import ReductionSettings
+
+    paper = ReductionSettings(mode="merge", r=(300, -1))  # the paper's (r, inflection)
+    assert (paper.r, paper.schedule) == (300, -1.0)
+    assert paper.layer_r(12) == parse_r(12, (300, -1))
+    per_layer = ReductionSettings(mode="merge", r=[300, 1])
+    assert per_layer.layer_r(4) == [300, 1, 0, 0]
+    # Copies keep a per-layer list per-layer, and the dict form round-trips.
+    assert dataclasses.replace(per_layer, mode="drop").layer_r(4) == [300, 1, 0, 0]
+    assert ReductionSettings.from_dict(per_layer.to_dict()) == per_layer
+    assert hash(per_layer) == hash(ReductionSettings(mode="merge", r=[300, 1]))
+    for bad in (dict(r=(1, 2, 3)), dict(r=-1), dict(threshold=float("nan")), dict(seed=-1)):
+        with pytest.raises(UserError):
+            ReductionSettings(mode="merge", **bad)

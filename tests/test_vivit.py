@@ -113,8 +113,8 @@ CASES = [
     dict(mode="random_merge", r=6),
     dict(mode="drop", r=6),
     dict(mode="random_drop", r=6),
-    dict(mode="hybrid", r=6, threshold=0.3),
-    dict(mode="merge", r=(0, 12, 5)),
+    dict(mode="hybrid", r=6, threshold=0.8),
+    dict(mode="merge", r=[0, 12, 5]),
 ]
 
 
@@ -128,7 +128,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
     def random_scores(layer, shape):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, layer), shape)))
 
-    r = list(case["r"]) if isinstance(case["r"], tuple) else (case["r"], case.get("schedule", 0.0))
+    r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
     with torch.no_grad():
         ref = tome_vivit_forward(
             hf,
@@ -141,6 +141,12 @@ def test_merged_matches_torch_reference(hf_vivit, case):
             random_scores=random_scores,
         )
     np.testing.assert_allclose(got, ref["logits"].numpy(), atol=1e-4, rtol=0)
+    # Each case is far from the unreduced logits (and hybrid from merge), so 1e-4 separates them.
+    unreduced, _ = ours_logits(converted, ReductionSettings(), video)
+    assert np.abs(got - unreduced).max() > 1e-2
+    if case["mode"] == "hybrid":
+        merged, _ = ours_logits(converted, ReductionSettings(mode="merge", r=case["r"]), video)
+        assert np.abs(got - merged).max() > 1e-2
     assert [p.tokens_out for p in token_plan(model, FRAMES, SIZE)] == ref["token_counts"]
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from vtm_jax.attention import get_attention
+from vtm_jax.errors import UserError
 from vtm_jax.models.registry import build_model
 from vtm_jax.models.vivit import num_patches, token_plan
 from vtm_jax.reduction import ReductionSettings
@@ -50,6 +51,8 @@ def bench_settings(
     progress=print,
 ) -> list[dict[str, Any]]:
     """Time each setting on random input; the first r=0 setting is the speedup baseline."""
+    if batch_size < 1 or iterations < 1 or warmup < 0:
+        raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
     num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
     attention_fn = get_attention(attention)
     video = jax.random.uniform(jax.random.PRNGKey(0), (batch_size, num_frames, size, size, 3))
@@ -78,7 +81,7 @@ def bench_settings(
         results.append(
             {
                 "mode": merging.mode,
-                "r": list(merging.r) if isinstance(merging.r, tuple) else merging.r,
+                "r": merging.to_dict()["r"],
                 "schedule": merging.schedule,
                 "tokens_per_layer": [p.tokens_out for p in plan],
                 "r_per_layer": [p.r for p in plan],

@@ -40,15 +40,33 @@ def load_record(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, RECORD_FILE)
     if not os.path.isfile(path):
         raise UserError(f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE})")
-    with open(path) as f:
-        try:
+    try:
+        with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e}") from None
-    for key in ("architecture", "model", "input"):
-        if key not in record:
-            raise UserError(f"{path} has no {key!r} entry")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    _check_record(record, path)
     return record
+
+
+def _check_record(record: Any, path: str) -> None:
+    """The fields every reader relies on, with the types they need."""
+    if not isinstance(record, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    expected = {"architecture": str, "model": dict, "input": dict}
+    optional = {"preprocessing": dict, "token_merging": dict, "labels": list}
+    for key, kind in [*expected.items(), *optional.items()]:
+        if key not in record and key in expected:
+            raise UserError(f"{path} has no {key!r} entry")
+        if record.get(key) is not None and not isinstance(record[key], kind):
+            raise UserError(f"{path}: {key!r} must be a JSON {kind.__name__}")
+    for key in ("num_frames", "image_size"):
+        if not isinstance(record["input"].get(key), int):
+            raise UserError(f"{path}: input.{key} must be an integer")
+    labels = record.get("labels")
+    num_classes = record["model"].get("num_classes")
+    if labels is not None and len(labels) != num_classes:
+        raise UserError(f"{path}: {len(labels)} labels for {num_classes} classes")
 
 
 def load_checkpoint(directory: str) -> tuple[Any, dict[str, Any]]:
@@ -60,7 +78,10 @@ def load_checkpoint(directory: str) -> tuple[Any, dict[str, Any]]:
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise UserError(f"{directory} has no {PARAMS_DIR}/ directory")
-    params = ocp.StandardCheckpointer().restore(params_dir)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot restore {params_dir}: {str(e).splitlines()[0]}") from None
     return _to_numpy(params), record
 
 

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from vtm_jax.errors import UserError
-
-MODES = ("none", "merge", "random_merge", "drop", "random_drop", "hybrid")
+from vtm_jax.reduction import RULES
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -132,6 +131,13 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         print(f"\nresults written to {args.output}")
 
 
+def _check_output_dir(path: str | None) -> None:
+    """Fail before a long run, not after it, when a result file cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path)) if path else None
+    if parent and not os.path.isdir(parent):
+        raise UserError(f"cannot write {path}: no directory {parent}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtm-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="classify one clip")
     pred.add_argument("--checkpoint", required=True)
     pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
-    pred.add_argument("--mode", choices=MODES)
+    pred.add_argument("--mode", choices=tuple(RULES))
     pred.add_argument("--r", type=int, help="tokens removed per layer")
     pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
     pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
@@ -176,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config_args and args.command != "bench":
         parser.error(f"{args.command} takes no --config")
     try:
+        _check_output_dir(args.save_logits if args.command == "predict" else None)
+        _check_output_dir(args.output if args.command == "bench" else None)
         if args.command == "convert":
             _convert(args)
         elif args.command == "predict":

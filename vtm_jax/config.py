@@ -27,18 +27,31 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     )
     try:
         flag_values(argv)
-        config = flag_values.config
+        config = flag_values.config  # absl loads the file lazily: errors surface here
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"bad config: {str(e).splitlines()[0]}") from None
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"cannot read config: {e}") from None
+        raise UserError(f"bad config: {_first_line(e)}") from None
+    except (OSError, SyntaxError, ImportError) as e:
+        raise UserError(f"cannot load config: {_first_line(e)}") from None
     if config is None:
         raise UserError("no --config=FILE given")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"get_config() must return a ConfigDict, not {type(config).__name__}")
     return config
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def vivit_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The checkpoint record (architecture, model kwargs, input) a Scenic ViViT config describes."""
+    try:
+        return _vivit_record(config)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"config does not describe a ViViT: {_first_line(e)}") from None
+
+
+def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     model = config.model
     kind = model.get("attention_config", {}).get("type", "spacetime")
     if kind != "spacetime":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
     if path.endswith(".npy"):
         try:
             frames = np.load(path, allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, EOFError, OSError) as e:
             raise UserError(f"cannot read {path} as a numpy array: {e}") from None
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise UserError(f"{path}: expected an array (T, H, W, 3), got shape {frames.shape}")
@@ -66,7 +67,13 @@ def predict(
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     model = build_model(record, merging, get_attention(attention))
     clip = load_clip(video, record)
-    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(clip)[None])
+    try:
+        logits = jax.jit(model.apply)({"params": params}, jnp.asarray(clip)[None])
+    except flax.errors.FlaxError as e:
+        # A model.json that does not fit the stored parameters (edited by hand, mixed up).
+        raise UserError(
+            f"{checkpoint}: parameters do not fit model.json: {e}".splitlines()[0]
+        ) from None
     return np.asarray(logits[0]), record
 
 

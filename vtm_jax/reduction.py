@@ -8,6 +8,7 @@ mode is one function and one dict entry.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -34,6 +35,10 @@ class Tokens(NamedTuple):
     source: jax.Array | None = None
 
 
+class PerLayerR(tuple):
+    """A per-layer r list, stored as a tuple so settings stay hashable."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ReductionSettings:
     """How a model reduces its tokens; frozen and hashable, so it is a static module attribute.
@@ -41,9 +46,11 @@ class ReductionSettings:
     Attributes:
       mode: one of :data:`RULES` (``none``, ``merge``, ``random_merge``, ``drop``,
         ``random_drop``, ``hybrid``).
-      r: tokens removed per layer (an int) or an explicit per-layer tuple.
-      schedule: the inflection of the paper's ``(r, inflection)`` schedule when ``r`` is an
-        int: 0 constant, -1 decreasing from 2r to 0, +1 increasing from 0 to 2r.
+      r: tokens removed per layer: an int, the paper's ``(r, inflection)`` tuple (stored as
+        ``r`` plus ``schedule``), or a per-layer list.
+      schedule: the inflection of the paper's schedule when ``r`` is an int: 0 constant,
+        -1 decreasing from 2r to 0, +1 increasing from 0 to 2r. With a single layer the
+        schedule has no span and is ignored (the paper's parse_r divides by zero there).
       prop_attn: add ``log(size)`` of the keys to the attention logits.
       head_aggregation: metric from the keys averaged over heads (``mean``) or concatenated.
       threshold: similarity below which hybrid mode discards a destination; hybrid needs it
@@ -54,7 +61,7 @@ class ReductionSettings:
     """
 
     mode: str = "none"
-    r: int | tuple[int, ...] = 0
+    r: int | tuple[int, float] | list[int] = 0
     schedule: float = 0.0
     prop_attn: bool = True
     head_aggregation: str = "mean"
@@ -65,13 +72,29 @@ class ReductionSettings:
     def __post_init__(self):
         if self.mode not in RULES:
             raise UserError(f"unknown mode {self.mode!r}; valid: {', '.join(RULES)}")
-        if isinstance(self.r, list):
-            object.__setattr__(self, "r", tuple(self.r))
-        r_values = self.r if isinstance(self.r, tuple) else (self.r,)
+        r = self.r
+        if isinstance(r, tuple) and not isinstance(r, PerLayerR):
+            # The paper's (r, inflection) form, as its parse_r reads a tuple.
+            if len(r) != 2:
+                raise UserError(
+                    f"a tuple r must be (r, inflection), not {r!r}; use a list per layer"
+                )
+            if self.schedule not in (0, 0.0):
+                raise UserError("give the inflection either in r=(r, inflection) or in schedule")
+            r, schedule = r
+            object.__setattr__(self, "schedule", float(schedule))
+        elif isinstance(r, list):
+            r = PerLayerR(r)
+        object.__setattr__(self, "r", r)
+        r_values = r if isinstance(r, tuple) else (r,)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r_values):
             raise UserError(f"r must be a non-negative int or a list of them, not {self.r!r}")
         if not -1.0 <= float(self.schedule) <= 1.0:
             raise UserError(f"schedule (inflection) must be in [-1, 1], not {self.schedule}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UserError(f"threshold must be a finite number, not {self.threshold}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UserError(f"seed must be an int in [0, 2**32), not {self.seed!r}")
         if self.head_aggregation not in HEAD_AGGREGATIONS:
             raise UserError(
                 f"unknown head_aggregation {self.head_aggregation!r}; "
@@ -90,7 +113,7 @@ class ReductionSettings:
         """The requested r of each layer (before the per-layer clamp)."""
         if self.mode == "none":
             return [0] * num_layers
-        if isinstance(self.r, tuple):
+        if isinstance(self.r, PerLayerR):
             return parse_r(num_layers, list(self.r))[:num_layers]
         return parse_r(num_layers, (self.r, float(self.schedule)) if num_layers > 1 else self.r)
 
@@ -108,8 +131,8 @@ class ReductionSettings:
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
-        if isinstance(values["r"], tuple):
-            values["r"] = list(values["r"])
+        if isinstance(self.r, PerLayerR):
+            values["r"] = list(self.r)
         return values
 
 

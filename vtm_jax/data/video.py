@@ -28,13 +28,18 @@ def read_video(path: str) -> np.ndarray:
 
 
 def sample_indices(total: int, num_frames: int, stride: int) -> np.ndarray:
-    """``num_frames`` indices ``stride`` apart, centred in the video.
+    """``num_frames`` indices ``stride`` apart, centred in a video of ``total`` frames.
 
-    A video shorter than the span repeats its last frame, as video loaders usually pad.
+    A video shorter than that span is sampled with the largest stride that fits, so every
+    sampled frame is distinct; fewer than ``num_frames`` frames is an error.
     """
+    if total < num_frames:
+        raise UserError(f"the video has {total} frames; the model needs {num_frames}")
+    if num_frames > 1:
+        stride = max(1, min(stride, (total - 1) // (num_frames - 1)))
     span = (num_frames - 1) * stride + 1
-    start = max(0, (total - span) // 2)
-    return np.minimum(start + stride * np.arange(num_frames), total - 1)
+    start = (total - span) // 2
+    return start + stride * np.arange(num_frames)
 
 
 def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
@@ -64,10 +69,13 @@ def preprocess(frames: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise UserError(f"expected frames [T, H, W, 3], got shape {frames.shape}")
-    num_frames = preprocessing["num_frames"]
-    if frames.shape[0] < num_frames:
-        raise UserError(f"the video has {frames.shape[0]} frames; the model needs {num_frames}")
-    clip = frames[sample_indices(frames.shape[0], num_frames, preprocessing["stride"])]
+    missing = {"num_frames", "stride", "min_resize", "crop_size", "mean", "std"} - set(
+        preprocessing
+    )
+    if missing:
+        raise UserError(f"preprocessing lacks {', '.join(sorted(missing))}")
+    indices = sample_indices(frames.shape[0], preprocessing["num_frames"], preprocessing["stride"])
+    clip = frames[indices]
     clip = clip.astype(np.float32) / 255.0
     clip = resize_short_side(clip, preprocessing["min_resize"])
     clip = center_crop(clip, preprocessing["crop_size"])

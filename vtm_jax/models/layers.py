@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.errors import UserError
 
 
 class MlpBlock(nn.Module):
@@ -42,6 +43,8 @@ class SelfAttention(nn.Module):
         self, x: jax.Array, *, bias: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
         width = x.shape[-1]
+        if width % self.num_heads:
+            raise UserError(f"hidden size {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
         proj = dict(
             features=(self.num_heads, head_dim), kernel_init=nn.initializers.xavier_uniform()

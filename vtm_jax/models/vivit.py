@@ -186,8 +186,3 @@ def token_plan(model: ViViT, num_frames: int, image_size: int) -> list[LayerPlan
     class_token = model.classifier == "token"
     tokens = num_patches(model, num_frames, image_size) + int(class_token)
     return plan_tokens(tokens, model.merging.layer_r(model.num_layers), class_token=class_token)
-
-
-def with_merging(model: ViViT, merging: ReductionSettings) -> ViViT:
-    """The same model (same parameters) with other reduction settings."""
-    return model.clone(merging=merging)
