@@ -3,7 +3,7 @@
 import pytest
 
 from vtm_jax.errors import UserError
-from vtm_jax.schedule import block_macs, parse_r, plan_tokens, vivit_macs
+from vtm_jax.schedule import block_macs, parse_r, plan_tokens
 
 
 @pytest.mark.parametrize(
@@ -74,11 +74,11 @@ def test_per_frame_tables():
 
 
 def vivit_b_gmacs(r):
-    plan = plan_tokens(3137, parse_r(12, r), class_token=True)
-    macs = vivit_macs(
-        plan, num_patches=3136, patch_volume=512, hidden=768, mlp_dim=3072, num_classes=400
-    )
-    return macs["total"] / 1e9
+    from vtm_jax.models.vivit import ViViT
+    from vtm_jax.reduction import ReductionSettings
+
+    model = ViViT(num_classes=400, merging=ReductionSettings(mode="merge", r=r))
+    return model.analytic_macs(32, 224)["total"] / 1e9
 
 
 def test_vivit_b_flops():

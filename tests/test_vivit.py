@@ -10,7 +10,7 @@ from tests.hf_models import random_hf_vivit
 from tests.reference.torch_tome_vivit import tome_vivit_forward
 from vtm_jax.convert.hf_vivit import load_hf_vivit
 from vtm_jax.models.registry import build_model
-from vtm_jax.models.vivit import EncoderBlock, ViViT, token_plan
+from vtm_jax.models.vivit import EncoderBlock, ViViT
 from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 x 4 x 4 = 64 patches + CLS = 65 tokens
@@ -28,7 +28,12 @@ def block_token_counts(model, params, video):
         )[1]
 
     inter = jax.eval_shape(run, params, video)["intermediates"]["Transformer"]
-    return [inter[f"encoderblock_{i}"]["__call__"][0].x.shape[1] for i in range(model.num_layers)]
+    # A duplicated layer is called several times in a row: its outputs are in step order.
+    return [
+        out.x.shape[1]
+        for i in range(model.num_layers)
+        for out in inter[f"encoderblock_{i}"]["__call__"]
+    ]
 
 
 def test_param_tree_is_scenic_vivit_b():
@@ -64,7 +69,7 @@ def test_full_size_r300_token_counts():
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"]
     expected = [2837, 2537, 2237, 1937, 1637, 1337, 1037, 737, 437, 219, 110, 56]
     assert block_token_counts(model, params, video) == expected
-    assert [p.tokens_out for p in token_plan(model, 32, 224)] == expected
+    assert [p.tokens_out for p in model.token_plan(32, 224)] == expected
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,8 @@ CASES = [
     dict(mode="random_drop", r=6),
     dict(mode="hybrid", r=6, threshold=0.8),
     dict(mode="merge", r=[0, 12, 5]),
+    dict(mode="merge", r=5, duplicate=(0, 4)),  # all reduction at the first layer
+    dict(mode="random_drop", r=5, duplicate=(2, 3)),  # ... or at the last
 ]
 
 
@@ -129,6 +136,9 @@ def test_merged_matches_torch_reference(hf_vivit, case):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, layer), shape)))
 
     r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
+    if "duplicate" in case:  # the paper's r list for duplication (method.md §3.6)
+        layer, quantity = case["duplicate"]
+        r = [0] * layer + [case["r"]] * quantity + [0] * (model.num_layers - 1 - layer)
     with torch.no_grad():
         ref = tome_vivit_forward(
             hf,
@@ -139,6 +149,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
             head_aggregation=case.get("head_aggregation", "mean"),
             threshold=case.get("threshold", 0.0),
             random_scores=random_scores,
+            duplicate=case.get("duplicate"),
         )
     np.testing.assert_allclose(got, ref["logits"].numpy(), atol=1e-4, rtol=0)
     # Each case is far from the unreduced logits (and hybrid from merge), so 1e-4 separates them.
@@ -147,7 +158,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
     if case["mode"] == "hybrid":
         merged, _ = ours_logits(converted, ReductionSettings(mode="merge", r=case["r"]), video)
         assert np.abs(got - merged).max() > 1e-2
-    assert [p.tokens_out for p in token_plan(model, FRAMES, SIZE)] == ref["token_counts"]
+    assert [p.tokens_out for p in model.token_plan(FRAMES, SIZE)] == ref["token_counts"]
 
 
 def test_shapes_follow_plan_and_one_compile_per_schedule(hf_vivit):
@@ -157,7 +168,7 @@ def test_shapes_follow_plan_and_one_compile_per_schedule(hf_vivit):
     params = converted["params"]
     video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
     assert block_token_counts(model, params, video) == [
-        p.tokens_out for p in token_plan(model, FRAMES, SIZE)
+        p.tokens_out for p in model.token_plan(FRAMES, SIZE)
     ]
     traces = []
 

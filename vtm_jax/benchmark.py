@@ -17,9 +17,7 @@ import numpy as np
 from vtm_jax.attention import get_attention
 from vtm_jax.errors import UserError
 from vtm_jax.models.registry import build_model
-from vtm_jax.models.vivit import num_patches, token_plan
 from vtm_jax.reduction import ReductionSettings
-from vtm_jax.schedule import vivit_macs
 
 
 def time_forward(
@@ -62,15 +60,8 @@ def bench_settings(
     results = []
     for merging in settings:
         model = build_model(record, merging, attention_fn)
-        plan = token_plan(model, num_frames, size)
-        macs = vivit_macs(
-            plan,
-            num_patches=num_patches(model, num_frames, size),
-            patch_volume=int(np.prod(model.patch_size)),
-            hidden=model.hidden_size,
-            mlp_dim=model.mlp_dim,
-            num_classes=model.num_classes,
-        )
+        plan = model.token_plan(num_frames, size)
+        macs = model.analytic_macs(num_frames, size)
         progress(f"timing mode={merging.mode} r={merging.r} schedule={merging.schedule} ...")
 
         def forward(p, x, model=model):

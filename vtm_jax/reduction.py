@@ -21,6 +21,7 @@ from vtm_jax.schedule import parse_r
 
 HEAD_AGGREGATIONS = ("mean", "concat")
 TRACE_SOURCE = ("none", "index", "dense")
+MOTIONFORMER_GROUPS = ("paper", "per_frame")
 
 
 class Tokens(NamedTuple):
@@ -58,6 +59,12 @@ class ReductionSettings:
       seed: seed of the random modes; layer ``l`` uses ``fold_in(PRNGKey(seed), l)``.
       trace_source: ``none``, ``index`` (group id per original token, O(N0)) or ``dense`` (the
         paper's ``[N, N0]`` matrix).
+      duplicate: ``(layer, quantity)``: run layer ``layer`` ``quantity`` times, all reduction
+        concentrated there (method.md §3.6; what a repeat computes is the model's choice).
+      size_weighted_pool: mean-pool tokens weighted by their sizes (the fix to the paper's
+        unweighted VideoMAE pooling; upstream ToMe's MAE patch weights them).
+      motionformer_groups: ``paper`` reproduces the paper's ``(s f)`` merge groups, which mix
+        frames; ``per_frame`` merges within each frame, as intended (method.md §3.4).
     """
 
     mode: str = "none"
@@ -68,6 +75,9 @@ class ReductionSettings:
     threshold: float | None = None
     seed: int = 0
     trace_source: str = "none"
+    duplicate: tuple[int, int] | None = None
+    size_weighted_pool: bool = False
+    motionformer_groups: str = "paper"
 
     def __post_init__(self):
         if self.mode not in RULES:
@@ -95,6 +105,25 @@ class ReductionSettings:
             raise UserError(f"threshold must be a finite number, not {self.threshold}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be an int in [0, 2**32), not {self.seed!r}")
+        if self.duplicate is not None:
+            dup = tuple(self.duplicate)
+            if (
+                len(dup) != 2
+                or not all(isinstance(v, int) for v in dup)
+                or dup[0] < 0
+                or dup[1] < 1
+            ):
+                raise UserError(
+                    f"duplicate must be (layer >= 0, quantity >= 1), not {self.duplicate!r}"
+                )
+            if isinstance(self.r, PerLayerR):
+                raise UserError("duplicate needs a single int r (it is the r of every repeat)")
+            object.__setattr__(self, "duplicate", dup)
+        if self.motionformer_groups not in MOTIONFORMER_GROUPS:
+            raise UserError(
+                f"unknown motionformer_groups {self.motionformer_groups!r}; "
+                f"valid: {', '.join(MOTIONFORMER_GROUPS)}"
+            )
         if self.head_aggregation not in HEAD_AGGREGATIONS:
             raise UserError(
                 f"unknown head_aggregation {self.head_aggregation!r}; "
@@ -117,6 +146,24 @@ class ReductionSettings:
             return parse_r(num_layers, list(self.r))[:num_layers]
         return parse_r(num_layers, (self.r, float(self.schedule)) if num_layers > 1 else self.r)
 
+    def layer_steps(self, num_layers: int) -> list[tuple[int, int]]:
+        """``(layer, r)`` in execution order; a layer listed several times is duplicated.
+
+        Without duplication this is ``enumerate(layer_r)``. With ``duplicate=(L, Q)`` layer L
+        runs Q times with r each and every other layer with r=0: the paper's r list
+        ``[0]*L + [r]*Q + [0]*(layers-1-L)``. Duplication only applies when a mode is set.
+        """
+        if self.duplicate is None or self.mode == "none":
+            return list(enumerate(self.layer_r(num_layers)))
+        layer, quantity = self.duplicate
+        if layer >= num_layers:
+            raise UserError(f"duplicate layer {layer} does not exist ({num_layers} layers)")
+        return (
+            [(i, 0) for i in range(layer)]
+            + [(layer, self.r)] * quantity
+            + [(i, 0) for i in range(layer + 1, num_layers)]
+        )
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> ReductionSettings:
         """Build from a config block (a dict or ConfigDict); unknown keys are an error."""
@@ -133,6 +180,8 @@ class ReductionSettings:
         values = dataclasses.asdict(self)
         if isinstance(self.r, PerLayerR):
             values["r"] = list(self.r)
+        if self.duplicate is not None:
+            values["duplicate"] = list(self.duplicate)
         return values
 
 

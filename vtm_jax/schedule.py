@@ -74,22 +74,3 @@ def block_macs(tokens_in: int, tokens_out: int, *, hidden: int, mlp_dim: int) ->
     """
     attention = 4 * tokens_in * hidden**2 + 2 * tokens_in**2 * hidden
     return attention + 2 * tokens_out * hidden * mlp_dim
-
-
-def vivit_macs(
-    plan: Sequence[LayerPlan],
-    *,
-    num_patches: int,
-    patch_volume: int,
-    hidden: int,
-    mlp_dim: int,
-    num_classes: int,
-) -> dict:
-    """Analytic multiply-adds of a ViViT forward pass, per layer and in total.
-
-    Literature "GFLOPs" for ViViT (455 for ViViT-B/16x2) are multiply-adds, as here.
-    """
-    embed = num_patches * patch_volume * 3 * hidden
-    layers = [block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim) for p in plan]
-    head = hidden * num_classes
-    return {"embedding": embed, "layers": layers, "head": head, "total": embed + sum(layers) + head}

@@ -37,20 +37,24 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     attention_fn: AttentionFn = xla_attention
+    key_bias: bool = True  # VideoMAE's keys have no bias
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, *, bias: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+        self, x: jax.Array, *, bias: jax.Array | None = None, keys_only: bool = False
+    ) -> tuple[jax.Array, jax.Array] | jax.Array:
+        """``(output, keys)``, or only the keys ``[B, N, H, d]`` when ``keys_only``."""
         width = x.shape[-1]
         if width % self.num_heads:
             raise UserError(f"hidden size {width} is not divisible by {self.num_heads} heads")
-        head_dim = width // self.num_heads
         proj = dict(
-            features=(self.num_heads, head_dim), kernel_init=nn.initializers.xavier_uniform()
+            features=(self.num_heads, width // self.num_heads),
+            kernel_init=nn.initializers.xavier_uniform(),
         )
+        k = nn.DenseGeneral(name="key", use_bias=self.key_bias, **proj)(x)
+        if keys_only:
+            return k
         q = nn.DenseGeneral(name="query", **proj)(x)
-        k = nn.DenseGeneral(name="key", **proj)(x)
         v = nn.DenseGeneral(name="value", **proj)(x)
         y = self.attention_fn(q, k, v, bias=bias)
         out = nn.DenseGeneral(

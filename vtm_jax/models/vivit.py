@@ -8,6 +8,8 @@ residual and before the MLP (method.md §3.1), merging globally over all tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,7 @@ from vtm_jax.reduction import (
     layer_key,
     reduce_tokens,
 )
-from vtm_jax.schedule import LayerPlan, plan_tokens
+from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
 
 CLASSIFIERS = ("token", "gap")
 
@@ -34,7 +36,6 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
-    r: int
     class_token: bool
     merging: ReductionSettings
     layer_norm_eps: float = 1e-6
@@ -42,14 +43,21 @@ class EncoderBlock(nn.Module):
     attention_fn: AttentionFn = xla_attention
 
     @nn.compact
-    def __call__(self, tokens: Tokens, key: jax.Array | None) -> Tokens:
+    def __call__(
+        self, tokens: Tokens, key: jax.Array | None, *, r: int, reduce_only: bool = False
+    ) -> Tokens:
+        """``reduce_only``: a duplicated layer's extra step (method.md §3.6): this layer's keys
+        choose the merge, applied to the block's input; no attention residual, no MLP."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
-        bias = size_bias(tokens.size, self.merging.prop_attn)
-        y, keys = SelfAttention(
+        attention = SelfAttention(
             self.num_heads, self.attention_fn, name="MultiHeadDotProductAttention_0"
-        )(y, bias=bias)
-        tokens = tokens._replace(x=tokens.x + y)
-        r = clamp_r(tokens.x.shape[1], self.r, class_token=self.class_token)
+        )
+        if reduce_only:
+            keys = attention(y, keys_only=True)
+        else:
+            y, keys = attention(y, bias=size_bias(tokens.size, self.merging.prop_attn))
+            tokens = tokens._replace(x=tokens.x + y)
+        r = clamp_r(tokens.x.shape[1], r, class_token=self.class_token)
         if r > 0:
             metric = key_metric(keys, self.merging.head_aggregation)
             tokens = reduce_tokens(
@@ -60,6 +68,8 @@ class EncoderBlock(nn.Module):
                 class_token=self.class_token,
                 key=key,
             )
+        if reduce_only:
+            return tokens
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
         y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
         return tokens._replace(x=tokens.x + y)
@@ -82,18 +92,25 @@ class Encoder(nn.Module):
         x = AddPositionEmbs(name="posembed_input")(x)
         source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
         tokens = Tokens(x, None, source)
-        for layer, r in enumerate(self.merging.layer_r(self.num_layers)):
-            tokens = EncoderBlock(
+        blocks = [
+            EncoderBlock(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
-                r=r,
                 class_token=self.class_token,
                 merging=self.merging,
                 layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate,
                 attention_fn=self.attention_fn,
                 name=f"encoderblock_{layer}",
-            )(tokens, layer_key(self.merging, layer, merge_rng))
+            )
+            for layer in range(self.num_layers)
+        ]
+        steps = self.merging.layer_steps(self.num_layers)
+        for step, (layer, r) in enumerate(steps):
+            # All but the last run of a duplicated layer only reduce (the paper's copies).
+            repeat = step + 1 < len(steps) and steps[step + 1][0] == layer
+            key = layer_key(self.merging, step, merge_rng)
+            tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
         return tokens._replace(x=x)
 
@@ -157,12 +174,59 @@ class ViViT(nn.Module):
         )(x, merge_rng)
         if tokens.source is not None:
             self.sow("intermediates", "source", tokens.source)
-        x = tokens.x[:, 0] if class_token else tokens.x.mean(axis=1)
+        if class_token:
+            x = tokens.x[:, 0]
+        else:
+            x = mean_pool(tokens, weighted=self.merging.size_weighted_pool)
         if self.representation_size is not None:
             x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
         return nn.Dense(
             self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
         )(x)
+
+    def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
+        """Static token counts of each step (layer, or repeat of a duplicated layer)."""
+        t, h, w = self.patch_size
+        class_token = self.classifier == "token"
+        tokens = (num_frames // t) * (image_size // h) * (image_size // w) + int(class_token)
+        steps = self.merging.layer_steps(self.num_layers)
+        return plan_tokens(tokens, [r for _, r in steps], class_token=class_token)
+
+    def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
+        """Multiply-adds per step and in total (a duplicate's extra runs cost a key projection)."""
+        t, h, w = self.patch_size
+        patches = (num_frames // t) * (image_size // h) * (image_size // w)
+        steps = self.merging.layer_steps(self.num_layers)
+        layers = []
+        for i, plan in enumerate(self.token_plan(num_frames, image_size)):
+            if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
+                layers.append(plan.tokens_in * self.hidden_size**2)
+            else:
+                layers.append(
+                    block_macs(
+                        plan.tokens_in,
+                        plan.tokens_out,
+                        hidden=self.hidden_size,
+                        mlp_dim=self.mlp_dim,
+                    )
+                )
+        embed = patches * t * h * w * 3 * self.hidden_size
+        head = self.hidden_size * (self.representation_size or 0) + (
+            (self.representation_size or self.hidden_size) * self.num_classes
+        )
+        return {
+            "embedding": embed,
+            "layers": layers,
+            "head": head,
+            "total": embed + sum(layers) + head,
+        }
+
+
+def mean_pool(tokens: Tokens, *, weighted: bool) -> jax.Array:
+    """Mean over tokens: unweighted as in the paper, or weighted by token sizes."""
+    if not weighted or tokens.size is None:
+        return tokens.x.mean(axis=1)
+    return (tokens.x * tokens.size).sum(axis=1) / tokens.size.sum(axis=1)
 
 
 def check_video_shape(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> None:
@@ -174,15 +238,3 @@ def check_video_shape(shape: tuple[int, ...], patch_size: tuple[int, int, int]) 
     ):
         if size % patch:
             raise UserError(f"{name} {size} is not a multiple of the tubelet size {patch}")
-
-
-def num_patches(model: ViViT, num_frames: int, image_size: int) -> int:
-    t, h, w = model.patch_size
-    return (num_frames // t) * (image_size // h) * (image_size // w)
-
-
-def token_plan(model: ViViT, num_frames: int, image_size: int) -> list[LayerPlan]:
-    """Static per-layer token counts of ``model`` on ``num_frames x image_size^2`` clips."""
-    class_token = model.classifier == "token"
-    tokens = num_patches(model, num_frames, image_size) + int(class_token)
-    return plan_tokens(tokens, model.merging.layer_r(model.num_layers), class_token=class_token)
