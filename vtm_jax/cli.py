@@ -11,51 +11,30 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError
 from vtm_jax.reduction import RULES
 
 
 def _convert(args: argparse.Namespace) -> None:
     from vtm_jax.checkpoint import save_checkpoint
+    from vtm_jax.convert.sources import load_source
 
-    if args.source == "hf":
-        from vtm_jax.convert.hf_vivit import load_hf_vivit
-
-        converted = load_hf_vivit(args.input)
-    else:
-        from vtm_jax.convert.scenic import read_scenic_checkpoint, vivit_config_from_params
-
-        params = read_scenic_checkpoint(args.input)
-        model, input_config = vivit_config_from_params(
-            params, num_frames=args.num_frames, image_size=args.image_size
-        )
-        size = input_config["image_size"]
-        converted = {
-            "params": params,
-            "model": model,
-            "input": input_config,
-            "labels": None,
-            # Scenic's ViViT input: zero-centred pixels, 256/224 short-side resize, stride 2.
-            "preprocessing": {
-                "num_frames": input_config["num_frames"],
-                "stride": 2,
-                "min_resize": round(size * 256 / 224),
-                "crop_size": size,
-                "mean": [0.5, 0.5, 0.5],
-                "std": [0.5, 0.5, 0.5],
-            },
-        }
+    converted = load_source(
+        args.source, args.input, num_frames=args.num_frames, image_size=args.image_size
+    )
     record = {
-        "architecture": "vivit",
+        "architecture": converted["architecture"],
         "model": converted["model"],
         "input": converted["input"],
         "preprocessing": converted["preprocessing"],
         "labels": converted["labels"],
-        "token_merging": {"mode": "none"},
+        "class_splits": converted["class_splits"],
+        "token_merging": converted.get("token_merging", {"mode": "none"}),
         "converted_from": {"source": args.source, "path": os.path.abspath(args.input)},
     }
     save_checkpoint(args.output, converted["params"], record)
-    print(f"wrote {args.output} ({record['architecture']}, {len(record['model'])} model fields)")
+    print(f"wrote {args.output} ({record['architecture']})")
 
 
 def _merging_from_args(args: argparse.Namespace, stored: dict | None):
@@ -143,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
-    convert.add_argument("--source", choices=("hf", "scenic"), required=True)
+    convert.add_argument("--source", choices=SOURCES, required=True)
     convert.add_argument("--input", required=True, help="HF model directory or Scenic checkpoint")
     convert.add_argument("--output", required=True, help="new checkpoint directory")
     convert.add_argument("--num-frames", type=int, default=32, help="Scenic input frames")

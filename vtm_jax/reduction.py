@@ -65,6 +65,8 @@ class ReductionSettings:
         unweighted VideoMAE pooling; upstream ToMe's MAE patch weights them).
       motionformer_groups: ``paper`` reproduces the paper's ``(s f)`` merge groups, which mix
         frames; ``per_frame`` merges within each frame, as intended (method.md §3.4).
+      temporal_r: factorised-encoder ViViT only: r per layer of the temporal encoder (0, the
+        default, leaves it unmerged; the spatial encoder merges per frame with ``r``).
     """
 
     mode: str = "none"
@@ -78,6 +80,7 @@ class ReductionSettings:
     duplicate: tuple[int, int] | None = None
     size_weighted_pool: bool = False
     motionformer_groups: str = "paper"
+    temporal_r: int = 0
 
     def __post_init__(self):
         if self.mode not in RULES:
@@ -119,6 +122,8 @@ class ReductionSettings:
             if isinstance(self.r, PerLayerR):
                 raise UserError("duplicate needs a single int r (it is the r of every repeat)")
             object.__setattr__(self, "duplicate", dup)
+        if not isinstance(self.temporal_r, int) or self.temporal_r < 0:
+            raise UserError(f"temporal_r must be a non-negative int, not {self.temporal_r!r}")
         if self.motionformer_groups not in MOTIONFORMER_GROUPS:
             raise UserError(
                 f"unknown motionformer_groups {self.motionformer_groups!r}; "

@@ -327,3 +327,58 @@ def vivit_config_from_params(
             model_config=model_config,
         )
     return model_config, {"num_frames": int(num_frames), "image_size": int(image_size)}
+
+
+def factorised_config_from_params(
+    params: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Infer a factorised-encoder ViViT (Scenic ``SpaceTimeViViT``) config from its parameters.
+
+    The input size needs no flags here: the spatial position embedding has one entry per patch
+    of a frame and the temporal one per tubelet slot (each plus a class token).
+    """
+    flat = flatten_params(params)
+    required = ["embedding/kernel", "output_projection/kernel"] + [
+        f"{enc}/{path}"
+        for enc in ("SpatialTransformer", "TemporalTransformer")
+        for path in (
+            "posembed_input/pos_embedding",
+            "encoderblock_0/MultiHeadDotProductAttention_0/query/kernel",
+            "encoderblock_0/MlpBlock_0/Dense_0/kernel",
+        )
+    ]
+    missing = [k for k in required if k not in flat]
+    if missing:
+        raise UserError(
+            f"params are not a factorised-encoder ViViT: missing {format_keys(missing)}"
+        )
+    t, h, w, _, hidden = np.shape(flat["embedding/kernel"])
+    token = "cls_SpatialTransformer" in params
+    model_config: dict[str, Any] = {
+        "num_classes": int(np.shape(flat["output_projection/kernel"])[1]),
+        "hidden_size": int(hidden),
+        "patch_size": (int(t), int(h), int(w)),
+        "classifier": "token" if token else "gap",
+        "representation_size": (
+            int(np.shape(flat["pre_logits/kernel"])[1]) if "pre_logits/kernel" in flat else None
+        ),
+        "layer_norm_eps": SCENIC_LAYER_NORM_EPS,
+        "gelu_approximate": SCENIC_GELU_APPROXIMATE,
+    }
+    for enc, prefix in (("SpatialTransformer", "spatial"), ("TemporalTransformer", "temporal")):
+        block = f"{enc}/encoderblock_0"
+        model_config[f"{prefix}_num_layers"] = sum(
+            1 for k in params[enc] if re.fullmatch(r"encoderblock_\d+", k)
+        )
+        model_config[f"{prefix}_num_heads"] = int(
+            np.shape(flat[f"{block}/MultiHeadDotProductAttention_0/query/kernel"])[1]
+        )
+        model_config[f"{prefix}_mlp_dim"] = int(
+            np.shape(flat[f"{block}/MlpBlock_0/Dense_0/kernel"])[1]
+        )
+    spatial = np.shape(flat["SpatialTransformer/posembed_input/pos_embedding"])[1] - int(token)
+    slots = np.shape(flat["TemporalTransformer/posembed_input/pos_embedding"])[1] - int(token)
+    side = math.isqrt(spatial)
+    if side * side != spatial or h != w:
+        raise UserError(f"spatial position embedding of {spatial} patches is not a square grid")
+    return model_config, {"num_frames": int(slots * t), "image_size": int(side * h)}

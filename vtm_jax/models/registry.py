@@ -5,13 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
+from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 from vtm_jax.reduction import ReductionSettings
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"vivit": ViViT}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "vivit": ViViT,
+    "vivit_factorised_encoder": FactorisedEncoderViViT,
+}
 
 
 def build_model(
@@ -23,9 +30,7 @@ def build_model(
     name = record["architecture"]
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
-    kwargs = dict(record["model"])
-    if "patch_size" in kwargs:
-        kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()}
     try:
         return ARCHITECTURES[name](
             **kwargs,
@@ -34,3 +39,42 @@ def build_model(
         )
     except TypeError as e:
         raise UserError(f"checkpoint model config does not fit {name}: {e}") from None
+
+
+def check_params_fit(model: nn.Module, params: Any, input_config: dict[str, int]) -> None:
+    """A UserError naming every missing, unexpected or mis-shaped parameter of ``model``."""
+    size = input_config["image_size"]
+    video = jax.ShapeDtypeStruct((1, input_config["num_frames"], size, size, 3), jnp.float32)
+    expected = _flat_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"])
+    got = _flat_shapes(params)
+    problems = []
+    for label, keys in (
+        ("missing", [k for k in expected if k not in got]),
+        ("unexpected", [k for k in got if k not in expected]),
+        (
+            "mis-shaped",
+            [
+                f"{k} {got[k]} (expected {expected[k]})"
+                for k in got
+                if k in expected and got[k] != expected[k]
+            ],
+        ),
+    ):
+        if keys:
+            problems.append(
+                f"{label} {', '.join(keys[:5])}"
+                + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            )
+    if problems:
+        raise UserError(f"parameters do not fit {type(model).__name__}: {'; '.join(problems)}")
+
+
+def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) or hasattr(value, "items"):
+            flat.update(_flat_shapes(value, path + "/"))
+        else:
+            flat[path] = tuple(np.shape(value))
+    return flat

@@ -1,0 +1,91 @@
+"""One entry point for every weight format ``vtm-jax convert`` reads.
+
+Each source gives the same dict: ``architecture``, ``params`` (Scenic-style tree of numpy
+arrays), ``model`` (constructor arguments), ``input``, ``preprocessing``, ``labels`` and
+``class_splits`` (EPIC-KITCHENS verb/noun heads stored as one concatenated head).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vtm_jax.errors import UserError
+
+SOURCES = ("hf", "scenic")
+
+
+def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
+    """Scenic's ViViT input: zero-centred pixels, 256/224 short-side resize, stride 2."""
+    return {
+        "num_frames": num_frames,
+        "stride": 2,
+        "min_resize": round(image_size * 256 / 224),
+        "crop_size": image_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+
+
+def _load_hf(path: str) -> dict[str, Any]:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{path} is not a HuggingFace model directory (no config.json)")
+    with open(config_path) as f:
+        try:
+            model_type = json.load(f).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise UserError(f"{config_path} is not a JSON object: {e}") from None
+    loaders = {"vivit": ("vtm_jax.convert.hf_vivit", "load_hf_vivit", "vivit")}
+    if model_type not in loaders:
+        raise UserError(
+            f"HuggingFace model_type {model_type!r} is not supported; valid: {', '.join(loaders)}"
+        )
+    module, function, architecture = loaders[model_type]
+    import importlib
+
+    converted = getattr(importlib.import_module(module), function)(path)
+    return {"architecture": architecture, "class_splits": None, **converted}
+
+
+def _load_scenic(path: str, num_frames: int, image_size: int) -> dict[str, Any]:
+    from vtm_jax.convert import scenic
+
+    params = scenic.read_scenic_checkpoint(path)
+    if "SpatialTransformer" in params:
+        architecture = "vivit_factorised_encoder"
+        model, input_config = scenic.factorised_config_from_params(params)
+    else:
+        architecture = "vivit"
+        model, input_config = scenic.vivit_config_from_params(
+            params, num_frames=num_frames, image_size=image_size
+        )
+    return {
+        "architecture": architecture,
+        "params": params,
+        "model": model,
+        "input": input_config,
+        "labels": None,
+        "class_splits": None,
+        "preprocessing": scenic_preprocessing(
+            input_config["num_frames"], input_config["image_size"]
+        ),
+    }
+
+
+def load_source(source: str, path: str, *, num_frames: int = 32, image_size: int = 224) -> dict:
+    """Read weights in ``source`` format and check that they fit the model they describe."""
+    from vtm_jax.models.registry import build_model, check_params_fit
+
+    if not os.path.exists(path):
+        raise UserError(f"no such file or directory: {path}")
+    if source == "hf":
+        converted = _load_hf(path)
+    elif source == "scenic":
+        converted = _load_scenic(path, num_frames, image_size)
+    else:
+        raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
+    model = build_model(converted)
+    check_params_fit(model, converted["params"], converted["input"])
+    return converted

@@ -1,0 +1,175 @@
+"""Factorised-encoder ViViT ("model 2", Scenic's ``SpaceTimeViViT``) with token reduction.
+
+A spatial transformer runs on each frame's tubelet tokens (its own class token), each frame is
+pooled to one token, and a temporal transformer runs over those. Merging happens inside the
+spatial encoder, per frame, with the same r in every frame (each frame is a batch row of the
+matching); the temporal encoder merges only when ``merging.temporal_r`` > 0. The parameter tree
+is Scenic's: ``SpatialTransformer``, ``TemporalTransformer``, ``cls_SpatialTransformer``,
+``cls_TemporalTransformer``, ``embedding``, ``output_projection``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.errors import UserError
+from vtm_jax.models.vivit import CLASSIFIERS, Encoder, check_video_shape, mean_pool
+from vtm_jax.reduction import ReductionSettings, Tokens
+from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
+
+
+class FactorisedEncoderViViT(nn.Module):
+    """ViViT model 2; ``spatial_*`` / ``temporal_*`` size the two encoders (width shared)."""
+
+    num_classes: int
+    hidden_size: int = 768
+    spatial_num_layers: int = 12
+    spatial_num_heads: int = 12
+    spatial_mlp_dim: int = 3072
+    temporal_num_layers: int = 4
+    temporal_num_heads: int = 12
+    temporal_mlp_dim: int = 3072
+    patch_size: tuple[int, int, int] = (2, 16, 16)  # (t, h, w)
+    classifier: str = "token"
+    representation_size: int | None = None
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    merging: ReductionSettings = ReductionSettings()
+    attention_fn: AttentionFn = xla_attention
+
+    def _encoder(self, name: str, merging: ReductionSettings) -> Encoder:
+        prefix = name[: -len("Transformer")].lower()
+        return Encoder(
+            num_layers=getattr(self, f"{prefix}_num_layers"),
+            num_heads=getattr(self, f"{prefix}_num_heads"),
+            mlp_dim=getattr(self, f"{prefix}_mlp_dim"),
+            class_token=self.classifier == "token",
+            merging=merging,
+            layer_norm_eps=self.layer_norm_eps,
+            gelu_approximate=self.gelu_approximate,
+            attention_fn=self.attention_fn,
+            name=name,
+        )
+
+    def _encode(self, x: jax.Array, name: str, merging: ReductionSettings, rng) -> Tokens:
+        """Class token (if any), encoder; ``x`` is ``[batch, tokens, D]``."""
+        if self.classifier == "token":
+            cls = self.param(f"cls_{name}", nn.initializers.zeros, (1, 1, self.hidden_size))
+            cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.hidden_size)).astype(x.dtype)
+            x = jnp.concatenate([cls, x], axis=1)
+        return self._encoder(name, merging)(x, rng)
+
+    def _pool(self, tokens: Tokens) -> jax.Array:
+        if self.classifier == "token":
+            return tokens.x[:, 0]
+        return mean_pool(tokens, weighted=self.merging.size_weighted_pool)
+
+    @nn.compact
+    def __call__(
+        self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
+    ) -> jax.Array:
+        del train
+        check_video_shape(video.shape, self.patch_size)
+        if self.classifier not in CLASSIFIERS:
+            raise UserError(
+                f"unknown classifier {self.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
+            )
+        x = nn.Conv(
+            self.hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            name="embedding",
+        )(video)
+        b, t = x.shape[:2]
+        # Frames become batch rows: the spatial encoder, and its merging, work per frame.
+        frames = x.reshape(b * t, -1, self.hidden_size)
+        spatial = self._encode(frames, "SpatialTransformer", self.merging, merge_rng)
+        if spatial.source is not None:
+            self.sow("intermediates", "source", spatial.source)
+        per_frame = self._pool(spatial).reshape(b, t, self.hidden_size)
+        base = jax.random.PRNGKey(self.merging.seed) if merge_rng is None else merge_rng
+        temporal = self._encode(
+            per_frame,
+            "TemporalTransformer",
+            temporal_settings(self.merging),
+            jax.random.fold_in(base, 1),
+        )
+        x = self._pool(temporal)
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+        return nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
+        )(x)
+
+    def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
+        """Per-frame token counts of the spatial steps, then the temporal steps."""
+        t, h, w = self.patch_size
+        cls = int(self.classifier == "token")
+        spatial_steps = self.merging.layer_steps(self.spatial_num_layers)
+        temporal_steps = temporal_settings(self.merging).layer_steps(self.temporal_num_layers)
+        spatial = plan_tokens(
+            (image_size // h) * (image_size // w) + cls,
+            [r for _, r in spatial_steps],
+            class_token=bool(cls),
+        )
+        temporal = plan_tokens(
+            num_frames // t + cls, [r for _, r in temporal_steps], class_token=bool(cls)
+        )
+        return spatial + temporal
+
+    def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
+        """Multiply-adds: spatial blocks count once per frame; duplicate repeats a key projection."""
+        t, h, w = self.patch_size
+        frames = num_frames // t
+        steps = self.merging.layer_steps(self.spatial_num_layers)
+        plan = self.token_plan(num_frames, image_size)
+        layers = []
+        for i, p in enumerate(plan):
+            if i < len(steps):
+                repeat = i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]
+                macs = (
+                    p.tokens_in * self.hidden_size**2
+                    if repeat
+                    else block_macs(
+                        p.tokens_in,
+                        p.tokens_out,
+                        hidden=self.hidden_size,
+                        mlp_dim=self.spatial_mlp_dim,
+                    )
+                )
+                layers.append(frames * macs)
+            else:
+                layers.append(
+                    block_macs(
+                        p.tokens_in,
+                        p.tokens_out,
+                        hidden=self.hidden_size,
+                        mlp_dim=self.temporal_mlp_dim,
+                    )
+                )
+        patches = frames * (image_size // h) * (image_size // w)
+        embed = patches * t * h * w * 3 * self.hidden_size
+        head_in = self.representation_size or self.hidden_size
+        head = self.hidden_size * (self.representation_size or 0) + head_in * self.num_classes
+        return {
+            "embedding": embed,
+            "layers": layers,
+            "head": head,
+            "total": embed + sum(layers) + head,
+        }
+
+
+def temporal_settings(merging: ReductionSettings) -> ReductionSettings:
+    """The temporal encoder's settings: the same mode, r = ``temporal_r``, no duplication."""
+    if merging.temporal_r == 0:
+        return ReductionSettings(trace_source="none")
+    return dataclasses.replace(
+        merging, r=merging.temporal_r, schedule=0.0, duplicate=None, trace_source="none"
+    )
