@@ -63,6 +63,11 @@ def _check_record(record: Any, path: str) -> None:
     for key in ("num_frames", "image_size"):
         if not isinstance(record["input"].get(key), int):
             raise UserError(f"{path}: input.{key} must be an integer")
+    splits = record.get("class_splits")
+    if splits is not None and (
+        not isinstance(splits, list) or sum(splits) != record["model"].get("num_classes")
+    ):
+        raise UserError(f"{path}: class_splits must be a list adding up to num_classes")
     labels = record.get("labels")
     num_classes = record["model"].get("num_classes")
     if labels is not None and len(labels) != num_classes:

@@ -59,13 +59,19 @@ def _predict(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vtm_jax.checkpoint import load_record
-    from vtm_jax.predict import predict, top_k
+    from vtm_jax.predict import heads, predict, top_k
 
     merging = _merging_from_args(args, load_record(args.checkpoint).get("token_merging"))
     logits, record = predict(args.checkpoint, args.video, merging, args.attention)
     print(f"mode={merging.mode} r={merging.r} schedule={merging.schedule}")
-    for rank, (index, label, prob) in enumerate(top_k(logits, record.get("labels")), 1):
-        print(f"{rank}. {label} (class {index}): {prob:.4f}")
+    for name, start, stop in heads(record):
+        labels = record.get("labels")
+        if name:
+            print(f"{name}:")
+        for rank, (index, label, prob) in enumerate(
+            top_k(logits[start:stop], labels[start:stop] if labels else None), 1
+        ):
+            print(f"{rank}. {label} (class {index}): {prob:.4f}")
     if args.save_logits:
         np.save(args.save_logits, logits)
         print(f"logits written to {args.save_logits}")

@@ -82,3 +82,19 @@ def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tupl
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
     best = np.argsort(-probs, kind="stable")[:k]
     return [(int(i), labels[i] if labels else str(i), float(probs[i])) for i in best]
+
+
+def heads(record: dict[str, Any]) -> list[tuple[str | None, int, int]]:
+    """``(name, start, stop)`` of each classifier head in the logits.
+
+    Multi-head models (EPIC-KITCHENS verb and noun) store one concatenated output layer and
+    its ``class_splits``; each head gets its own softmax.
+    """
+    splits = record.get("class_splits")
+    if not splits:
+        return [(None, 0, record["model"]["num_classes"])]
+    names = record.get("split_names") or (
+        ["verb", "noun"] if list(splits) == [97, 300] else [f"head_{i}" for i in range(len(splits))]
+    )
+    bounds = np.cumsum([0, *splits])
+    return [(names[i], int(bounds[i]), int(bounds[i + 1])) for i in range(len(splits))]
