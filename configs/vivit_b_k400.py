@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.token_merging.threshold = config_dict.placeholder(float)
     config.token_merging.seed = 0
     config.token_merging.trace_source = "none"
+    config.token_merging.duplicate = config_dict.placeholder(tuple)  # (layer, quantity)
+    config.token_merging.size_weighted_pool = False
 
     config.bench = ml_collections.ConfigDict()
     config.bench.batch_size = 1

@@ -146,3 +146,23 @@ def test_mismatched_scenic_tree_is_named(small, tmp_path, capsys):
     args = ["convert", "--source", "scenic", "--input", str(tmp_path / "checkpoint")]
     assert main([*args, "--output", str(tmp_path / "ckpt")]) == 2
     assert "missing TemporalTransformer/encoderblock_1/MlpBlock_0" in capsys.readouterr().err
+
+
+def test_bench_factorised_config(capsys):
+    shrink = [
+        "--config.model.hidden_size=32",
+        "--config.model.patches.size=(8, 8, 2)",
+        "--config.dataset_configs.num_frames=4",
+        "--config.dataset_configs.crop_size=32",
+        "--config.token_merging.r=4",
+        "--config.token_merging.temporal_r=1",
+        "--config.bench.iterations=1",
+    ]
+    for part in ("spatial", "temporal"):
+        shrink += [f"--config.model.{part}_transformer.{f}=2" for f in ("num_layers", "num_heads")]
+        shrink += [f"--config.model.{part}_transformer.mlp_dim=64"]
+    assert main(["bench", "--config=configs/vivit_b_fe_k400.py", *shrink]) == 0
+    out = capsys.readouterr().out
+    # 17 tokens per frame (16 + CLS) lose 4 then 4; 3 temporal tokens (2 + CLS) lose 1, then
+    # the clamp allows no more.
+    assert "tokens per layer: [13, 9, 2, 2]" in out

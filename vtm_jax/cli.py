@@ -89,12 +89,12 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     settings = [ReductionSettings()]
     if merging.mode != "none":
         settings.append(merging)
-    m = record["model"]
     clip = record["input"]
+    fields = ", ".join(f"{k}={v}" for k, v in record["model"].items() if v is not None)
     print(
-        f"{config.get('experiment_name', 'model')}: ViViT {m['num_layers']} layers, width "
-        f"{m['hidden_size']}, tubelet {tuple(m['patch_size'])}, input {clip['num_frames']}x"
-        f"{clip['image_size']}x{clip['image_size']}, batch {bench.get('batch_size', 1)}, random weights"
+        f"{config.get('experiment_name', 'model')}: {record['architecture']} ({fields}), input "
+        f"{clip['num_frames']}x{clip['image_size']}x{clip['image_size']}, batch "
+        f"{bench.get('batch_size', 1)}, random weights"
     )
     results = bench_settings(
         record,

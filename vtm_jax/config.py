@@ -54,8 +54,10 @@ def vivit_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     model = config.model
     kind = model.get("attention_config", {}).get("type", "spacetime")
-    if kind != "spacetime":
-        raise UserError(f"attention_config.type {kind!r} is not supported yet; valid: spacetime")
+    if kind not in ("spacetime", "factorized_encoder"):
+        raise UserError(
+            f"attention_config.type {kind!r} is not supported; valid: spacetime, factorized_encoder"
+        )
     method = model.get("temporal_encoding_config", {}).get("method", "3d_conv")
     if method != "3d_conv":
         raise UserError(
@@ -63,17 +65,29 @@ def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
         )
     h, w, t = model.patches.size  # Scenic orders patch sizes (h, w, t)
     data = config.dataset_configs
-    return {
-        "architecture": "vivit",
-        "model": {
-            "num_classes": data.num_classes,
-            "hidden_size": model.hidden_size,
+    common = {
+        "num_classes": data.num_classes,
+        "hidden_size": model.hidden_size,
+        "patch_size": [t, h, w],
+        "classifier": model.get("classifier", "token"),
+        "representation_size": model.get("representation_size"),
+    }
+    if kind == "spacetime":
+        architecture = "vivit"
+        sizes = {
             "num_heads": model.num_heads,
             "mlp_dim": model.mlp_dim,
             "num_layers": model.num_layers,
-            "patch_size": [t, h, w],
-            "classifier": model.get("classifier", "token"),
-            "representation_size": model.get("representation_size"),
-        },
+        }
+    else:
+        architecture = "vivit_factorised_encoder"
+        sizes = {
+            f"{part}_{field}": model[f"{part}_transformer"][field]
+            for part in ("spatial", "temporal")
+            for field in ("num_layers", "num_heads", "mlp_dim")
+        }
+    return {
+        "architecture": architecture,
+        "model": {**common, **sizes},
         "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
     }
