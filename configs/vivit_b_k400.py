@@ -51,4 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.bench.warmup = 1
     config.bench.iterations = 3
     config.bench.attention = "auto"
+    # Sweeps (each None: just the token_merging block); the r=0 baseline always runs first.
+    config.bench.modes = config_dict.placeholder(tuple)
+    config.bench.r_values = config_dict.placeholder(tuple)
+    config.bench.schedules = config_dict.placeholder(tuple)
     return config

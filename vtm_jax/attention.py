@@ -35,13 +35,14 @@ def blockwise_attention(
     v: jax.Array,
     *,
     bias: jax.Array | None = None,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
 ) -> jax.Array:
-    """Attention computed for ``chunk_size`` queries at a time, in heads-major layout.
+    """Attention computed one head and ``chunk_size`` queries at a time.
 
-    Each chunk sees every key, so its softmax is exact; only a ``[B, H, chunk, N]`` slice of
-    logits exists at once. On a CPU this is several times faster than :func:`xla_attention`
-    at thousands of tokens (reference/environment.md: 264 vs 863 ms at 3137 tokens).
+    Each chunk sees every key, so its softmax is exact; only a ``[B, chunk, N]`` slice of
+    logits exists at once, small enough to stay in cache while the softmax runs. On a CPU this
+    is several times faster than :func:`xla_attention` at thousands of tokens (ViViT-B's 3137
+    tokens: ``bench`` of the attention alone, see BENCHMARKS.md).
     """
     b, n, h, d = q.shape
     if n <= chunk_size:
@@ -49,33 +50,36 @@ def blockwise_attention(
     num_chunks = -(-n // chunk_size)
     pad = num_chunks * chunk_size - n
     scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
-    qh = jnp.pad(jnp.transpose(q * scale, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    kh = jnp.transpose(k, (0, 2, 1, 3))
-    vh = jnp.transpose(v, (0, 2, 1, 3))
-    if bias is None:
-        key_bias = None
-    else:
-        bias = jnp.broadcast_to(bias, (b, h) + bias.shape[2:3] + (n,))
-        if bias.shape[2] == 1:
-            key_bias = bias  # one row for every query: no need to chunk it
+    # (head, chunk) pairs become one sequential map; the batch stays inside each step.
+    qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qh = qh.reshape(h, b, num_chunks, chunk_size, d).transpose(0, 2, 1, 3, 4)
+    qh = qh.reshape(h * num_chunks, b, chunk_size, d)
+    kh, vh = jnp.transpose(k, (2, 0, 1, 3)), jnp.transpose(v, (2, 0, 1, 3))  # [H, B, N, d]
+    key_bias = full_bias = None
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
+        if bias.shape[1] == 1 and bias.shape[2] == 1:
+            key_bias = bias[:, 0]  # [B, 1, N]: the same row for every head and query
         else:
-            key_bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    chunks = jnp.moveaxis(qh.reshape(b, h, num_chunks, chunk_size, d), 2, 0)
+            full = jnp.broadcast_to(bias, (b, h, n, n))
+            full_bias = jnp.pad(
+                jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0))
+            )
+    heads = jnp.repeat(jnp.arange(h), num_chunks)
+    starts = jnp.tile(jnp.arange(num_chunks) * chunk_size, h)
 
     def one_chunk(args):
-        index, q_chunk = args
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q_chunk, kh)
+        head, start, q_chunk = args
+        logits = jnp.einsum("bqd,bkd->bqk", q_chunk, kh[head])
         if key_bias is not None:
-            if key_bias.shape[2] == 1:
-                logits = logits + key_bias
-            else:
-                start = index * chunk_size
-                logits = logits + jax.lax.dynamic_slice_in_dim(key_bias, start, chunk_size, 2)
-        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), vh)
+            logits = logits + key_bias
+        elif full_bias is not None:
+            logits = logits + jax.lax.dynamic_slice_in_dim(full_bias[head], start, chunk_size, 1)
+        return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits, axis=-1), vh[head])
 
-    out = jax.lax.map(one_chunk, (jnp.arange(num_chunks), chunks))
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, num_chunks * chunk_size, d)[:, :, :n]
-    return jnp.transpose(out, (0, 2, 1, 3))
+    out = jax.lax.map(one_chunk, (heads, starts, qh))  # [H * chunks, B, chunk, d]
+    out = out.reshape(h, num_chunks, b, chunk_size, d).transpose(2, 1, 3, 0, 4)
+    return out.reshape(b, num_chunks * chunk_size, h, d)[:, :n]
 
 
 BACKENDS: dict[str, AttentionFn] = {

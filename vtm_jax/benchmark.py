@@ -1,18 +1,22 @@
 """Throughput of a model under reduction settings, with the paper's protocol.
 
-Random input, a warm-up, then timed forward passes only, at a fixed batch (method.md §5);
-speedups are ratios to r=0 measured in the same run. Analytic multiply-adds come with each
-setting, so the measured speedup can be read against its FLOP-ratio limit.
+Random input, a warm-up, then timed forward passes only, at a fixed batch per device
+(method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
+its analytic multiply-adds, XLA's own FLOP count of the compiled program, the achieved FLOP/s
+and the FLOP-ratio limit of its speedup. The batch is split over every device of every process
+(``jax.distributed``), so one command measures a CPU, a GPU or a whole TPU pod.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.attention import get_attention
 from vtm_jax.errors import UserError
@@ -20,12 +24,43 @@ from vtm_jax.models.registry import build_model
 from vtm_jax.reduction import ReductionSettings
 
 
+def sweep(
+    base: ReductionSettings,
+    *,
+    modes: Sequence[str] | None = None,
+    r_values: Sequence[int] | None = None,
+    schedules: Sequence[float] | None = None,
+) -> list[ReductionSettings]:
+    """The r=0 baseline, then every (mode, r, schedule) combination built on ``base``."""
+    settings = [ReductionSettings()]
+    if base.mode == "none" and not modes:
+        return settings
+    for mode in modes or [base.mode]:
+        for r in r_values or [base.r]:
+            for schedule in schedules or [base.schedule]:
+                if r == 0:
+                    continue
+                settings.append(dataclasses.replace(base, mode=mode, r=r, schedule=float(schedule)))
+    return settings
+
+
+def _xla_flops(compiled) -> float | None:
+    """FLOPs XLA counts in the compiled program (None where the backend does not say)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def time_forward(
-    fn, params: Any, video: jax.Array, *, warmup: int, iterations: int
+    forward: Callable, params: Any, video: jax.Array, *, warmup: int, iterations: int
 ) -> dict[str, Any]:
-    """Compile, warm up, then time ``iterations`` calls of a jitted forward pass."""
+    """Compile, warm up, then time ``iterations`` calls; only the forward pass is timed."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(params, video).compile()
+    compiled = jax.jit(forward).lower(params, video).compile()
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         jax.block_until_ready(compiled(params, video))
@@ -34,7 +69,16 @@ def time_forward(
         start = time.perf_counter()
         jax.block_until_ready(compiled(params, video))
         seconds.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "seconds": seconds}
+    return {"compile_s": compile_s, "seconds": seconds, "xla_flops": _xla_flops(compiled)}
+
+
+def _global_video(batch_per_device: int, num_frames: int, size: int, mesh: Mesh) -> jax.Array:
+    """Random clips sharded over the batch axis; each process makes only its own rows."""
+    local = batch_per_device * jax.local_device_count()
+    rng = np.random.default_rng(jax.process_index())
+    rows = rng.random((local, num_frames, size, size, 3), dtype=np.float32)
+    sharding = NamedSharding(mesh, PartitionSpec("batch"))
+    return jax.make_array_from_process_local_data(sharding, rows)
 
 
 def bench_settings(
@@ -46,63 +90,126 @@ def bench_settings(
     iterations: int = 3,
     attention: str = "auto",
     params: Any = None,
-    progress=print,
+    progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Time each setting on random input; the first r=0 setting is the speedup baseline."""
+    """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline."""
     if batch_size < 1 or iterations < 1 or warmup < 0:
         raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
     num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
     attention_fn = get_attention(attention)
-    video = jax.random.uniform(jax.random.PRNGKey(0), (batch_size, num_frames, size, size, 3))
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    video = _global_video(batch_size, num_frames, size, mesh)
+    global_batch = video.shape[0]
     if params is None:
         model = build_model(record, None, attention_fn)
-        params = jax.jit(model.init)(jax.random.PRNGKey(1), video[:1])["params"]
+        init = jax.jit(model.init, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        params = init(jax.random.PRNGKey(1), video[:1])["params"]
     results = []
     for merging in settings:
         model = build_model(record, merging, attention_fn)
         plan = model.token_plan(num_frames, size)
         macs = model.analytic_macs(num_frames, size)
-        progress(f"timing mode={merging.mode} r={merging.r} schedule={merging.schedule} ...")
+        progress(
+            f"timing mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
+        )
 
         def forward(p, x, model=model):
             return model.apply({"params": p}, x)
 
         timing = time_forward(forward, params, video, warmup=warmup, iterations=iterations)
         median = float(np.median(timing["seconds"]))
+        gmacs = macs["total"] / 1e9
         results.append(
             {
                 "mode": merging.mode,
                 "r": merging.to_dict()["r"],
                 "schedule": merging.schedule,
+                "settings": merging.to_dict(),
                 "tokens_per_layer": [p.tokens_out for p in plan],
                 "r_per_layer": [p.r for p in plan],
                 "gmacs_per_layer": [m / 1e9 for m in macs["layers"]],
-                "gmacs": macs["total"] / 1e9 * batch_size,
+                "gmacs_per_clip": gmacs,
+                # XLA costs the program one device runs, on its share of the batch.
+                "xla_gflops_per_clip": (
+                    None if timing["xla_flops"] is None else timing["xla_flops"] / 1e9 / batch_size
+                ),
                 "compile_s": timing["compile_s"],
                 "seconds": timing["seconds"],
-                "clips_per_s": batch_size / median,
-                "frames_per_s": batch_size * num_frames / median,
+                "clips_per_s": global_batch / median,
+                "clips_per_s_per_device": global_batch / median / len(jax.devices()),
+                "frames_per_s": global_batch * num_frames / median,
+                "achieved_gflop_per_s": 2 * gmacs * global_batch / median,
             }
         )
-    baseline = next((r for r in results if r["mode"] == "none" or r["r"] == 0), None)
+    baseline = next((r for r in results if r["mode"] == "none"), None)
     for r in results:
         if baseline is not None:
             r["speedup"] = r["clips_per_s"] / baseline["clips_per_s"]
-            r["flop_limit"] = baseline["gmacs"] / r["gmacs"]
+            r["flop_limit"] = baseline["gmacs_per_clip"] / r["gmacs_per_clip"]
     return results
+
+
+def run_info(batch_size: int) -> dict[str, Any]:
+    """Where and how the numbers were measured."""
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": len(jax.devices()),
+        "processes": jax.process_count(),
+        "batch_per_device": batch_size,
+        "global_batch": batch_size * len(jax.devices()),
+        "jax": jax.__version__,
+    }
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the results."""
     rows = [
-        "| mode | r | schedule | GMACs | FLOP limit | clips/s | frames/s | speedup | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | r | schedule | GMACs/clip | XLA GFLOPs/clip | FLOP limit | clips/s | "
+        "frames/s | speedup | GFLOP/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        xla = r["xla_gflops_per_clip"]
         rows.append(
-            f"| {r['mode']} | {r['r']} | {r['schedule']} | {r['gmacs']:.4g} | "
-            f"{r.get('flop_limit', float('nan')):.2f}x | {r['clips_per_s']:.3f} | "
-            f"{r['frames_per_s']:.2f} | {r.get('speedup', float('nan')):.2f}x | "
+            f"| {r['mode']} | {r['r']} | {r['schedule']:g} | {r['gmacs_per_clip']:.4g} | "
+            f"{'-' if xla is None else f'{xla:.4g}'} | {r.get('flop_limit', float('nan')):.2f}x | "
+            f"{r['clips_per_s']:.4g} | {r['frames_per_s']:.4g} | "
+            f"{r.get('speedup', float('nan')):.2f}x | {r['achieved_gflop_per_s']:.4g} | "
             f"{r['compile_s']:.1f} |"
         )
     return "\n".join(rows)
+
+
+def plot_speed(results: Sequence[dict[str, Any]], path: str, title: str) -> None:
+    """Speedup against r for each (mode, schedule), with the FLOP-ratio limit; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    series: dict[tuple[str, float], list[dict]] = {}
+    for r in results:
+        if r["mode"] != "none" and isinstance(r["r"], int):
+            series.setdefault((r["mode"], r["schedule"]), []).append(r)
+    limits: dict[float, list[dict]] = {}
+    for (mode, schedule), rows in series.items():
+        rows = sorted(rows, key=lambda row: row["r"])
+        label = mode if schedule == 0 else f"{mode}, schedule {schedule:g}"
+        xs = [0] + [row["r"] for row in rows]
+        ax.plot(xs, [1.0] + [row["speedup"] for row in rows], marker="o", label=label)
+        limits.setdefault(schedule, rows)  # the limit depends on r and schedule, not the mode
+    for schedule, rows in limits.items():
+        label = "FLOP limit" if schedule == 0 else f"FLOP limit, schedule {schedule:g}"
+        xs = [0] + [row["r"] for row in rows]
+        ax.plot(xs, [1.0] + [row["flop_limit"] for row in rows], ls="--", color="gray", label=label)
+    ax.set_xlabel("r (tokens removed per layer)")
+    ax.set_ylabel("speedup over r=0")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

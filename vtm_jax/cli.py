@@ -77,43 +77,76 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"logits written to {args.save_logits}")
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Join the processes of a multi-host run before JAX touches a device."""
+    import jax
+
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise UserError("--coordinator needs --num-processes and --process-id")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pods and SLURM describe the cluster themselves
+
+
 def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
-    from vtm_jax.benchmark import bench_settings, format_table
+    _init_distributed(args)
+    import jax
+
+    from vtm_jax.benchmark import bench_settings, format_table, plot_speed, run_info, sweep
     from vtm_jax.config import load_config, vivit_from_config
     from vtm_jax.reduction import ReductionSettings
 
     config = load_config(config_args)
     record = vivit_from_config(config)
-    merging = ReductionSettings.from_dict(config.get("token_merging"))
     bench = config.get("bench", {})
-    settings = [ReductionSettings()]
-    if merging.mode != "none":
-        settings.append(merging)
+    settings = sweep(
+        ReductionSettings.from_dict(config.get("token_merging")),
+        modes=bench.get("modes"),
+        r_values=bench.get("r_values"),
+        schedules=bench.get("schedules"),
+    )
+    batch = bench.get("batch_size", 1)
+    info = run_info(batch)
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *_: None)
     clip = record["input"]
     fields = ", ".join(f"{k}={v}" for k, v in record["model"].items() if v is not None)
-    print(
+    say(
         f"{config.get('experiment_name', 'model')}: {record['architecture']} ({fields}), input "
-        f"{clip['num_frames']}x{clip['image_size']}x{clip['image_size']}, batch "
-        f"{bench.get('batch_size', 1)}, random weights"
+        f"{clip['num_frames']}x{clip['image_size']}x{clip['image_size']}, random weights; "
+        f"{info['devices']} {info['device_kind']} device(s) in {info['processes']} process(es), "
+        f"batch {batch} per device"
     )
     results = bench_settings(
         record,
         settings,
-        batch_size=bench.get("batch_size", 1),
+        batch_size=batch,
         warmup=bench.get("warmup", 1),
         iterations=bench.get("iterations", 3),
         attention=bench.get("attention", "auto"),
+        progress=say,
     )
     for r in results:
-        print(f"\nmode={r['mode']} r={r['r']} schedule={r['schedule']}")
-        print(f"  r per layer:      {r['r_per_layer']}")
-        print(f"  tokens per layer: {r['tokens_per_layer']}")
-        print(f"  GMACs per layer:  {[float(f'{g:.4g}') for g in r['gmacs_per_layer']]}")
-    print("\n" + format_table(results))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"config": config.to_dict(), "results": results}, f, indent=2, default=str)
-        print(f"\nresults written to {args.output}")
+        say(f"\nmode={r['mode']} r={r['r']} schedule={r['schedule']}")
+        say(f"  r per layer:      {r['r_per_layer']}")
+        say(f"  tokens per layer: {r['tokens_per_layer']}")
+        say(f"  GMACs per layer:  {[float(f'{g:.4g}') for g in r['gmacs_per_layer']]}")
+    table = format_table(results)
+    say("\n" + table)
+    if args.output and lead:
+        stem = args.output[: -len(".json")] if args.output.endswith(".json") else args.output
+        with open(stem + ".json", "w") as f:
+            json.dump(
+                {"config": config.to_dict(), "run": info, "results": results},
+                f,
+                indent=2,
+                default=str,
+            )
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        plot_speed(results, stem + ".png", f"{record['architecture']} on {info['device_kind']}")
+        print(f"\nresults written to {stem}.json, {stem}.md and {stem}.png")
 
 
 def _check_output_dir(path: str | None) -> None:
@@ -152,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput at r=0 and the config's merging",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
-    bench.add_argument("--output", help="results JSON")
+    bench.add_argument("--output", help="results: OUT.json, plus OUT.md (table) and OUT.png (plot)")
+    bench.add_argument("--distributed", action="store_true", help="jax.distributed, auto-detected")
+    bench.add_argument(
+        "--coordinator", help="HOST:PORT of process 0, for an explicit multi-host run"
+    )
+    bench.add_argument("--num-processes", type=int)
+    bench.add_argument("--process-id", type=int)
     return parser
 
 
