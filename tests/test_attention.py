@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax.attention import blockwise_attention, get_attention, xla_attention
+from vtm_jax.attention import blockwise_attention, get_attention, jax_nn_attention, xla_attention
 from vtm_jax.errors import UserError
 
 
@@ -34,6 +34,21 @@ def test_blockwise_full_bias_rows():
     )
 
 
-def test_unknown_backend():
-    with pytest.raises(UserError, match="valid: auto, xla, blockwise"):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_jax_nn_matches_plain(with_bias):
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 33, 4, 16)) for i in range(3))
+    bias = jnp.log(jnp.arange(1, 34, dtype=jnp.float32))[None, None, None] if with_bias else None
+    np.testing.assert_allclose(
+        jax_nn_attention(q, k, v, bias=bias),
+        xla_attention(q, k, v, bias=bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_backend_choice():
+    assert get_attention("auto") is blockwise_attention  # the CPU default
+    with pytest.raises(UserError, match="valid: auto, xla, blockwise, jax_nn, cudnn"):
         get_attention("flash9")
+    with pytest.raises(UserError, match="needs a GPU"):
+        get_attention("cudnn")

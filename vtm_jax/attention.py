@@ -82,18 +82,40 @@ def blockwise_attention(
     return out.reshape(b, num_chunks * chunk_size, h, d)[:, :n]
 
 
+def jax_nn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPUs where it applies."""
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "blockwise": blockwise_attention,
+    "jax_nn": jax_nn_attention,  # XLA picks the implementation
+    "cudnn": functools.partial(jax_nn_attention, implementation="cudnn"),
 }
+GPU_ONLY = ("cudnn",)
 
 
 def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> AttentionFn:
-    """The attention function for a backend name (``auto`` picks per platform)."""
+    """The attention function for a backend name.
+
+    ``auto``: ``blockwise`` on CPUs (materialising the logits is the bottleneck there),
+    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``xla`` elsewhere.
+    """
+    platform = jax.default_backend()
     if name == "auto":
-        name = "blockwise" if jax.default_backend() == "cpu" else "xla"
+        name = {"cpu": "blockwise", "gpu": "jax_nn"}.get(platform, "xla")
     if name not in BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if name in GPU_ONLY and platform != "gpu":
+        raise UserError(f"attention backend {name!r} needs a GPU; this is {platform}")
     fn = BACKENDS[name]
     if chunk_size is not None and name == "blockwise":
         fn = functools.partial(fn, chunk_size=chunk_size)
