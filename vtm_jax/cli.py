@@ -50,8 +50,8 @@ def _merging_from_args(args: argparse.Namespace, stored: dict | None):
     for name in ("schedule", "threshold", "seed", "head_aggregation"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    if args.no_prop_attn:
-        values["prop_attn"] = False
+    if args.prop_attn is not None:
+        values["prop_attn"] = args.prop_attn
     return ReductionSettings.from_dict(values)
 
 
@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--r", type=int, help="tokens removed per layer")
     pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
     pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
-    pred.add_argument("--no-prop-attn", action="store_true", help="no proportional attention")
+    pred.add_argument(
+        "--prop-attn",
+        action=argparse.BooleanOptionalAction,
+        help="proportional attention (default: as stored with the checkpoint)",
+    )
     pred.add_argument("--head-aggregation", choices=("mean", "concat"))
     pred.add_argument("--seed", type=int, help="seed of the random modes")
     pred.add_argument("--attention", default="auto", help="attention backend")

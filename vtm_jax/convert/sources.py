@@ -37,7 +37,10 @@ def _load_hf(path: str) -> dict[str, Any]:
             model_type = json.load(f).get("model_type")
         except (json.JSONDecodeError, AttributeError) as e:
             raise UserError(f"{config_path} is not a JSON object: {e}") from None
-    loaders = {"vivit": ("vtm_jax.convert.hf_vivit", "load_hf_vivit", "vivit")}
+    loaders = {
+        "vivit": ("vtm_jax.convert.hf_vivit", "load_hf_vivit", "vivit"),
+        "videomae": ("vtm_jax.convert.hf_videomae", "load_hf_videomae", "videomae"),
+    }
     if model_type not in loaders:
         raise UserError(
             f"HuggingFace model_type {model_type!r} is not supported; valid: {', '.join(loaders)}"

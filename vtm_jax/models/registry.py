@@ -11,6 +11,7 @@ import numpy as np
 
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
+from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 from vtm_jax.reduction import ReductionSettings
@@ -18,6 +19,7 @@ from vtm_jax.reduction import ReductionSettings
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit": ViViT,
     "vivit_factorised_encoder": FactorisedEncoderViViT,
+    "videomae": VideoMAE,
 }
 
 

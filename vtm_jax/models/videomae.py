@@ -1,0 +1,229 @@
+"""VideoMAE (ViT-B fine-tuned classifier) with token reduction, in a Scenic-like parameter layout.
+
+Input ``[B, T, H, W, 3]``. A tubelet Conv embeds ``(t, h, w)`` patches in ``(t h w)`` order; a
+fixed sine-cosine position table (regenerated, never stored) is added; there is no class token.
+Pre-LN blocks run joint space-time attention whose keys have no bias, and exact GELU MLPs.
+Each block reduces its tokens after the attention residual and before the MLP, merging globally
+over all tokens; without a class token the unmerged tokens keep their score order (method.md
+§3.2, §9). The head is ``fc_norm`` of the mean over the remaining tokens, then one Dense.
+
+The paper runs VideoMAE with proportional attention off (``TOME.PROP_ATTN False`` on every
+VideoMAE experiment line), while :class:`ReductionSettings` defaults to on: converted records
+store ``token_merging.prop_attn = False`` (see ``vtm_jax.convert.hf_videomae``); a model built
+by hand takes whatever ``merging`` it is given.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.merge import clamp_r
+from vtm_jax.models.layers import MlpBlock, SelfAttention, size_bias
+from vtm_jax.models.vivit import check_video_shape, mean_pool
+from vtm_jax.reduction import (
+    ReductionSettings,
+    Tokens,
+    initial_source,
+    key_metric,
+    layer_key,
+    reduce_tokens,
+)
+from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
+
+
+@functools.lru_cache(maxsize=8)
+def sinusoid_positions(num_tokens: int, width: int) -> np.ndarray:
+    """VideoMAE's fixed position table ``[1, N, D]``.
+
+    Entry ``(p, j)`` is ``p / 10000 ** (2 (j // 2) / D)``, then sine on even ``j`` and cosine on
+    odd ``j``. Computed in float64 and rounded to float32 once, as the original does.
+    """
+    pos = np.arange(num_tokens, dtype=np.float64)[:, None]
+    j = np.arange(width)
+    angles = pos / np.power(10000.0, 2 * (j // 2) / width)
+    table = np.where(j % 2 == 0, np.sin(angles), np.cos(angles)).astype(np.float32)
+    table.setflags(write=False)  # cached: shared by every caller
+    return table[None]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN block: attention (no key bias), residual, reduction of ``r`` tokens, MLP, residual."""
+
+    num_heads: int
+    mlp_dim: int
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(
+        self, tokens: Tokens, key: jax.Array | None, *, r: int, reduce_only: bool = False
+    ) -> Tokens:
+        """``reduce_only``: a duplicated layer's extra step (method.md §3.6): this layer's keys
+        choose the merge, applied to the block's input; no attention residual, no MLP."""
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
+        attention = SelfAttention(
+            self.num_heads,
+            self.attention_fn,
+            key_bias=False,  # VideoMAE's qkv bias is (q_bias, 0, v_bias)
+            name="MultiHeadDotProductAttention_0",
+        )
+        if reduce_only:
+            keys = attention(y, keys_only=True)
+        else:
+            y, keys = attention(y, bias=size_bias(tokens.size, self.merging.prop_attn))
+            tokens = tokens._replace(x=tokens.x + y)
+        r = clamp_r(tokens.x.shape[1], r, class_token=False)
+        if r > 0:
+            metric = key_metric(keys, self.merging.head_aggregation)
+            tokens = reduce_tokens(
+                tokens, metric, r, settings=self.merging, class_token=False, key=key
+            )
+        if reduce_only:
+            return tokens
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
+        y = MlpBlock(self.mlp_dim, gelu_approximate=False, name="MlpBlock_0")(y)
+        return tokens._replace(x=tokens.x + y)
+
+
+class Encoder(nn.Module):
+    """The blocks, in execution order (duplicated layers repeat); no final norm (mean pooling)."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(self, x: jax.Array, merge_rng: jax.Array | None = None) -> Tokens:
+        source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
+        tokens = Tokens(x, None, source)
+        blocks = [
+            EncoderBlock(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                merging=self.merging,
+                layer_norm_eps=self.layer_norm_eps,
+                attention_fn=self.attention_fn,
+                name=f"encoderblock_{layer}",
+            )
+            for layer in range(self.num_layers)
+        ]
+        steps = self.merging.layer_steps(self.num_layers)
+        for step, (layer, r) in enumerate(steps):
+            # All but the last run of a duplicated layer only reduce (the paper's copies).
+            repeat = step + 1 < len(steps) and steps[step + 1][0] == layer
+            key = layer_key(self.merging, step, merge_rng)
+            tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat)
+        return tokens
+
+
+class VideoMAE(nn.Module):
+    """VideoMAE video classifier with token reduction.
+
+    Parameters: ``embedding`` (Conv, kernel ``(t, h, w, 3, D)``),
+    ``Transformer/encoderblock_i/{LayerNorm_0, MultiHeadDotProductAttention_0 (key without
+    bias), LayerNorm_1, MlpBlock_0}``, ``fc_norm`` and ``output_projection``. VideoMAE's
+    classifiers have no layer scale (``init_values=0``), so there is none here.
+
+    ``layer_norm_eps`` is the blocks' epsilon and ``fc_norm_eps`` the pooled norm's: the paper's
+    model uses 1e-6 for both; HuggingFace's port reads the blocks' from its config (1e-12 by
+    default) and leaves ``fc_norm`` at PyTorch's 1e-5. ``merging.size_weighted_pool`` weights
+    the mean by token sizes (the paper's pooling ignores them). With ``merging.trace_source``
+    set, the final source tracking is sown as ``intermediates/source``.
+    """
+
+    num_classes: int
+    hidden_size: int = 768
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_layers: int = 12
+    patch_size: tuple[int, int, int] = (2, 16, 16)  # (t, h, w)
+    layer_norm_eps: float = 1e-6
+    fc_norm_eps: float = 1e-6
+    merging: ReductionSettings = ReductionSettings()
+    attention_fn: AttentionFn = xla_attention
+
+    @nn.compact
+    def __call__(
+        self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
+    ) -> jax.Array:
+        del train  # no dropout: the paper's test configs set every rate to 0
+        check_video_shape(video.shape, self.patch_size)
+        x = nn.Conv(
+            self.hidden_size,
+            self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            name="embedding",
+        )(video)
+        x = x.reshape(x.shape[0], -1, self.hidden_size)
+        x = x + jnp.asarray(sinusoid_positions(x.shape[1], self.hidden_size), x.dtype)
+        tokens = Encoder(
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            merging=self.merging,
+            layer_norm_eps=self.layer_norm_eps,
+            attention_fn=self.attention_fn,
+            name="Transformer",
+        )(x, merge_rng)
+        if tokens.source is not None:
+            self.sow("intermediates", "source", tokens.source)
+        x = mean_pool(tokens, weighted=self.merging.size_weighted_pool)
+        x = nn.LayerNorm(epsilon=self.fc_norm_eps, name="fc_norm")(x)
+        return nn.Dense(
+            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
+        )(x)
+
+    def _num_patches(self, num_frames: int, image_size: int) -> int:
+        t, h, w = self.patch_size
+        return (num_frames // t) * (image_size // h) * (image_size // w)
+
+    def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
+        """Static token counts of each step (layer, or repeat of a duplicated layer)."""
+        steps = self.merging.layer_steps(self.num_layers)
+        return plan_tokens(
+            self._num_patches(num_frames, image_size), [r for _, r in steps], class_token=False
+        )
+
+    def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
+        """Multiply-adds per step and in total.
+
+        A full step is :func:`block_macs` (projections and attention on the tokens entering,
+        MLP on the tokens left); a duplicate's extra run costs its key projection only. The
+        embedding is the tubelet Conv; the head is the classifier Dense. Norms, GELU, softmax,
+        position adds and the matching itself are not counted.
+        """
+        t, h, w = self.patch_size
+        steps = self.merging.layer_steps(self.num_layers)
+        layers = []
+        for i, plan in enumerate(self.token_plan(num_frames, image_size)):
+            if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
+                layers.append(plan.tokens_in * self.hidden_size**2)
+            else:
+                layers.append(
+                    block_macs(
+                        plan.tokens_in,
+                        plan.tokens_out,
+                        hidden=self.hidden_size,
+                        mlp_dim=self.mlp_dim,
+                    )
+                )
+        embed = self._num_patches(num_frames, image_size) * t * h * w * 3 * self.hidden_size
+        head = self.hidden_size * self.num_classes
+        return {
+            "embedding": embed,
+            "layers": layers,
+            "head": head,
+            "total": embed + sum(layers) + head,
+        }
