@@ -40,6 +40,7 @@ def _load_hf(path: str) -> dict[str, Any]:
     loaders = {
         "vivit": ("vtm_jax.convert.hf_vivit", "load_hf_vivit", "vivit"),
         "videomae": ("vtm_jax.convert.hf_videomae", "load_hf_videomae", "videomae"),
+        "timesformer": ("vtm_jax.convert.hf_timesformer", "load_hf_timesformer", "timesformer"),
     }
     if model_type not in loaders:
         raise UserError(

@@ -1,0 +1,389 @@
+"""HuggingFace TimeSformer checkpoints (``TimesformerForVideoClassification``) to vtm_jax's tree.
+
+transformers 5 uses the same key names in memory and on disk for TimeSformer
+(``timesformer.encoder.layer.N.attention.attention.qkv``, ``temporal_attention``,
+``temporal_dense``, ``intermediate.dense``, ...), and hub checkpoints use them too. The fused
+``qkv`` projection is split into Flax's ``query`` / ``key`` / ``value`` kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vtm_jax.convert.hf_vivit import read_state_dict
+from vtm_jax.convert.scenic import format_keys, unflatten_params
+from vtm_jax.errors import UserError
+
+# TimesformerConfig's defaults: save_pretrained may leave out keys whose value equals them.
+_HF_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "num_frames": 8,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+    "attention_type": "divided_space_time",
+}
+
+# hidden_act -> gelu_approximate ("gelu" is the exact erf form both TimeSformers use).
+_GELU_APPROXIMATE = {"gelu": False, "gelu_fast": True, "gelu_new": True, "gelu_pytorch_tanh": True}
+
+# The paper's TimeSformer test pipeline (method.md §3.8; slowfast defaults): 8 frames, short
+# side resized to the first jitter scale 256, centre crop 224, mean 0.45 / std 0.225. Frame
+# stride 32 for Kinetics (the 8x32 configs); Something-Something v2 uses 8.
+DEFAULT_STRIDE = 32
+SSV2_STRIDE = 8
+SSV2_CLASSES = 174
+DEFAULT_MEAN = [0.45, 0.45, 0.45]
+DEFAULT_STD = [0.225, 0.225, 0.225]
+
+# HF attention module -> ours (spatial and temporal).
+_ATTN = {
+    "attention": "MultiHeadDotProductAttention_0",
+    "temporal_attention": "MultiHeadDotProductAttention_temporal",
+}
+
+Convert = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+class _Entry:
+    """One HF tensor: its expected shape and how it becomes one or more Flax leaves."""
+
+    def __init__(self, shape: tuple[int, ...], convert: Convert):
+        self.shape = shape
+        self.convert = convert
+
+
+def _copy(path: str) -> Convert:
+    return lambda a: {path: a}
+
+
+def _linear(path: str) -> Convert:
+    return lambda a: {f"{path}/kernel": a.T}
+
+
+def _qkv_weight(attn: str, heads: int) -> Convert:
+    def convert(a: np.ndarray) -> dict[str, np.ndarray]:
+        width = a.shape[1]
+        parts = a.reshape(3, width, width)  # rows are [query; key; value], heads major
+        return {
+            f"{attn}/{name}/kernel": part.T.reshape(width, heads, width // heads)
+            for name, part in zip(("query", "key", "value"), parts, strict=True)
+        }
+
+    return convert
+
+
+def _qkv_bias(attn: str, heads: int) -> Convert:
+    def convert(a: np.ndarray) -> dict[str, np.ndarray]:
+        parts = a.reshape(3, heads, -1)
+        return {
+            f"{attn}/{name}/bias": part
+            for name, part in zip(("query", "key", "value"), parts, strict=True)
+        }
+
+    return convert
+
+
+def _out_weight(attn: str, heads: int) -> Convert:
+    return lambda a: {f"{attn}/out/kernel": a.T.reshape(heads, a.shape[1] // heads, a.shape[0])}
+
+
+def _conv(path: str) -> Convert:
+    return lambda a: {path: a.transpose(2, 3, 1, 0)}  # (out, in, h, w) -> (h, w, in, out)
+
+
+def _table(settings: Mapping[str, Any], num_classes: int) -> dict[str, _Entry]:
+    """Every key of a TimesformerForVideoClassification state dict, for these settings."""
+    d, m, heads = settings["hidden_size"], settings["mlp_dim"], settings["num_heads"]
+    ph, pw = settings["patch_size"]
+    patches = (settings["image_size"] // ph) * (settings["image_size"] // pw)
+    emb = "timesformer.embeddings."
+    table = {
+        f"{emb}cls_token": _Entry((1, 1, d), _copy("cls")),
+        f"{emb}position_embeddings": _Entry(
+            (1, patches + 1, d), _copy("posembed_input/pos_embedding")
+        ),
+        f"{emb}time_embeddings": _Entry((1, settings["num_frames"], d), _copy("time_embedding")),
+        f"{emb}patch_embeddings.projection.weight": _Entry(
+            (d, 3, ph, pw), _conv("embedding/kernel")
+        ),
+        f"{emb}patch_embeddings.projection.bias": _Entry((d,), _copy("embedding/bias")),
+        "timesformer.layernorm.weight": _Entry((d,), _copy("Transformer/encoder_norm/scale")),
+        "timesformer.layernorm.bias": _Entry((d,), _copy("Transformer/encoder_norm/bias")),
+        "classifier.weight": _Entry((num_classes, d), _linear("output_projection")),
+        "classifier.bias": _Entry((num_classes,), _copy("output_projection/bias")),
+    }
+    for i in range(settings["num_layers"]):
+        hf, ours = f"timesformer.encoder.layer.{i}.", f"Transformer/encoderblock_{i}/"
+        for norm, name in (
+            ("temporal_layernorm", "LayerNorm_temporal"),
+            ("layernorm_before", "LayerNorm_0"),
+            ("layernorm_after", "LayerNorm_1"),
+        ):
+            table[f"{hf}{norm}.weight"] = _Entry((d,), _copy(f"{ours}{name}/scale"))
+            table[f"{hf}{norm}.bias"] = _Entry((d,), _copy(f"{ours}{name}/bias"))
+        for hf_attn, attn in _ATTN.items():
+            attn = ours + attn
+            table[f"{hf}{hf_attn}.attention.qkv.weight"] = _Entry(
+                (3 * d, d), _qkv_weight(attn, heads)
+            )
+            table[f"{hf}{hf_attn}.attention.qkv.bias"] = _Entry((3 * d,), _qkv_bias(attn, heads))
+            table[f"{hf}{hf_attn}.output.dense.weight"] = _Entry((d, d), _out_weight(attn, heads))
+            table[f"{hf}{hf_attn}.output.dense.bias"] = _Entry((d,), _copy(f"{attn}/out/bias"))
+        for hf_dense, dense, shape in (
+            ("temporal_dense", "temporal_fc", (d, d)),
+            ("intermediate.dense", "MlpBlock_0/Dense_0", (m, d)),
+            ("output.dense", "MlpBlock_0/Dense_1", (d, m)),
+        ):
+            table[f"{hf}{hf_dense}.weight"] = _Entry(shape, _linear(ours + dense))
+            table[f"{hf}{hf_dense}.bias"] = _Entry(shape[:1], _copy(f"{ours}{dense}/bias"))
+    return table
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise UserError(f"config.json {name}={value!r} is not an int or [h, w]")
+
+
+def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated model and input settings from an HF TimeSformer config.json dict."""
+    model_type = hf_config.get("model_type", "timesformer")
+    if model_type != "timesformer":
+        raise UserError(f"config.json has model_type={model_type!r}, not 'timesformer'")
+
+    def get(key: str) -> Any:
+        return hf_config.get(key, _HF_DEFAULTS[key])
+
+    if get("attention_type") != "divided_space_time":
+        raise UserError(
+            f"config.json attention_type={get('attention_type')!r}: only "
+            "'divided_space_time' TimeSformers are supported"
+        )
+    hidden_act = get("hidden_act")
+    if hidden_act not in _GELU_APPROXIMATE:
+        raise UserError(
+            f"config.json hidden_act={hidden_act!r} is not supported; "
+            f"expected one of {', '.join(sorted(_GELU_APPROXIMATE))}"
+        )
+    if get("qkv_bias") is not True:
+        raise UserError("config.json has qkv_bias=false; only TimeSformers with q/k/v biases load")
+    if get("num_channels") != 3:
+        raise UserError(f"config.json has num_channels={get('num_channels')}; only 3 is supported")
+    image = _pair(get("image_size"), "image_size")
+    if image[0] != image[1]:
+        raise UserError(f"config.json image_size={list(image)} is not square")
+    patch = _pair(get("patch_size"), "patch_size")
+    if image[0] % patch[0] or image[1] % patch[1]:
+        raise UserError(f"config.json image_size {image[0]} is not a multiple of patch {patch}")
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    if heads <= 0 or hidden % heads:
+        raise UserError(
+            f"config.json hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
+        )
+    id2label = hf_config.get("id2label")
+    if id2label:
+        num_classes = len(id2label)
+    elif hf_config.get("num_labels") is not None:
+        num_classes = int(hf_config["num_labels"])
+    else:
+        num_classes = None  # taken from the classifier weight
+    return {
+        "num_classes": num_classes,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "mlp_dim": int(get("intermediate_size")),
+        "num_layers": int(get("num_hidden_layers")),
+        "patch_size": patch,
+        "layer_norm_eps": float(get("layer_norm_eps")),
+        "gelu_approximate": _GELU_APPROXIMATE[hidden_act],
+        "num_frames": int(get("num_frames")),
+        "image_size": image[0],
+    }
+
+
+def convert_timesformer(
+    state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Map an HF TimeSformer state dict to vtm_jax's tree.
+
+    Returns ``(params, model_config, input_config)``. Any unknown, missing or mis-shaped key
+    is a UserError that names it.
+    """
+    settings = _settings(hf_config)
+    keys = list(state_dict)
+    if not any(k.startswith("classifier.") for k in keys):
+        if any(k.startswith(("embeddings.", "encoder.layer.")) for k in keys):
+            raise UserError(
+                "no classifier head: this is a base TimesformerModel checkpoint; convert a "
+                "TimesformerForVideoClassification checkpoint"
+            )
+        if not any(k.startswith("timesformer.") for k in keys):
+            raise UserError(
+                f"not a HuggingFace TimeSformer checkpoint; keys: {format_keys(keys) or 'none'}"
+            )
+    if settings["num_classes"] is None:
+        if "classifier.weight" not in state_dict:
+            raise UserError(
+                "HF TimeSformer checkpoint keys do not match: missing classifier.weight"
+            )
+        settings["num_classes"] = int(np.shape(state_dict["classifier.weight"])[0])
+
+    table = _table(settings, settings["num_classes"])
+    unknown = [k for k in keys if k not in table]
+    missing = [k for k in table if k not in state_dict]
+    if unknown or missing:
+        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
+        parts += [f"missing {format_keys(missing)}"] if missing else []
+        raise UserError(f"HF TimeSformer checkpoint keys do not match: {'; '.join(parts)}")
+
+    arrays = {k: _as_float32(v) for k, v in state_dict.items()}
+    mis_shaped = [
+        f"{k} {arrays[k].shape} (expected {entry.shape})"
+        for k, entry in table.items()
+        if arrays[k].shape != entry.shape
+    ]
+    if mis_shaped:
+        raise UserError(
+            f"HF TimeSformer checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}"
+        )
+
+    flat: dict[str, np.ndarray] = {}
+    for k, entry in table.items():
+        for path, value in entry.convert(arrays[k]).items():
+            # Fresh contiguous copies: arrays from a live torch state dict share its memory.
+            flat[path] = np.array(value, dtype=np.float32, order="C")
+    model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
+    model_config["patch_size"] = list(model_config["patch_size"])
+    input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
+    return unflatten_params(flat), model_config, input_config
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, e.g. from model.state_dict()
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _labels(hf_config: Mapping[str, Any], num_classes: int) -> list[str] | None:
+    id2label = hf_config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        by_index = {int(k): str(v) for k, v in id2label.items()}
+    except (ValueError, AttributeError) as error:
+        raise UserError(f"config.json id2label is not an index -> name map: {error}") from error
+    if sorted(by_index) != list(range(num_classes)):
+        raise UserError(f"config.json id2label does not index classes 0..{num_classes - 1}")
+    return [by_index[i] for i in range(num_classes)]
+
+
+def _per_channel(value: Any, name: str, path: Path) -> list[float]:
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != 3:
+        raise UserError(f"{path}: {name}={value!r} does not have 3 channels")
+    return values
+
+
+def read_preprocessing(
+    directory: str | Path, input_config: Mapping[str, int], num_classes: int
+) -> dict[str, Any]:
+    """Input pipeline settings; ``mean`` / ``std`` apply to pixels scaled to [0, 1].
+
+    Defaults are the paper's (method.md §3.8): short side 256/224 of the crop, mean 0.45,
+    std 0.225, frame stride 32 (8 for a 174-class Something-Something v2 head). A processor
+    config in the directory overrides the resize, crop and normalisation, as transformers
+    would apply them (pixels ``p * rescale_factor``, then ``(x - image_mean) / image_std``).
+    """
+    image_size = int(input_config["image_size"])
+    prep: dict[str, Any] = {
+        "num_frames": int(input_config["num_frames"]),
+        "stride": SSV2_STRIDE if num_classes == SSV2_CLASSES else DEFAULT_STRIDE,
+        "min_resize": round(image_size * 256 / 224),
+        "crop_size": image_size,
+        "mean": list(DEFAULT_MEAN),
+        "std": list(DEFAULT_STD),
+    }
+    directory = Path(directory)
+    path = next(
+        (
+            directory / name
+            for name in ("preprocessor_config.json", "video_preprocessor_config.json")
+            if (directory / name).is_file()
+        ),
+        None,
+    )
+    if path is None:
+        return prep
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+    if cfg.get("do_resize", True) and "size" in cfg:
+        size = cfg["size"]
+        if isinstance(size, int):
+            prep["min_resize"] = size
+        elif isinstance(size, Mapping) and "shortest_edge" in size:
+            prep["min_resize"] = int(size["shortest_edge"])
+        else:
+            raise UserError(f"{path}: only shortest-edge resizing is supported, got size={size}")
+    crop = cfg.get("crop_size")
+    if cfg.get("do_center_crop", True) and crop is not None:
+        crop = crop if isinstance(crop, int) else crop.get("height")
+        if crop != image_size:
+            raise UserError(f"{path}: crop_size {crop} differs from the model's {image_size}")
+    scale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+    if cfg.get("do_normalize", True):
+        mean = _per_channel(cfg.get("image_mean", DEFAULT_MEAN), "image_mean", path)
+        std = _per_channel(cfg.get("image_std", DEFAULT_STD), "image_std", path)
+    else:
+        mean, std = [0.0] * 3, [1.0] * 3
+    # (p scale - mean) / std == (p / 255 - mean / (255 scale)) / (std / (255 scale))
+    prep["mean"] = [round(v / (255 * scale), 12) for v in mean]
+    prep["std"] = [round(v / (255 * scale), 12) for v in std]
+    return prep
+
+
+def load_hf_timesformer(directory: str | Path) -> dict[str, Any]:
+    """Load an HF ``TimesformerForVideoClassification`` checkpoint directory.
+
+    Returns ``{'params', 'model', 'input', 'labels', 'preprocessing', 'class_splits'}``:
+    the parameter tree, :class:`~vtm_jax.models.timesformer.TimeSformer`'s constructor
+    arguments, ``{'num_frames', 'image_size'}``, class names from ``id2label`` (or None),
+    :func:`read_preprocessing`'s settings and ``class_splits`` (None: one head).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"no config.json in {directory}")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {config_path}: {error}") from error
+    if not isinstance(hf_config, Mapping):
+        raise UserError(f"{config_path} is not a JSON object")
+    params, model_config, input_config = convert_timesformer(read_state_dict(directory), hf_config)
+    num_classes = model_config["num_classes"]
+    return {
+        "params": params,
+        "model": model_config,
+        "input": input_config,
+        "labels": _labels(hf_config, num_classes),
+        "preprocessing": read_preprocessing(directory, input_config, num_classes),
+        "class_splits": None,
+    }
