@@ -94,11 +94,11 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     import jax
 
     from vtm_jax.benchmark import bench_settings, format_table, plot_speed, run_info, sweep
-    from vtm_jax.config import load_config, vivit_from_config
+    from vtm_jax.config import load_config, record_from_config
     from vtm_jax.reduction import ReductionSettings
 
     config = load_config(config_args)
-    record = vivit_from_config(config)
+    record = record_from_config(config)
     bench = config.get("bench", {})
     settings = sweep(
         ReductionSettings.from_dict(config.get("token_merging")),

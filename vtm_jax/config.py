@@ -43,12 +43,33 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def vivit_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The checkpoint record (architecture, model kwargs, input) a Scenic ViViT config describes."""
+SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
+
+
+def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The record (architecture, model kwargs, input) a config describes.
+
+    Scenic ViViT configs (``model_name`` ``vivit_classification``) are read in Scenic's schema;
+    for vtm-jax's other backbones ``model_name`` is the architecture and ``model.*`` holds its
+    constructor arguments. The class count comes from ``dataset_configs.num_classes``.
+    """
+    from vtm_jax.models.registry import ARCHITECTURES
+
     try:
-        return _vivit_record(config)
+        name = config.get("model_name", "vivit_classification")
+        if name in SCENIC_VIVIT_MODELS:
+            return _vivit_record(config)
+        if name not in ARCHITECTURES:
+            valid = ", ".join([*SCENIC_VIVIT_MODELS, *ARCHITECTURES])
+            raise UserError(f"unknown model_name {name!r}; valid: {valid}")
+        data = config.dataset_configs
+        return {
+            "architecture": name,
+            "model": {**config.model.to_dict(), "num_classes": data.num_classes},
+            "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
+        }
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"config does not describe a ViViT: {_first_line(e)}") from None
+        raise UserError(f"config does not describe a model: {_first_line(e)}") from None
 
 
 def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+r"""VideoMAE-B (16x224x224, tubelet 2x16x16) on Kinetics-400, with the paper's r=150 merging.
+
+No class token; the paper runs VideoMAE without proportional attention.
+
+  vtm-jax bench --config=configs/videomae_b_k400.py
+  vtm-jax bench --config=configs/videomae_b_k400.py --config.token_merging.size_weighted_pool=True
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment_name = "videomae_b_k400_tome"
+    config.model_name = "videomae"
+
+    config.model = ml_collections.ConfigDict()
+    config.model.hidden_size = 768
+    config.model.num_heads = 12
+    config.model.mlp_dim = 3072
+    config.model.num_layers = 12
+    config.model.patch_size = (2, 16, 16)  # (t, h, w)
+    config.model.layer_norm_eps = 1e-6
+    config.model.fc_norm_eps = 1e-6
+
+    config.dataset_configs = ml_collections.ConfigDict()
+    config.dataset_configs.num_classes = 400
+    config.dataset_configs.num_frames = 16
+    config.dataset_configs.stride = 1
+    config.dataset_configs.min_resize = 256
+    config.dataset_configs.crop_size = 224
+    config.dataset_configs.mean = (0.485, 0.456, 0.406)
+    config.dataset_configs.std = (0.229, 0.224, 0.225)
+
+    config.token_merging = ml_collections.ConfigDict()
+    config.token_merging.mode = "merge"
+    config.token_merging.r = 150
+    config.token_merging.schedule = 0.0
+    config.token_merging.prop_attn = False
+    config.token_merging.head_aggregation = "mean"
+    config.token_merging.threshold = config_dict.placeholder(float)
+    config.token_merging.seed = 0
+    config.token_merging.trace_source = "none"
+    config.token_merging.duplicate = config_dict.placeholder(tuple)  # (layer, quantity)
+    config.token_merging.size_weighted_pool = False
+
+    config.bench = ml_collections.ConfigDict()
+    config.bench.batch_size = 1
+    config.bench.warmup = 1
+    config.bench.iterations = 3
+    config.bench.attention = "auto"
+    # Sweeps (each None: just the token_merging block); the r=0 baseline always runs first.
+    config.bench.modes = config_dict.placeholder(tuple)
+    config.bench.r_values = config_dict.placeholder(tuple)
+    config.bench.schedules = config_dict.placeholder(tuple)
+    return config
