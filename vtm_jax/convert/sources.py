@@ -13,7 +13,7 @@ from typing import Any
 
 from vtm_jax.errors import UserError
 
-SOURCES = ("hf", "scenic")
+SOURCES = ("hf", "scenic", "motionformer")
 
 
 def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
@@ -88,6 +88,10 @@ def load_source(source: str, path: str, *, num_frames: int = 32, image_size: int
         converted = _load_hf(path)
     elif source == "scenic":
         converted = _load_scenic(path, num_frames, image_size)
+    elif source == "motionformer":
+        from vtm_jax.convert.motionformer import load_motionformer
+
+        converted = {"architecture": "motionformer", **load_motionformer(path)}
     else:
         raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
     model = build_model(converted)

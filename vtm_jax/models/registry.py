@@ -11,6 +11,7 @@ import numpy as np
 
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
+from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
@@ -22,6 +23,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit_factorised_encoder": FactorisedEncoderViViT,
     "videomae": VideoMAE,
     "timesformer": TimeSformer,
+    "motionformer": Motionformer,
 }
 
 
