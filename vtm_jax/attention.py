@@ -35,14 +35,14 @@ def blockwise_attention(
     v: jax.Array,
     *,
     bias: jax.Array | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
 ) -> jax.Array:
     """Attention computed one head and ``chunk_size`` queries at a time.
 
     Each chunk sees every key, so its softmax is exact; only a ``[B, chunk, N]`` slice of
     logits exists at once, small enough to stay in cache while the softmax runs. On a CPU this
-    is several times faster than :func:`xla_attention` at thousands of tokens (ViViT-B's 3137
-    tokens: ``bench`` of the attention alone, see BENCHMARKS.md).
+    is several times faster than :func:`xla_attention` at thousands of tokens
+    (``scripts/bench_attention.py``, BENCHMARKS.md).
     """
     b, n, h, d = q.shape
     if n <= chunk_size:
