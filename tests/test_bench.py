@@ -79,3 +79,25 @@ def test_bench_across_two_processes(tmp_path):
     data = json.loads((tmp_path / "p0.json").read_text())
     assert data["run"]["processes"] == 2 and data["run"]["devices"] == 2
     assert not (tmp_path / "p1.json").exists()  # only process 0 writes results
+
+
+def test_every_config_describes_its_backbone():
+    """Each shipped config builds its model at the paper's r and plans the paper's counts."""
+    from vtm_jax.config import load_config, record_from_config
+    from vtm_jax.models.registry import build_model
+
+    expected = {
+        "vivit_b_k400": ("vivit", [2837, 2537], 56),
+        "vivit_b_fe_k400": ("vivit_factorised_encoder", [179, 161], 17),
+        "videomae_b_k400": ("videomae", [1418, 1268], 28),
+        "timesformer_b_k400": ("timesformer", [178, 160], 5),
+        "motionformer_b_k400": ("motionformer", [178, 160], 5),
+    }
+    for name, (architecture, first, last) in expected.items():
+        config = load_config([f"--config={REPO}/configs/{name}.py"])
+        record = record_from_config(config)
+        assert record["architecture"] == architecture
+        merging = ReductionSettings.from_dict(config.token_merging)
+        model = build_model(record, merging)
+        plan = model.token_plan(record["input"]["num_frames"], record["input"]["image_size"])
+        assert [p.tokens_out for p in plan[:2]] == first and plan[-1].tokens_out == last, name

@@ -188,19 +188,22 @@ def test_bench_tiny(tmp_path, capsys):
 
 
 def test_two_head_checkpoint_prints_each_head(converted, capsys, tmp_path):
-    import shutil
-
     _, root = converted
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(root / "ckpt", ckpt)
+    # Like EPIC-KITCHENS' verb (97) and noun (300) heads, stored as one head of 97 + 300.
+    convert = ["convert", "--source", "hf", "--input", str(root / "hf")]
+    assert main([*convert, "--output", str(ckpt), "--class-splits", "3,4"]) == 0
     record = json.loads((ckpt / "model.json").read_text())
-    record["class_splits"] = [3, 4]  # like EPIC-KITCHENS' verb (97) and noun (300) heads
-    (ckpt / "model.json").write_text(json.dumps(record))
+    assert record["class_splits"] == [3, 4]
     np.save(tmp_path / "clip.npy", np.zeros((FRAMES, SIZE, SIZE, 3), np.float32))
     assert main(["predict", "--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.npy")]) == 0
     out = capsys.readouterr().out
     assert "head_0:" in out and "head_1:" in out and "3. LABEL_2" not in out.split("head_1:")[1]
     assert "4. LABEL_" in out.split("head_1:")[1] and "5. LABEL_" not in out.split("head_1:")[1]
+    _bad(
+        [*convert, "--output", str(tmp_path / "b"), "--class-splits", "3,3"], capsys, "add up to 6"
+    )
+    _bad([*convert, "--output", str(tmp_path / "b"), "--class-splits", "verb"], capsys, "integers")
     record["class_splits"] = [3, 3]
     (ckpt / "model.json").write_text(json.dumps(record))
     _bad(

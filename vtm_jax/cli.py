@@ -23,13 +23,26 @@ def _convert(args: argparse.Namespace) -> None:
     converted = load_source(
         args.source, args.input, num_frames=args.num_frames, image_size=args.image_size
     )
+    splits = converted["class_splits"]
+    if args.class_splits:
+        try:
+            splits = [int(v) for v in args.class_splits.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--class-splits must be integers like 97,300, not {args.class_splits!r}"
+            ) from None
+        if sum(splits) != converted["model"]["num_classes"]:
+            raise UserError(
+                f"--class-splits add up to {sum(splits)}, the classifier has "
+                f"{converted['model']['num_classes']} classes"
+            )
     record = {
         "architecture": converted["architecture"],
         "model": converted["model"],
         "input": converted["input"],
         "preprocessing": converted["preprocessing"],
         "labels": converted["labels"],
-        "class_splits": converted["class_splits"],
+        "class_splits": splits,
         "token_merging": converted.get("token_merging", {"mode": "none"}),
         "converted_from": {"source": args.source, "path": os.path.abspath(args.input)},
     }
@@ -166,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True, help="new checkpoint directory")
     convert.add_argument("--num-frames", type=int, default=32, help="Scenic input frames")
     convert.add_argument("--image-size", type=int, default=224, help="Scenic input size")
+    convert.add_argument(
+        "--class-splits",
+        help="sizes of the heads in one concatenated classifier, e.g. 97,300 for EPIC-KITCHENS",
+    )
 
     pred = sub.add_parser("predict", help="classify one clip")
     pred.add_argument("--checkpoint", required=True)
