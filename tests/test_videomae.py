@@ -15,7 +15,8 @@ from vtm_jax.attention import get_attention
 from vtm_jax.convert.hf_videomae import convert_videomae, load_hf_videomae, videomae_param_shapes
 from vtm_jax.convert.scenic import flatten_params
 from vtm_jax.errors import UserError
-from vtm_jax.models.videomae import EncoderBlock, VideoMAE, sinusoid_positions
+from vtm_jax.models.videomae import VideoMAE, sinusoid_positions
+from vtm_jax.models.vivit import EncoderBlock
 from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 x 4 x 4 = 64 tokens, no class token

@@ -24,18 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtm_jax.attention import AttentionFn, xla_attention
-from vtm_jax.merge import clamp_r
-from vtm_jax.models.layers import MlpBlock, SelfAttention, size_bias
-from vtm_jax.models.vivit import check_video_shape, mean_pool
+from vtm_jax.models.vivit import Encoder, check_video_shape, mean_pool, step_macs
 from vtm_jax.reduction import (
     ReductionSettings,
-    Tokens,
-    initial_source,
-    key_metric,
-    layer_key,
-    reduce_tokens,
 )
-from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
+from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,80 +44,6 @@ def sinusoid_positions(num_tokens: int, width: int) -> np.ndarray:
     table = np.where(j % 2 == 0, np.sin(angles), np.cos(angles)).astype(np.float32)
     table.setflags(write=False)  # cached: shared by every caller
     return table[None]
-
-
-class EncoderBlock(nn.Module):
-    """Pre-LN block: attention (no key bias), residual, reduction of ``r`` tokens, MLP, residual."""
-
-    num_heads: int
-    mlp_dim: int
-    merging: ReductionSettings
-    layer_norm_eps: float = 1e-6
-    attention_fn: AttentionFn = xla_attention
-
-    @nn.compact
-    def __call__(
-        self, tokens: Tokens, key: jax.Array | None, *, r: int, reduce_only: bool = False
-    ) -> Tokens:
-        """``reduce_only``: a duplicated layer's extra step (method.md §3.6): this layer's keys
-        choose the merge, applied to the block's input; no attention residual, no MLP."""
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
-        attention = SelfAttention(
-            self.num_heads,
-            self.attention_fn,
-            key_bias=False,  # VideoMAE's qkv bias is (q_bias, 0, v_bias)
-            name="MultiHeadDotProductAttention_0",
-        )
-        if reduce_only:
-            keys = attention(y, keys_only=True)
-        else:
-            y, keys = attention(y, bias=size_bias(tokens.size, self.merging.prop_attn))
-            tokens = tokens._replace(x=tokens.x + y)
-        r = clamp_r(tokens.x.shape[1], r, class_token=False)
-        if r > 0:
-            metric = key_metric(keys, self.merging.head_aggregation)
-            tokens = reduce_tokens(
-                tokens, metric, r, settings=self.merging, class_token=False, key=key
-            )
-        if reduce_only:
-            return tokens
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
-        y = MlpBlock(self.mlp_dim, gelu_approximate=False, name="MlpBlock_0")(y)
-        return tokens._replace(x=tokens.x + y)
-
-
-class Encoder(nn.Module):
-    """The blocks, in execution order (duplicated layers repeat); no final norm (mean pooling)."""
-
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    merging: ReductionSettings
-    layer_norm_eps: float = 1e-6
-    attention_fn: AttentionFn = xla_attention
-
-    @nn.compact
-    def __call__(self, x: jax.Array, merge_rng: jax.Array | None = None) -> Tokens:
-        source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
-        tokens = Tokens(x, None, source)
-        blocks = [
-            EncoderBlock(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                merging=self.merging,
-                layer_norm_eps=self.layer_norm_eps,
-                attention_fn=self.attention_fn,
-                name=f"encoderblock_{layer}",
-            )
-            for layer in range(self.num_layers)
-        ]
-        steps = self.merging.layer_steps(self.num_layers)
-        for step, (layer, r) in enumerate(steps):
-            # All but the last run of a duplicated layer only reduce (the paper's copies).
-            repeat = step + 1 < len(steps) and steps[step + 1][0] == layer
-            key = layer_key(self.merging, step, merge_rng)
-            tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat)
-        return tokens
 
 
 class VideoMAE(nn.Module):
@@ -168,13 +87,20 @@ class VideoMAE(nn.Module):
         )(video)
         x = x.reshape(x.shape[0], -1, self.hidden_size)
         x = x + jnp.asarray(sinusoid_positions(x.shape[1], self.hidden_size), x.dtype)
+        # ViViT's encoder without its learned positions and final norm; keys have no bias
+        # (VideoMAE's qkv bias is (q_bias, 0, v_bias)), exact GELU, no class token.
         tokens = Encoder(
             num_layers=self.num_layers,
             num_heads=self.num_heads,
             mlp_dim=self.mlp_dim,
+            class_token=False,
             merging=self.merging,
             layer_norm_eps=self.layer_norm_eps,
+            gelu_approximate=False,
             attention_fn=self.attention_fn,
+            key_bias=False,
+            learned_positions=False,
+            final_norm=False,
             name="Transformer",
         )(x, merge_rng)
         if tokens.source is not None:
@@ -205,20 +131,12 @@ class VideoMAE(nn.Module):
         position adds and the matching itself are not counted.
         """
         t, h, w = self.patch_size
-        steps = self.merging.layer_steps(self.num_layers)
-        layers = []
-        for i, plan in enumerate(self.token_plan(num_frames, image_size)):
-            if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
-                layers.append(plan.tokens_in * self.hidden_size**2)
-            else:
-                layers.append(
-                    block_macs(
-                        plan.tokens_in,
-                        plan.tokens_out,
-                        hidden=self.hidden_size,
-                        mlp_dim=self.mlp_dim,
-                    )
-                )
+        layers = step_macs(
+            self.token_plan(num_frames, image_size),
+            self.merging.layer_steps(self.num_layers),
+            hidden=self.hidden_size,
+            mlp_dim=self.mlp_dim,
+        )
         embed = self._num_patches(num_frames, image_size) * t * h * w * 3 * self.hidden_size
         head = self.hidden_size * self.num_classes
         return {

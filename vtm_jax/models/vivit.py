@@ -41,6 +41,7 @@ class EncoderBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     attention_fn: AttentionFn = xla_attention
+    key_bias: bool = True
 
     @nn.compact
     def __call__(
@@ -50,7 +51,10 @@ class EncoderBlock(nn.Module):
         choose the merge, applied to the block's input; no attention residual, no MLP."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
         attention = SelfAttention(
-            self.num_heads, self.attention_fn, name="MultiHeadDotProductAttention_0"
+            self.num_heads,
+            self.attention_fn,
+            key_bias=self.key_bias,
+            name="MultiHeadDotProductAttention_0",
         )
         if reduce_only:
             keys = attention(y, keys_only=True)
@@ -76,7 +80,11 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Position embeddings, the blocks, and the final LayerNorm (Scenic's ``Transformer``)."""
+    """Position embeddings, the blocks, and the final LayerNorm (Scenic's ``Transformer``).
+
+    ``learned_positions`` and ``final_norm`` can be turned off for backbones that add fixed
+    positions themselves or pool before normalising (VideoMAE).
+    """
 
     num_layers: int
     num_heads: int
@@ -86,10 +94,14 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     attention_fn: AttentionFn = xla_attention
+    key_bias: bool = True
+    learned_positions: bool = True
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, merge_rng: jax.Array | None = None) -> Tokens:
-        x = AddPositionEmbs(name="posembed_input")(x)
+        if self.learned_positions:
+            x = AddPositionEmbs(name="posembed_input")(x)
         source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
         tokens = Tokens(x, None, source)
         blocks = [
@@ -101,6 +113,7 @@ class Encoder(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate,
                 attention_fn=self.attention_fn,
+                key_bias=self.key_bias,
                 name=f"encoderblock_{layer}",
             )
             for layer in range(self.num_layers)
@@ -111,6 +124,8 @@ class Encoder(nn.Module):
             repeat = step + 1 < len(steps) and steps[step + 1][0] == layer
             key = layer_key(self.merging, step, merge_rng)
             tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat)
+        if not self.final_norm:
+            return tokens
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
         return tokens._replace(x=x)
 
@@ -196,20 +211,12 @@ class ViViT(nn.Module):
         """Multiply-adds per step and in total (a duplicate's extra runs cost a key projection)."""
         t, h, w = self.patch_size
         patches = (num_frames // t) * (image_size // h) * (image_size // w)
-        steps = self.merging.layer_steps(self.num_layers)
-        layers = []
-        for i, plan in enumerate(self.token_plan(num_frames, image_size)):
-            if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
-                layers.append(plan.tokens_in * self.hidden_size**2)
-            else:
-                layers.append(
-                    block_macs(
-                        plan.tokens_in,
-                        plan.tokens_out,
-                        hidden=self.hidden_size,
-                        mlp_dim=self.mlp_dim,
-                    )
-                )
+        layers = step_macs(
+            self.token_plan(num_frames, image_size),
+            self.merging.layer_steps(self.num_layers),
+            hidden=self.hidden_size,
+            mlp_dim=self.mlp_dim,
+        )
         embed = patches * t * h * w * 3 * self.hidden_size
         head = self.hidden_size * (self.representation_size or 0) + (
             (self.representation_size or self.hidden_size) * self.num_classes
@@ -220,6 +227,23 @@ class ViViT(nn.Module):
             "head": head,
             "total": embed + sum(layers) + head,
         }
+
+
+def step_macs(
+    plan: list[LayerPlan], steps: list[tuple[int, int]], *, hidden: int, mlp_dim: int
+) -> list[int]:
+    """Multiply-adds of each step of a pre-LN encoder that reduces between attention and MLP.
+
+    A full step is :func:`block_macs`; the extra runs of a duplicated layer (all but its last)
+    only project keys and reduce, so they cost ``N D^2``.
+    """
+    macs = []
+    for i, p in enumerate(plan):
+        if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
+            macs.append(p.tokens_in * hidden**2)
+        else:
+            macs.append(block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim))
+    return macs
 
 
 def mean_pool(tokens: Tokens, *, weighted: bool) -> jax.Array:

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
-from vtm_jax.models.vivit import CLASSIFIERS, Encoder, check_video_shape, mean_pool
+from vtm_jax.models.vivit import CLASSIFIERS, Encoder, check_video_shape, mean_pool, step_macs
 from vtm_jax.reduction import ReductionSettings, Tokens
-from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
+from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
 class FactorisedEncoderViViT(nn.Module):
@@ -128,32 +128,22 @@ class FactorisedEncoderViViT(nn.Module):
         """Multiply-adds: spatial blocks count once per frame; duplicate repeats a key projection."""
         t, h, w = self.patch_size
         frames = num_frames // t
-        steps = self.merging.layer_steps(self.spatial_num_layers)
+        spatial_steps = self.merging.layer_steps(self.spatial_num_layers)
+        temporal_steps = temporal_settings(self.merging).layer_steps(self.temporal_num_layers)
         plan = self.token_plan(num_frames, image_size)
-        layers = []
-        for i, p in enumerate(plan):
-            if i < len(steps):
-                repeat = i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]
-                macs = (
-                    p.tokens_in * self.hidden_size**2
-                    if repeat
-                    else block_macs(
-                        p.tokens_in,
-                        p.tokens_out,
-                        hidden=self.hidden_size,
-                        mlp_dim=self.spatial_mlp_dim,
-                    )
-                )
-                layers.append(frames * macs)
-            else:
-                layers.append(
-                    block_macs(
-                        p.tokens_in,
-                        p.tokens_out,
-                        hidden=self.hidden_size,
-                        mlp_dim=self.temporal_mlp_dim,
-                    )
-                )
+        spatial = step_macs(
+            plan[: len(spatial_steps)],
+            spatial_steps,
+            hidden=self.hidden_size,
+            mlp_dim=self.spatial_mlp_dim,
+        )
+        temporal = step_macs(
+            plan[len(spatial_steps) :],
+            temporal_steps,
+            hidden=self.hidden_size,
+            mlp_dim=self.temporal_mlp_dim,
+        )
+        layers = [frames * m for m in spatial] + temporal  # the spatial encoder runs per frame
         patches = frames * (image_size // h) * (image_size // w)
         embed = patches * t * h * w * 3 * self.hidden_size
         head_in = self.representation_size or self.hidden_size
