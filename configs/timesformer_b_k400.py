@@ -6,7 +6,8 @@ Each frame is merged independently (196 patches per frame).
 """
 
 import ml_collections
-from ml_collections import config_dict
+
+from vtm_jax.config import bench_config, token_merging_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -32,25 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset_configs.mean = (0.45, 0.45, 0.45)
     config.dataset_configs.std = (0.225, 0.225, 0.225)
 
-    config.token_merging = ml_collections.ConfigDict()
-    config.token_merging.mode = "merge"
-    config.token_merging.r = 18
-    config.token_merging.schedule = 0.0
-    config.token_merging.prop_attn = True
-    config.token_merging.head_aggregation = "mean"
-    config.token_merging.threshold = config_dict.placeholder(float)
-    config.token_merging.seed = 0
-    config.token_merging.trace_source = "none"
-    config.token_merging.duplicate = config_dict.placeholder(tuple)  # (layer, quantity)
-    config.token_merging.size_weighted_pool = False
-
-    config.bench = ml_collections.ConfigDict()
-    config.bench.batch_size = 1
-    config.bench.warmup = 1
-    config.bench.iterations = 3
-    config.bench.attention = "auto"
-    # Sweeps (each None: just the token_merging block); the r=0 baseline always runs first.
-    config.bench.modes = config_dict.placeholder(tuple)
-    config.bench.r_values = config_dict.placeholder(tuple)
-    config.bench.schedules = config_dict.placeholder(tuple)
+    config.token_merging = token_merging_config(mode="merge", r=18)  # r per frame (196 patches)
+    config.bench = bench_config()
     return config

@@ -9,6 +9,8 @@ Scenic's schema (``model.*``, ``dataset_configs.*``) plus a ``token_merging`` bl
 import ml_collections
 from ml_collections import config_dict
 
+from vtm_jax.config import bench_config, token_merging_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -34,25 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset_configs.crop_size = 224
     config.dataset_configs.zero_centering = True
 
-    config.token_merging = ml_collections.ConfigDict()
-    config.token_merging.mode = "merge"
-    config.token_merging.r = 300
-    config.token_merging.schedule = 0.0
-    config.token_merging.prop_attn = True
-    config.token_merging.head_aggregation = "mean"
-    config.token_merging.threshold = config_dict.placeholder(float)
-    config.token_merging.seed = 0
-    config.token_merging.trace_source = "none"
-    config.token_merging.duplicate = config_dict.placeholder(tuple)  # (layer, quantity)
-    config.token_merging.size_weighted_pool = False
-
-    config.bench = ml_collections.ConfigDict()
-    config.bench.batch_size = 1
-    config.bench.warmup = 1
-    config.bench.iterations = 3
-    config.bench.attention = "auto"
-    # Sweeps (each None: just the token_merging block); the r=0 baseline always runs first.
-    config.bench.modes = config_dict.placeholder(tuple)
-    config.bench.r_values = config_dict.placeholder(tuple)
-    config.bench.schedules = config_dict.placeholder(tuple)
+    config.token_merging = token_merging_config(mode="merge", r=300)
+    config.bench = bench_config()
     return config

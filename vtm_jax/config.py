@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from vtm_jax.errors import UserError
 
@@ -112,3 +113,36 @@ def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "model": {**common, **sizes},
         "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
     }
+
+
+def token_merging_config(**values: Any) -> ml_collections.ConfigDict:
+    """A ``token_merging`` block holding every ReductionSettings field.
+
+    Fields not given take the settings' defaults; optional ones (threshold, duplicate) are typed
+    placeholders, so ``--config.token_merging.threshold=0.4`` works from the command line.
+    """
+    import dataclasses
+
+    from vtm_jax.reduction import ReductionSettings
+
+    settings = ReductionSettings(**values).to_dict()  # validates the values
+    placeholders = {"threshold": float, "duplicate": tuple}
+    block = ml_collections.ConfigDict()
+    for field in dataclasses.fields(ReductionSettings):
+        value = settings[field.name]
+        if value is None and field.name in placeholders:
+            value = config_dict.placeholder(placeholders[field.name])
+        block[field.name] = value
+    return block
+
+
+def bench_config(**values: Any) -> ml_collections.ConfigDict:
+    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, and
+    sweeps over modes, r values and schedules (None: just the token_merging block)."""
+    block = ml_collections.ConfigDict(
+        {"batch_size": 1, "warmup": 1, "iterations": 3, "attention": "auto"}
+    )
+    for name in ("modes", "r_values", "schedules"):
+        block[name] = config_dict.placeholder(tuple)
+    block.update(values)
+    return block
