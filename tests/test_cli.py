@@ -185,6 +185,9 @@ def test_bench_tiny(tmp_path, capsys):
     _bad(["bench", "--config=configs/nonexistent.py"], capsys, "config")
     _bad([*args, "--config.bench.batch_size=0"], capsys, "batch_size >= 1")
     _bad([*args, "--config.model.num_heads=5"], capsys, "not divisible by 5 heads")
+    _bad([*args, "--config.token_merging.temporal_r=2"], capsys, "temporal_r applies only to")
+    groups = "--config.token_merging.motionformer_groups=per_frame"
+    _bad([*args, groups], capsys, "motionformer_groups applies only to motionformer, not vivit")
 
 
 def test_two_head_checkpoint_prints_each_head(converted, capsys, tmp_path):

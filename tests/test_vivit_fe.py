@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference.tome_oracle import parse_r
 from tests.reference.torch_vivit_fe import factorised_vivit_forward
 from vtm_jax.cli import main
-from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+from vtm_jax.models.vivit_fe import FactorisedEncoderViViT, temporal_rng
 from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 frames of 16 patches (+ CLS = 17 tokens each)
@@ -65,6 +66,7 @@ CASES = [
     dict(mode="random_merge", r=3),
     dict(mode="drop", r=3, temporal_r=1),
     dict(mode="random_drop", r=3),
+    dict(mode="random_merge", r=3, temporal_r=1),
     dict(mode="hybrid", r=3, threshold=0.8),
     dict(mode="merge", r=3, prop_attn=False),
 ]
@@ -78,15 +80,20 @@ def test_matches_torch_reference(small, case):
     merging = ReductionSettings(**case)
     got = np.asarray(model.clone(merging=merging).apply({"params": params}, jnp.asarray(video)))
 
-    def random_scores(step, shape):
-        return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, step), shape)))
+    def random_scores(step, shape, rng=None):
+        key = jax.random.fold_in(rng, step) if rng is not None else layer_key(merging, step)
+        return torch.from_numpy(np.array(jax.random.uniform(key, shape)))
+
+    temporal_key = temporal_rng(merging, None)
 
     with torch.no_grad():
         expected = factorised_vivit_forward(
             params,
             video,
-            merging.layer_r(model.spatial_num_layers),
-            [merging.temporal_r if merging.mode != "none" else 0] * model.temporal_num_layers,
+            # r lists from the oracle's parse_r, not from vtm_jax.
+            parse_r(model.spatial_num_layers, (case.get("r", 0), case.get("schedule", 0.0))),
+            [case.get("temporal_r", 0)] * model.temporal_num_layers,
+            temporal_random_scores=lambda step, shape: random_scores(step, shape, temporal_key),
             mode=merging.mode,
             prop_attn=merging.prop_attn,
             threshold=merging.threshold or 0.0,

@@ -86,6 +86,7 @@ def factorised_vivit_forward(
     video: np.ndarray,
     spatial_r: list[int],
     temporal_r: list[int],
+    temporal_random_scores: Callable[[int, tuple[int, int, int]], torch.Tensor] | None = None,
     **reduce_kwargs,
 ) -> torch.Tensor:
     """Logits of a token-classifier factorised-encoder ViViT; ``video`` is ``[B, T, H, W, 3]``."""
@@ -103,5 +104,8 @@ def factorised_vivit_forward(
     x = encoder(params["SpatialTransformer"], torch.cat([cls, x], 1), spatial_r, **reduce_kwargs)
     x = x[:, 0].reshape(b, slots, d)
     cls = _t(params["cls_TemporalTransformer"]).expand(b, 1, d)
-    x = encoder(params["TemporalTransformer"], torch.cat([cls, x], 1), temporal_r, **reduce_kwargs)
+    temporal_kwargs = {**reduce_kwargs, "random_scores": temporal_random_scores}
+    x = encoder(
+        params["TemporalTransformer"], torch.cat([cls, x], 1), temporal_r, **temporal_kwargs
+    )
     return _dense(x[:, 0], params["output_projection"], "bd,dc->bc")

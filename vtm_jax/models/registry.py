@@ -27,6 +27,23 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
+# Settings that only some backbones read; anywhere else they would be silently ignored.
+ONLY_FOR: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "temporal_r": (0, ("vivit_factorised_encoder",)),
+    "motionformer_groups": ("paper", ("motionformer",)),
+    "size_weighted_pool": (False, ("vivit", "vivit_factorised_encoder", "videomae")),
+}
+
+
+def check_settings_apply(architecture: str, merging: ReductionSettings) -> None:
+    """A UserError for a setting the architecture would ignore."""
+    for field, (default, architectures) in ONLY_FOR.items():
+        if getattr(merging, field) != default and architecture not in architectures:
+            raise UserError(
+                f"{field} applies only to {', '.join(architectures)}, not {architecture}"
+            )
+
+
 def build_model(
     record: dict[str, Any],
     merging: ReductionSettings | None = None,
@@ -36,11 +53,13 @@ def build_model(
     name = record["architecture"]
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    merging = merging or ReductionSettings()
+    check_settings_apply(name, merging)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()}
     try:
         return ARCHITECTURES[name](
             **kwargs,
-            merging=merging or ReductionSettings(),
+            merging=merging,
             attention_fn=attention_fn or get_attention("auto"),
         )
     except TypeError as e:

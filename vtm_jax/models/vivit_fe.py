@@ -94,12 +94,11 @@ class FactorisedEncoderViViT(nn.Module):
         if spatial.source is not None:
             self.sow("intermediates", "source", spatial.source)
         per_frame = self._pool(spatial).reshape(b, t, self.hidden_size)
-        base = jax.random.PRNGKey(self.merging.seed) if merge_rng is None else merge_rng
         temporal = self._encode(
             per_frame,
             "TemporalTransformer",
             temporal_settings(self.merging),
-            jax.random.fold_in(base, 1),
+            temporal_rng(self.merging, merge_rng),
         )
         x = self._pool(temporal)
         if self.representation_size is not None:
@@ -154,6 +153,13 @@ class FactorisedEncoderViViT(nn.Module):
             "head": head,
             "total": embed + sum(layers) + head,
         }
+
+
+def temporal_rng(merging: ReductionSettings, merge_rng: jax.Array | None) -> jax.Array:
+    """The temporal encoder's base key: split off the spatial one, so no key is used twice
+    (the spatial encoder's step keys are ``fold_in(base, step)``)."""
+    base = jax.random.PRNGKey(merging.seed) if merge_rng is None else merge_rng
+    return jax.random.split(base)[1]
 
 
 def temporal_settings(merging: ReductionSettings) -> ReductionSettings:
