@@ -15,6 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from vtm_jax.convert.common import (
+    GELU_APPROXIMATE,
+    as_float32,
+    hf_labels,
+)
 from vtm_jax.convert.hf_vivit import read_state_dict
 from vtm_jax.convert.scenic import format_keys, unflatten_params
 from vtm_jax.errors import UserError
@@ -36,7 +41,6 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 
 # hidden_act -> gelu_approximate ("gelu" is the exact erf form both TimeSformers use).
-_GELU_APPROXIMATE = {"gelu": False, "gelu_fast": True, "gelu_new": True, "gelu_pytorch_tanh": True}
 
 # The paper's TimeSformer test pipeline (method.md §3.8; slowfast defaults): 8 frames, short
 # side resized to the first jitter scale 256, centre crop 224, mean 0.45 / std 0.225. Frame
@@ -174,10 +178,10 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
             "'divided_space_time' TimeSformers are supported"
         )
     hidden_act = get("hidden_act")
-    if hidden_act not in _GELU_APPROXIMATE:
+    if hidden_act not in GELU_APPROXIMATE:
         raise UserError(
             f"config.json hidden_act={hidden_act!r} is not supported; "
-            f"expected one of {', '.join(sorted(_GELU_APPROXIMATE))}"
+            f"expected one of {', '.join(sorted(GELU_APPROXIMATE))}"
         )
     if get("qkv_bias") is not True:
         raise UserError("config.json has qkv_bias=false; only TimeSformers with q/k/v biases load")
@@ -209,7 +213,7 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         "num_layers": int(get("num_hidden_layers")),
         "patch_size": patch,
         "layer_norm_eps": float(get("layer_norm_eps")),
-        "gelu_approximate": _GELU_APPROXIMATE[hidden_act],
+        "gelu_approximate": GELU_APPROXIMATE[hidden_act],
         "num_frames": int(get("num_frames")),
         "image_size": image[0],
     }
@@ -250,7 +254,7 @@ def convert_timesformer(
         parts += [f"missing {format_keys(missing)}"] if missing else []
         raise UserError(f"HF TimeSformer checkpoint keys do not match: {'; '.join(parts)}")
 
-    arrays = {k: _as_float32(v) for k, v in state_dict.items()}
+    arrays = {k: as_float32(v) for k, v in state_dict.items()}
     mis_shaped = [
         f"{k} {arrays[k].shape} (expected {entry.shape})"
         for k, entry in table.items()
@@ -270,25 +274,6 @@ def convert_timesformer(
     model_config["patch_size"] = list(model_config["patch_size"])
     input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
     return unflatten_params(flat), model_config, input_config
-
-
-def _as_float32(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor, e.g. from model.state_dict()
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
-def _labels(hf_config: Mapping[str, Any], num_classes: int) -> list[str] | None:
-    id2label = hf_config.get("id2label")
-    if not id2label:
-        return None
-    try:
-        by_index = {int(k): str(v) for k, v in id2label.items()}
-    except (ValueError, AttributeError) as error:
-        raise UserError(f"config.json id2label is not an index -> name map: {error}") from error
-    if sorted(by_index) != list(range(num_classes)):
-        raise UserError(f"config.json id2label does not index classes 0..{num_classes - 1}")
-    return [by_index[i] for i in range(num_classes)]
 
 
 def _per_channel(value: Any, name: str, path: Path) -> list[float]:
@@ -383,7 +368,7 @@ def load_hf_timesformer(directory: str | Path) -> dict[str, Any]:
         "params": params,
         "model": model_config,
         "input": input_config,
-        "labels": _labels(hf_config, num_classes),
+        "labels": hf_labels(hf_config, num_classes),
         "preprocessing": read_preprocessing(directory, input_config, num_classes),
         "class_splits": None,
     }

@@ -15,7 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from vtm_jax.convert.hf_vivit import _as_array, _labels, read_state_dict
+from vtm_jax.convert.common import (
+    CONV,
+    IDENTITY,
+    LINEAR,
+    OUT_KERNEL,
+    QKV_BIAS,
+    QKV_KERNEL,
+    as_float32,
+    hf_labels,
+    to_flax,
+    torch_shape,
+)
+from vtm_jax.convert.hf_vivit import read_state_dict
 from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
 from vtm_jax.errors import UserError
 
@@ -51,39 +63,31 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 # defaults to True, so converted records carry this.
 PAPER_TOKEN_MERGING: dict[str, Any] = {"mode": "none", "prop_attn": False}
 
-_IDENTITY, _LINEAR, _QKV_KERNEL, _QKV_BIAS, _OUT_KERNEL, _CONV = (
-    "identity",
-    "linear",
-    "qkv_kernel",
-    "qkv_bias",
-    "out_kernel",
-    "conv",
-)
 
 _ATTN = "MultiHeadDotProductAttention_0"
 _LAYER_PREFIX = "videomae.encoder.layer."
 _COMMON_KEYS = {
-    "videomae.embeddings.patch_embeddings.projection.weight": ("embedding/kernel", _CONV),
-    "videomae.embeddings.patch_embeddings.projection.bias": ("embedding/bias", _IDENTITY),
-    "fc_norm.weight": ("fc_norm/scale", _IDENTITY),
-    "fc_norm.bias": ("fc_norm/bias", _IDENTITY),
-    "classifier.weight": ("output_projection/kernel", _LINEAR),
-    "classifier.bias": ("output_projection/bias", _IDENTITY),
+    "videomae.embeddings.patch_embeddings.projection.weight": ("embedding/kernel", CONV),
+    "videomae.embeddings.patch_embeddings.projection.bias": ("embedding/bias", IDENTITY),
+    "fc_norm.weight": ("fc_norm/scale", IDENTITY),
+    "fc_norm.bias": ("fc_norm/bias", IDENTITY),
+    "classifier.weight": ("output_projection/kernel", LINEAR),
+    "classifier.bias": ("output_projection/bias", IDENTITY),
 }
 _LAYER_KEYS = {
-    "layernorm_before.weight": ("LayerNorm_0/scale", _IDENTITY),
-    "layernorm_before.bias": ("LayerNorm_0/bias", _IDENTITY),
-    "attention.attention.query.weight": (f"{_ATTN}/query/kernel", _QKV_KERNEL),
-    "attention.attention.key.weight": (f"{_ATTN}/key/kernel", _QKV_KERNEL),
-    "attention.attention.value.weight": (f"{_ATTN}/value/kernel", _QKV_KERNEL),
-    "attention.output.dense.weight": (f"{_ATTN}/out/kernel", _OUT_KERNEL),
-    "attention.output.dense.bias": (f"{_ATTN}/out/bias", _IDENTITY),
-    "layernorm_after.weight": ("LayerNorm_1/scale", _IDENTITY),
-    "layernorm_after.bias": ("LayerNorm_1/bias", _IDENTITY),
-    "intermediate.dense.weight": ("MlpBlock_0/Dense_0/kernel", _LINEAR),
-    "intermediate.dense.bias": ("MlpBlock_0/Dense_0/bias", _IDENTITY),
-    "output.dense.weight": ("MlpBlock_0/Dense_1/kernel", _LINEAR),
-    "output.dense.bias": ("MlpBlock_0/Dense_1/bias", _IDENTITY),
+    "layernorm_before.weight": ("LayerNorm_0/scale", IDENTITY),
+    "layernorm_before.bias": ("LayerNorm_0/bias", IDENTITY),
+    "attention.attention.query.weight": (f"{_ATTN}/query/kernel", QKV_KERNEL),
+    "attention.attention.key.weight": (f"{_ATTN}/key/kernel", QKV_KERNEL),
+    "attention.attention.value.weight": (f"{_ATTN}/value/kernel", QKV_KERNEL),
+    "attention.output.dense.weight": (f"{_ATTN}/out/kernel", OUT_KERNEL),
+    "attention.output.dense.bias": (f"{_ATTN}/out/bias", IDENTITY),
+    "layernorm_after.weight": ("LayerNorm_1/scale", IDENTITY),
+    "layernorm_after.bias": ("LayerNorm_1/bias", IDENTITY),
+    "intermediate.dense.weight": ("MlpBlock_0/Dense_0/kernel", LINEAR),
+    "intermediate.dense.bias": ("MlpBlock_0/Dense_0/bias", IDENTITY),
+    "output.dense.weight": ("MlpBlock_0/Dense_1/kernel", LINEAR),
+    "output.dense.bias": ("MlpBlock_0/Dense_1/bias", IDENTITY),
 }
 # naming -> (query bias key, value bias key), relative to a layer
 _BIAS_NAMINGS = {
@@ -124,34 +128,6 @@ def videomae_param_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[in
     shapes["output_projection/kernel"] = (d_model, model_config["num_classes"])
     shapes["output_projection/bias"] = (model_config["num_classes"],)
     return shapes
-
-
-def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == _LINEAR:
-        return shape[::-1]
-    if kind == _QKV_KERNEL:
-        return (shape[1] * shape[2], shape[0])
-    if kind == _QKV_BIAS:
-        return (shape[0] * shape[1],)
-    if kind == _OUT_KERNEL:
-        return (shape[2], shape[0] * shape[1])
-    if kind == _CONV:
-        t, h, w, cin, cout = shape
-        return (cout, cin, t, h, w)
-    return shape
-
-
-def _to_flax(kind: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    source = array
-    if kind in (_LINEAR, _QKV_KERNEL, _OUT_KERNEL):
-        array = array.T.reshape(shape)
-    elif kind == _QKV_BIAS:
-        array = array.reshape(shape)
-    elif kind == _CONV:
-        array = array.transpose(2, 3, 4, 1, 0)  # (out, in, t, h, w) -> (t, h, w, in, out)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    # Arrays from a live torch state dict share its memory: never hand those out.
-    return array.copy() if np.may_share_memory(array, source) else array
 
 
 def _pair(value: Any, name: str) -> int:
@@ -255,8 +231,8 @@ def convert_videomae(
     layer_keys = dict(_LAYER_KEYS)
     if qv_bias:
         q_bias, v_bias = _BIAS_NAMINGS[_bias_naming(keys)]
-        layer_keys[q_bias] = (f"{_ATTN}/query/bias", _QKV_BIAS)
-        layer_keys[v_bias] = (f"{_ATTN}/value/bias", _QKV_BIAS)
+        layer_keys[q_bias] = (f"{_ATTN}/query/bias", QKV_BIAS)
+        layer_keys[v_bias] = (f"{_ATTN}/value/bias", QKV_BIAS)
     table = dict(_COMMON_KEYS)
     for i in range(settings["num_layers"]):
         for suffix, (path, kind) in layer_keys.items():
@@ -269,7 +245,7 @@ def convert_videomae(
         parts += [f"missing {format_keys(missing)}"] if missing else []
         raise UserError(f"HF VideoMAE checkpoint keys do not match: {'; '.join(parts)}")
 
-    arrays = {k: _as_array(v) for k, v in state_dict.items()}
+    arrays = {k: as_float32(v) for k, v in state_dict.items()}
     if settings["num_classes"] is None:
         settings["num_classes"] = int(arrays["classifier.weight"].shape[0])
     model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
@@ -282,7 +258,7 @@ def convert_videomae(
         )
     shapes = videomae_param_shapes(model_config)
 
-    expected_hf = {k: _hf_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
+    expected_hf = {k: torch_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
     mis_shaped = [
         f"{k} {arrays[k].shape} (expected {expected_hf[k]})"
         for k in table
@@ -296,7 +272,7 @@ def convert_videomae(
     for path, shape in shapes.items():  # the model's order
         if path in by_path:
             key, kind = by_path[path]
-            flat[path] = _to_flax(kind, arrays[key], shape)
+            flat[path] = to_flax(kind, arrays[key], shape)
         else:  # q/v biases of a qv_bias=false model
             flat[path] = np.zeros(shape, np.float32)
     return unflatten_params(flat), model_config, input_config
@@ -339,7 +315,7 @@ def load_hf_videomae(directory: str | Path) -> dict[str, Any]:
         "params": params,
         "model": model_config,
         "input": input_config,
-        "labels": _labels(hf_config, model_config["num_classes"]),
+        "labels": hf_labels(hf_config, model_config["num_classes"]),
         "preprocessing": paper_preprocessing(input_config),
         "class_splits": None,
         "token_merging": dict(PAPER_TOKEN_MERGING),

@@ -14,6 +14,22 @@ from typing import Any
 
 import numpy as np
 
+from vtm_jax.convert.common import (
+    CONV,
+    CONVERT_EXTRA,
+    GELU_APPROXIMATE,
+    IDENTITY,
+    LINEAR,
+    OUT_KERNEL,
+    QKV_BIAS,
+    QKV_KERNEL,
+    as_float32,
+    hf_labels,
+    import_torch,
+    to_flax,
+    torch_shape,
+    torch_to_numpy,
+)
 from vtm_jax.convert.scenic import (
     Params,
     format_keys,
@@ -22,8 +38,6 @@ from vtm_jax.convert.scenic import (
     vivit_param_shapes,
 )
 from vtm_jax.errors import UserError
-
-CONVERT_EXTRA = "pip install 'vtm-jax[convert]'"
 
 # VivitConfig's defaults: save_pretrained may leave out keys whose value equals them.
 _HF_DEFAULTS: dict[str, Any] = {
@@ -40,9 +54,6 @@ _HF_DEFAULTS: dict[str, Any] = {
     "qkv_bias": True,
 }
 
-# hidden_act -> gelu_approximate. gelu_fast, gelu_new and gelu_pytorch_tanh are all the tanh
-# approximation; "gelu" is the exact erf form.
-_GELU_APPROXIMATE = {"gelu_fast": True, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
 
 # Scenic's ViViT input pipeline: 32 frames at stride 2, shortest side 256, centre crop 224,
 # pixels zero-centred to [-1, 1].
@@ -50,46 +61,37 @@ DEFAULT_STRIDE = 2
 DEFAULT_MEAN = [0.5, 0.5, 0.5]
 DEFAULT_STD = [0.5, 0.5, 0.5]
 
-# How an HF tensor becomes a Scenic leaf. The HF shape follows from the Scenic shape.
-_IDENTITY, _LINEAR, _QKV_KERNEL, _QKV_BIAS, _OUT_KERNEL, _CONV = (
-    "identity",
-    "linear",
-    "qkv_kernel",
-    "qkv_bias",
-    "out_kernel",
-    "conv",
-)
 
 _ATTN = "MultiHeadDotProductAttention_0"
 _COMMON_KEYS = {
-    "vivit.embeddings.cls_token": ("cls", _IDENTITY),
-    "vivit.embeddings.position_embeddings": ("Transformer/posembed_input/pos_embedding", _IDENTITY),
-    "vivit.embeddings.patch_embeddings.projection.weight": ("embedding/kernel", _CONV),
-    "vivit.embeddings.patch_embeddings.projection.bias": ("embedding/bias", _IDENTITY),
-    "vivit.layernorm.weight": ("Transformer/encoder_norm/scale", _IDENTITY),
-    "vivit.layernorm.bias": ("Transformer/encoder_norm/bias", _IDENTITY),
-    "classifier.weight": ("output_projection/kernel", _LINEAR),
-    "classifier.bias": ("output_projection/bias", _IDENTITY),
+    "vivit.embeddings.cls_token": ("cls", IDENTITY),
+    "vivit.embeddings.position_embeddings": ("Transformer/posembed_input/pos_embedding", IDENTITY),
+    "vivit.embeddings.patch_embeddings.projection.weight": ("embedding/kernel", CONV),
+    "vivit.embeddings.patch_embeddings.projection.bias": ("embedding/bias", IDENTITY),
+    "vivit.layernorm.weight": ("Transformer/encoder_norm/scale", IDENTITY),
+    "vivit.layernorm.bias": ("Transformer/encoder_norm/bias", IDENTITY),
+    "classifier.weight": ("output_projection/kernel", LINEAR),
+    "classifier.bias": ("output_projection/bias", IDENTITY),
 }
 _LAYER_NORMS = {
-    "layernorm_before.weight": ("LayerNorm_0/scale", _IDENTITY),
-    "layernorm_before.bias": ("LayerNorm_0/bias", _IDENTITY),
-    "layernorm_after.weight": ("LayerNorm_1/scale", _IDENTITY),
-    "layernorm_after.bias": ("LayerNorm_1/bias", _IDENTITY),
+    "layernorm_before.weight": ("LayerNorm_0/scale", IDENTITY),
+    "layernorm_before.bias": ("LayerNorm_0/bias", IDENTITY),
+    "layernorm_after.weight": ("LayerNorm_1/scale", IDENTITY),
+    "layernorm_after.bias": ("LayerNorm_1/bias", IDENTITY),
 }
 
 
 def _layer_keys(q: str, k: str, v: str, o: str, fc1: str, fc2: str) -> dict[str, tuple[str, str]]:
     keys = dict(_LAYER_NORMS)
     for hf, scenic in ((q, "query"), (k, "key"), (v, "value")):
-        keys[f"{hf}.weight"] = (f"{_ATTN}/{scenic}/kernel", _QKV_KERNEL)
-        keys[f"{hf}.bias"] = (f"{_ATTN}/{scenic}/bias", _QKV_BIAS)
-    keys[f"{o}.weight"] = (f"{_ATTN}/out/kernel", _OUT_KERNEL)
-    keys[f"{o}.bias"] = (f"{_ATTN}/out/bias", _IDENTITY)
-    keys[f"{fc1}.weight"] = ("MlpBlock_0/Dense_0/kernel", _LINEAR)
-    keys[f"{fc1}.bias"] = ("MlpBlock_0/Dense_0/bias", _IDENTITY)
-    keys[f"{fc2}.weight"] = ("MlpBlock_0/Dense_1/kernel", _LINEAR)
-    keys[f"{fc2}.bias"] = ("MlpBlock_0/Dense_1/bias", _IDENTITY)
+        keys[f"{hf}.weight"] = (f"{_ATTN}/{scenic}/kernel", QKV_KERNEL)
+        keys[f"{hf}.bias"] = (f"{_ATTN}/{scenic}/bias", QKV_BIAS)
+    keys[f"{o}.weight"] = (f"{_ATTN}/out/kernel", OUT_KERNEL)
+    keys[f"{o}.bias"] = (f"{_ATTN}/out/bias", IDENTITY)
+    keys[f"{fc1}.weight"] = ("MlpBlock_0/Dense_0/kernel", LINEAR)
+    keys[f"{fc1}.bias"] = ("MlpBlock_0/Dense_0/bias", IDENTITY)
+    keys[f"{fc2}.weight"] = ("MlpBlock_0/Dense_1/kernel", LINEAR)
+    keys[f"{fc2}.bias"] = ("MlpBlock_0/Dense_1/bias", IDENTITY)
     return keys
 
 
@@ -120,60 +122,8 @@ _NAMINGS = {
 }
 
 
-def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == _LINEAR:
-        return shape[::-1]
-    if kind == _QKV_KERNEL:
-        return (shape[1] * shape[2], shape[0])
-    if kind == _QKV_BIAS:
-        return (shape[0] * shape[1],)
-    if kind == _OUT_KERNEL:
-        return (shape[2], shape[0] * shape[1])
-    if kind == _CONV:
-        t, h, w, cin, cout = shape
-        return (cout, cin, t, h, w)
-    return shape
-
-
-def _to_scenic(kind: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    source = array
-    if kind in (_LINEAR, _QKV_KERNEL, _OUT_KERNEL):
-        array = array.T.reshape(shape)
-    elif kind == _QKV_BIAS:
-        array = array.reshape(shape)
-    elif kind == _CONV:
-        array = array.transpose(2, 3, 4, 1, 0)  # (out, in, t, h, w) -> (t, h, w, in, out)
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    # Arrays from a live torch state dict share its memory: never hand those out.
-    return array.copy() if np.may_share_memory(array, source) else array
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading weights
-
-
-def _import_torch(what: str) -> Any:
-    try:
-        import torch
-    except ImportError as error:
-        raise UserError(f"{what} needs PyTorch: {CONVERT_EXTRA}") from error
-    return torch
-
-
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.is_floating_point():
-        tensor = tensor.float()
-    return tensor.numpy()
-
-
-def _as_array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor, e.g. from model.state_dict()
-        return _torch_to_numpy(value)
-    array = np.asarray(value)
-    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
-        array = array.astype(np.float32, copy=False)
-    return array
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -184,19 +134,19 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path} needs safetensors: {CONVERT_EXTRA}") from error
 
     try:
-        return {k: _as_array(v) for k, v in load_file(path).items()}
+        return {k: as_float32(v) for k, v in load_file(path).items()}
     except TypeError:
         # numpy has no bfloat16: read such files through torch.
-        _import_torch(f"{path} (bfloat16)")
+        import_torch(f"{path} (bfloat16)")
         from safetensors.torch import load_file as load_torch_file
 
-        return {k: _torch_to_numpy(v) for k, v in load_torch_file(path).items()}
+        return {k: torch_to_numpy(v) for k, v in load_torch_file(path).items()}
     except (SafetensorError, OSError) as error:
         raise UserError(f"cannot read {path}: {error}") from error
 
 
 def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    torch = _import_torch(str(path))
+    torch = import_torch(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
@@ -206,7 +156,7 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise UserError(f"{path} is not a flat state dict: non-tensor {format_keys(not_tensors)}")
-    return {k: _torch_to_numpy(v) for k, v in state.items()}
+    return {k: torch_to_numpy(v) for k, v in state.items()}
 
 
 def _shard_files(index_path: Path) -> list[Path]:
@@ -268,10 +218,10 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         return hf_config.get(key, _HF_DEFAULTS[key])
 
     hidden_act = get("hidden_act")
-    if hidden_act not in _GELU_APPROXIMATE:
+    if hidden_act not in GELU_APPROXIMATE:
         raise UserError(
             f"config.json hidden_act={hidden_act!r} is not supported; "
-            f"expected one of {', '.join(sorted(_GELU_APPROXIMATE))}"
+            f"expected one of {', '.join(sorted(GELU_APPROXIMATE))}"
         )
     if get("qkv_bias") is not True:
         raise UserError("config.json has qkv_bias=false; only ViViT with q/k/v biases is supported")
@@ -307,7 +257,7 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         "classifier": "token",
         "representation_size": None,
         "layer_norm_eps": float(get("layer_norm_eps")),
-        "gelu_approximate": _GELU_APPROXIMATE[hidden_act],
+        "gelu_approximate": GELU_APPROXIMATE[hidden_act],
         "num_frames": int(get("num_frames")),
         "image_size": int(image_size),
     }
@@ -374,8 +324,8 @@ def convert_vivit(
     )
     shapes = vivit_param_shapes(model_config, n_tokens)
 
-    arrays = {k: _as_array(v) for k, v in state_dict.items()}
-    expected_hf = {k: _hf_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
+    arrays = {k: as_float32(v) for k, v in state_dict.items()}
+    expected_hf = {k: torch_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
     mis_shaped = [
         f"{k} {arrays[k].shape} (expected {expected_hf[k]})"
         for k in table
@@ -388,25 +338,12 @@ def convert_vivit(
     flat = {}
     for path, shape in shapes.items():  # Scenic's order
         key, kind = by_path[path]
-        flat[path] = _to_scenic(kind, arrays[key], shape)
+        flat[path] = to_flax(kind, arrays[key], shape)
     return unflatten_params(flat), model_config, input_config
 
 
 # ---------------------------------------------------------------------------------------------
 # Labels and preprocessing
-
-
-def _labels(hf_config: Mapping[str, Any], num_classes: int) -> list[str] | None:
-    id2label = hf_config.get("id2label")
-    if not id2label:
-        return None
-    try:
-        by_index = {int(k): str(v) for k, v in id2label.items()}
-    except (ValueError, AttributeError) as error:
-        raise UserError(f"config.json id2label is not an index -> name map: {error}") from error
-    if sorted(by_index) != list(range(num_classes)):
-        raise UserError(f"config.json id2label does not index classes 0..{num_classes - 1}")
-    return [by_index[i] for i in range(num_classes)]
 
 
 def _per_channel(value: Any, name: str) -> list[float]:
@@ -507,6 +444,6 @@ def load_hf_vivit(directory: str | Path) -> dict[str, Any]:
         "params": params,
         "model": model_config,
         "input": input_config,
-        "labels": _labels(hf_config, model_config["num_classes"]),
+        "labels": hf_labels(hf_config, model_config["num_classes"]),
         "preprocessing": read_preprocessing(directory, input_config),
     }

@@ -52,10 +52,11 @@ from typing import Any
 
 import numpy as np
 
+from vtm_jax.convert.common import (
+    import_torch,
+)
 from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
 from vtm_jax.errors import UserError
-
-CONVERT_EXTRA = "pip install 'vtm-jax[convert]'"
 
 # The paper's Motionformer test pipeline (method.md §3.8): 16 frames at stride 4, pixels
 # zero-centred to [-1, 1], short side 256 (TRAIN_JITTER_SCALES[0]: slowfast's single-crop
@@ -78,20 +79,12 @@ _HEAD = re.compile(r"head(\d*)\.(weight|bias)")
 # Reading
 
 
-def _import_torch(what: str) -> Any:
-    try:
-        import torch
-    except ImportError as error:
-        raise UserError(f"{what} needs PyTorch: {CONVERT_EXTRA}") from error
-    return torch
-
-
 def read_motionformer_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], str | None]:
     """The state dict (float32 numpy arrays, ``module.`` stripped) and the ``cfg`` YAML text."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
-    torch = _import_torch(str(path))
+    torch = import_torch(str(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... for bad files
@@ -214,7 +207,7 @@ def _expected_shapes(
 
 def _interpolate_pos(pos: np.ndarray, grid: int) -> np.ndarray:
     """The original's forward-time resize: bicubic, ``scale_factor = new / old`` side."""
-    torch = _import_torch("resizing pos_embed")
+    torch = import_torch("resizing pos_embed")
     old = round(math.sqrt(pos.shape[1] - 1))
     table = torch.from_numpy(pos[0, 1:]).reshape(1, old, old, -1).permute(0, 3, 1, 2)
     table = torch.nn.functional.interpolate(
