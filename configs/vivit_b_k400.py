@@ -1,41 +1,15 @@
-r"""ViViT-B/16x2 spatio-temporal on Kinetics-400, with the paper's r=300 merging.
+r"""ViViT-B/16x2 (joint space-time, 32x224x224) on Kinetics-400: the paper's protocol at its r, mode merge.
 
-Scenic's schema (``model.*``, ``dataset_configs.*``) plus a ``token_merging`` block.
-
+  vtm-jax eval --config=configs/vivit_b_k400.py --config.checkpoint=CKPT \
+      --config.dataset_configs.data_dir=DATA --config.dataset_configs.manual_dir=FILES
   vtm-jax bench --config=configs/vivit_b_k400.py
-  vtm-jax bench --config=configs/vivit_b_k400.py --config.token_merging.mode=drop
+
+Every experiment family of the paper is an override, e.g. --config.token_merging.mode=drop,
+--config.token_merging.schedule=-1 or --config.token_merging.duplicate="(11, 12)".
 """
 
-import ml_collections
-from ml_collections import config_dict
-
-from vtm_jax.config import bench_config, token_merging_config
+from vtm_jax.paper import get_paper_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.experiment_name = "vivit_b_k400_tome"
-    config.model_name = "vivit_classification"
-
-    config.model = ml_collections.ConfigDict()
-    config.model.attention_config = ml_collections.ConfigDict({"type": "spacetime"})
-    config.model.hidden_size = 768
-    config.model.num_heads = 12
-    config.model.mlp_dim = 3072
-    config.model.num_layers = 12
-    config.model.patches = ml_collections.ConfigDict({"size": (16, 16, 2)})  # (h, w, t)
-    config.model.classifier = "token"
-    config.model.representation_size = config_dict.placeholder(int)
-    config.model.temporal_encoding_config = ml_collections.ConfigDict({"method": "3d_conv"})
-
-    config.dataset_configs = ml_collections.ConfigDict()
-    config.dataset_configs.num_classes = 400
-    config.dataset_configs.num_frames = 32
-    config.dataset_configs.stride = 2
-    config.dataset_configs.min_resize = 256
-    config.dataset_configs.crop_size = 224
-    config.dataset_configs.zero_centering = True
-
-    config.token_merging = token_merging_config(mode="merge", r=300)
-    config.bench = bench_config()
-    return config
+def get_config():
+    return get_paper_config("vivit", "k400")

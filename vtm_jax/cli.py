@@ -1,4 +1,4 @@
-"""The ``vtm-jax`` command: convert, predict, bench.
+"""The ``vtm-jax`` command: convert, predict, eval, bench.
 
 Bad input ends with one line ``vtm-jax: error: ...`` and exit status 2, never a traceback.
 """
@@ -162,6 +162,70 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         print(f"\nresults written to {stem}.json, {stem}.md and {stem}.png")
 
 
+def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    _init_distributed(args)
+    import jax
+
+    from vtm_jax.config import load_config
+    from vtm_jax.data.sources import open_split
+    from vtm_jax.evaluate import PREPROCESSING_KEYS, evaluate, format_results
+    from vtm_jax.reduction import ReductionSettings
+
+    config = load_config(config_args)
+    data = config.get("dataset_configs", {})
+    options = config.get("eval", {})
+    for field in ("checkpoint", "dataset_name"):
+        if not config.get(field):
+            raise UserError(f"eval needs config.{field}")
+    if not data.get("data_dir"):
+        raise UserError("eval needs config.dataset_configs.data_dir")
+    devices = jax.device_count()
+    global_batch = data.get("test_batch_size") or devices
+    if global_batch % devices:
+        raise UserError(
+            f"dataset_configs.test_batch_size {global_batch} is not a multiple of the "
+            f"{devices} devices"
+        )
+    split = data.get("split", "test")
+    open_args = dict(
+        data_dir=data.data_dir,
+        manual_dir=data.get("manual_dir"),
+        config=(data.get("builder_options") or {}) or None,
+    )
+    if jax.process_count() > 1:  # one process builds; the others read what it wrote
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            open_split(config.dataset_name, split, **open_args)
+        multihost_utils.sync_global_devices("vtm-jax eval: dataset built")
+        source = open_split(config.dataset_name, split, build=False, **open_args)
+    else:
+        source = open_split(config.dataset_name, split, **open_args)
+    merging = config.get("token_merging")
+    results = evaluate(
+        config.checkpoint,
+        source,
+        merging=None if merging is None else ReductionSettings.from_dict(merging),
+        preprocessing={k: data[k] for k in PREPROCESSING_KEYS if data.get(k) is not None},
+        batch_size=global_batch // devices,
+        num_clips=data.get("num_test_clips", 1),
+        three_crops=data.get("do_three_spatial_crops", False),
+        results_path=config.get("results_path"),
+        attention=options.get("attention", "auto"),
+        limit=options.get("limit"),
+        overwrite=options.get("overwrite", False),
+        dataset=f"{config.dataset_name}/{source.split}",
+        softmax_views=config.get("multicrop_softmax_logits", False),
+        confusion_matrix=options.get("confusion_matrix", False),
+        predictions=options.get("predictions", False),
+        workers=options.get("workers"),
+    )
+    if jax.process_index() == 0:
+        print(format_results(results))
+        if config.get("results_path"):
+            print(f"\nresults written to {config.results_path}")
+
+
 def _check_output_dir(path: str | None) -> None:
     """Fail before a long run, not after it, when a result file cannot be written."""
     parent = os.path.dirname(os.path.abspath(path)) if path else None
@@ -207,12 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
     bench.add_argument("--output", help="results: OUT.json, plus OUT.md (table) and OUT.png (plot)")
-    bench.add_argument("--distributed", action="store_true", help="jax.distributed, auto-detected")
-    bench.add_argument(
-        "--coordinator", help="HOST:PORT of process 0, for an explicit multi-host run"
+    evaluate = sub.add_parser(
+        "eval",
+        help="accuracy of a checkpoint on a dataset, on every device",
+        description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
-    bench.add_argument("--num-processes", type=int)
-    bench.add_argument("--process-id", type=int)
+    for multi_host in (bench, evaluate):
+        multi_host.add_argument(
+            "--distributed", action="store_true", help="jax.distributed, auto-detected"
+        )
+        multi_host.add_argument(
+            "--coordinator", help="HOST:PORT of process 0 (explicit multi-host)"
+        )
+        multi_host.add_argument("--num-processes", type=int)
+        multi_host.add_argument("--process-id", type=int)
     return parser
 
 
@@ -224,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--config" in config_args:
         parser.error("write --config=FILE (with '=')")
     args = parser.parse_args([a for a in argv if a not in config_args])
-    if config_args and args.command != "bench":
+    if config_args and args.command not in ("bench", "eval"):
         parser.error(f"{args.command} takes no --config")
     try:
         _check_output_dir(args.save_logits if args.command == "predict" else None)
@@ -233,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _convert(args)
         elif args.command == "predict":
             _predict(args)
+        elif args.command == "eval":
+            _eval(args, config_args)
         else:
             _bench(args, config_args)
     except UserError as e:

@@ -1,0 +1,118 @@
+"""`vtm-jax eval` from a config: the synthetic dataset end to end, then a resumed rerun."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.cli import main
+from vtm_jax.models.vivit import ViViT
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_eval_synthetic_from_config(tmp_path, capsys):
+    kwargs = dict(
+        num_classes=8, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8)
+    )
+    video = np.zeros((1, 16, 32, 32, 3), np.float32)
+    params = ViViT(**kwargs).init(jax.random.PRNGKey(0), video)["params"]
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params
+    )
+    record = {
+        "architecture": "vivit",
+        "model": {**kwargs, "patch_size": [2, 8, 8]},
+        "input": {"num_frames": 16, "image_size": 32},
+        "preprocessing": {
+            "num_frames": 16,
+            "stride": 1,
+            "min_resize": 32,
+            "crop_size": 32,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        },
+        "labels": None,
+        "token_merging": {"mode": "none"},
+    }
+    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
+    results = tmp_path / "results.json"
+    args = [
+        "eval",
+        f"--config={REPO}/configs/vivit_synthetic.py",
+        f"--config.checkpoint={tmp_path / 'ckpt'}",
+        f"--config.dataset_configs.data_dir={tmp_path / 'data'}",
+        "--config.dataset_configs.builder_options.test_examples=16",
+        "--config.dataset_configs.builder_options.train_examples=8",
+        f"--config.results_path={results}",
+        "--config.token_merging.r=4",
+    ]
+    assert main(args) == 0
+    first = json.loads(results.read_text())
+    out = capsys.readouterr().out
+    assert "top1" in out and "results written to" in out
+    assert first["complete"] and len(first["video_ids"]) == 16
+    assert set(first["metrics"]) == {"top1", "top5"} and 0 <= first["metrics"]["top1"] <= 1
+    # A rerun of the same run resumes from the file and gives the same numbers.
+    assert main(args) == 0
+    again = json.loads(results.read_text())
+    assert again["metrics"] == first["metrics"]
+    # Another setting on the same results file is refused with one line.
+    assert main([*args[:-1], "--config.token_merging.r=2"]) == 2
+    assert "choose another" in capsys.readouterr().err
+
+
+def test_paper_table_script(tmp_path):
+    """scripts/paper_table.py on the synthetic data: one row per mode, numbers from the runs."""
+    import subprocess
+    import sys
+
+    kwargs = dict(
+        num_classes=8, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8)
+    )
+    params = ViViT(**kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 16, 32, 32, 3), np.float32))[
+        "params"
+    ]
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params
+    )
+    prep = {
+        "num_frames": 16,
+        "stride": 1,
+        "min_resize": 32,
+        "crop_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    record = {
+        "architecture": "vivit",
+        "model": {**kwargs, "patch_size": [2, 8, 8]},
+        "input": {"num_frames": 16, "image_size": 32},
+        "preprocessing": prep,
+    }
+    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
+    runs = {
+        "vivit": {
+            "synthetic": {
+                "checkpoint": str(tmp_path / "ckpt"),
+                "data_dir": str(tmp_path / "data"),
+                "r": 4,
+            }
+        }
+    }
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    out = tmp_path / "table.md"
+    cmd = [sys.executable, f"{REPO}/scripts/paper_table.py", "--runs", str(tmp_path / "runs.json")]
+    cmd += ["--out", str(out), "--limit", "8", "--modes", "none,merge,hybrid"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    assert lines[0] == "| Model | r | Reduction | Synthetic |"
+    assert [line.split("|")[3].strip() for line in lines[2:]] == ["- (baseline)", "merge", "hybrid"]
+    merge = json.loads((tmp_path / "paper_runs" / "vivit_synthetic_merge.json").read_text())
+    assert f"{100 * merge['metrics']['top1']:.2f}" == lines[3].split("|")[4].strip()
+    assert lines[3].split("|")[2].strip() == "4"

@@ -1,0 +1,394 @@
+"""Evaluation: metrics against numpy, 1 vs 8 devices vs 2 processes, resume, corrupt videos."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.errors import UserError
+from vtm_jax.evaluate import evaluate, format_results, view_metrics
+from vtm_jax.models.vivit import ViViT
+from vtm_jax.reduction import ReductionSettings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMES, SIZE = 8, 32
+NUM_VIDEOS = 21  # batches of 2 (1 device) or 16 (8 devices): the last batch is padded
+CORRUPT = 7
+PREPROCESSING = {
+    "num_frames": FRAMES,
+    "stride": 1,
+    "min_resize": SIZE,
+    "crop_size": SIZE,
+    "mean": [0.45, 0.45, 0.45],
+    "std": [0.225, 0.225, 0.225],
+}
+# Two clips x three crops: every video is six views.
+RUN = {"batch_size": 2, "num_clips": 2, "three_crops": True, "progress": False}
+SUM_KEYS = ("sums", "video_ids", "skipped", "predictions", "confusion_matrix", "done")
+
+
+class FakeSource:
+    """In-memory examples like ``open_split`` gives: uint8 frames, one of them undecodable."""
+
+    name, split = "fake", "test"
+
+    def __init__(self, num_classes=10, class_splits=None):
+        self.num_classes, self.class_splits = num_classes, class_splits
+
+    def __len__(self):
+        return NUM_VIDEOS
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        if i == CORRUPT:
+            video = np.frombuffer(b"this is not a video file", np.uint8)
+        else:
+            video = rng.integers(0, 256, (12, SIZE, SIZE + 8, 3), dtype=np.uint8)
+        example = {"video": video, "video_id": f"vid{i:03d}".encode()}
+        if self.class_splits:
+            example["label"] = np.int64(-1)
+            example["verb"] = np.int64(rng.integers(self.class_splits[0]))
+            example["noun"] = np.int64(rng.integers(self.class_splits[1]))
+        else:
+            example["label"] = np.int64(rng.integers(self.num_classes))
+        return example
+
+
+def make_checkpoint(path, num_classes, class_splits=None):
+    model = ViViT(
+        num_classes=num_classes,
+        hidden_size=32,
+        num_heads=4,
+        mlp_dim=64,
+        num_layers=2,
+        patch_size=(2, 8, 8),
+    )
+    video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
+    params = jax.device_get(model.init(jax.random.PRNGKey(0), video)["params"])
+    # The classifier starts at zero; a unit-scale head makes predictions differ per video.
+    kernel = params["output_projection"]["kernel"]
+    params["output_projection"]["kernel"] = np.random.default_rng(1).normal(size=kernel.shape)
+    record = {
+        "architecture": "vivit",
+        "model": {
+            "num_classes": num_classes,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "mlp_dim": 64,
+            "num_layers": 2,
+            "patch_size": [2, 8, 8],
+        },
+        "input": {"num_frames": FRAMES, "image_size": SIZE},
+        "preprocessing": PREPROCESSING,
+        "labels": None,
+        "class_splits": class_splits,
+        "token_merging": {"mode": "merge", "r": 4},
+    }
+    save_checkpoint(str(path), params, record)
+    return str(path)
+
+
+def reference_scores(checkpoint, source):
+    """Each video's logits ``[views, classes]``, one video at a time (None where corrupt)."""
+    from vtm_jax.checkpoint import load_checkpoint
+    from vtm_jax.data.pipeline import CorruptVideo, eval_views
+    from vtm_jax.models.registry import build_model
+
+    params, record = load_checkpoint(checkpoint)
+    model = build_model(record, ReductionSettings.from_dict(record["token_merging"]))
+    apply = jax.jit(model.apply)
+    scores = []
+    for i in range(len(source)):
+        try:
+            views = eval_views(source[i], PREPROCESSING, num_clips=2, three_crops=True)
+        except CorruptVideo:
+            scores.append(None)
+            continue
+        scores.append(np.asarray(apply({"params": params}, views)))
+    return scores
+
+
+def top5(scores):
+    return np.argsort(-scores, kind="stable")[:5]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", 10)
+
+
+@pytest.fixture(scope="module")
+def baseline(checkpoint, tmp_path_factory):
+    """One uninterrupted single-device run, with predictions and a confusion matrix."""
+    path = str(tmp_path_factory.mktemp("baseline") / "results.json")
+    results = evaluate(
+        checkpoint,
+        FakeSource(),
+        results_path=path,
+        predictions=True,
+        confusion_matrix=True,
+        **RUN,
+    )
+    return results, path
+
+
+def test_view_metrics_match_numpy():
+    """Top-1/top-5 per head, views averaged, padding masked; action = verb and noun right."""
+    rng = np.random.default_rng(0)
+    heads = [("verb", 0, 97), ("noun", 97, 397)]
+    logits = rng.normal(size=(12, 3, 397)).astype(np.float32)
+    mask = np.array([1] * 10 + [0] * 2, np.int32)
+    for softmax_views in (False, True):
+        labels, expected_best = [], []
+        for h, (_, start, stop) in enumerate(heads):
+            scores = logits[..., start:stop]
+            if softmax_views:
+                scores = np.exp(scores - scores.max(-1, keepdims=True))
+                scores /= scores.sum(-1, keepdims=True)
+            order = np.argsort(-scores.mean(1), axis=1, kind="stable")
+            # Labels at rank 0, 3 or 20 of each video: right, top-5 only, wrong.
+            ranks = np.resize([[0, 0, 3, 20, 0], [0, 3, 0, 0, 20]][h], len(order))
+            labels.append(order[np.arange(len(order)), ranks])
+            expected_best.append(order[:, :5])
+        labels = np.stack(labels, 1)
+        sums, best = view_metrics(
+            jnp.asarray(logits), jnp.asarray(labels), mask, heads, softmax_views=softmax_views
+        )
+        real = mask.astype(bool)
+        right = [(b[:, 0] == labels[:, h]) & real for h, b in enumerate(expected_best)]
+        in5 = [(b == labels[:, h, None]).any(1) & real for h, b in enumerate(expected_best)]
+        assert {k: int(v) for k, v in sums.items()} == {
+            "count": 10,
+            "verb_top1": right[0].sum(),
+            "verb_top5": in5[0].sum(),
+            "noun_top1": right[1].sum(),
+            "noun_top5": in5[1].sum(),
+            "action_top1": (right[0] & right[1]).sum(),
+        }
+        assert 0 < sums["action_top1"] < sums["verb_top1"] < sums["verb_top5"] < 10
+        for h in range(2):
+            np.testing.assert_array_equal(best[h], expected_best[h])
+
+    sums, _ = view_metrics(jnp.asarray(logits), jnp.asarray(labels[:, :1]), mask, [(None, 0, 97)])
+    assert set(sums) == {"count", "top1", "top5"}
+
+
+def test_results_match_numpy(checkpoint, baseline):
+    """Every video's top-5 and the counts equal numpy on the model's logits, video by video."""
+    results, path = baseline
+    source = FakeSource()
+    scores = reference_scores(checkpoint, source)
+    expected = [(i, top5(s.mean(0))) for i, s in enumerate(scores) if s is not None]
+    assert [p["index"] for p in results["predictions"]] == [i for i, _ in expected]
+    for prediction, (i, best) in zip(results["predictions"], expected, strict=True):
+        assert prediction["top5"] == best.tolist()
+        assert prediction["label"] == int(source[i]["label"])
+    labels = [int(source[i]["label"]) for i, _ in expected]
+    assert results["sums"] == {
+        "count": NUM_VIDEOS - 1,
+        "top1": sum(b[0] == y for (_, b), y in zip(expected, labels, strict=True)),
+        "top5": sum(y in b for (_, b), y in zip(expected, labels, strict=True)),
+    }
+    assert 0 < results["sums"]["top1"] < results["sums"]["top5"] < NUM_VIDEOS - 1
+    assert results["metrics"]["top1"] == results["sums"]["top1"] / (NUM_VIDEOS - 1)
+    matrix = np.asarray(results["confusion_matrix"]["label"])
+    assert matrix.sum() == NUM_VIDEOS - 1 and np.trace(matrix) == results["sums"]["top1"]
+    # The corrupt video is listed and skipped; the run went on.
+    assert [s["video_id"] for s in results["skipped"]] == [f"vid{CORRUPT:03d}"]
+    assert results["skipped"][0]["reason"]
+    assert f"vid{CORRUPT:03d}" not in results["video_ids"] and len(results["video_ids"]) == 20
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["complete"] and saved["sums"] == results["sums"]
+    assert saved["run"]["token_merging"]["r"] == 4 and saved["info"]["devices"] == 1
+    table = format_results(results)
+    assert "| top1 |" in table and "skipped 1 corrupt video" in table and "vid007" in table
+
+
+def test_resume_after_interruption(checkpoint, baseline, tmp_path):
+    """A run stopped after 3 batches and restarted ends with the uninterrupted run's numbers."""
+    path = str(tmp_path / "results.json")
+    batches = []
+
+    def stop_after_three(state):
+        batches.append(state["done"])
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+
+    kwargs = dict(results_path=path, predictions=True, confusion_matrix=True, **RUN)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(checkpoint, FakeSource(), on_batch=stop_after_three, **kwargs)
+    with open(path) as f:
+        partial = json.load(f)
+    assert not partial["complete"] and partial["done"] == 6 and len(partial["video_ids"]) == 6
+
+    batches.clear()
+    resumed = evaluate(
+        checkpoint, FakeSource(), on_batch=lambda s: batches.append(s["done"]), **kwargs
+    )
+    assert batches[0] == 8 and batches[-1] == NUM_VIDEOS  # only the rest was evaluated
+    expected, _ = baseline
+    for key in SUM_KEYS:
+        assert resumed[key] == expected[key], key
+    assert resumed["metrics"] == expected["metrics"]
+
+    # A finished file is resumed too: nothing is left to do.
+    again = evaluate(checkpoint, FakeSource(), on_batch=pytest.fail, **kwargs)
+    assert again["sums"] == expected["sums"]
+
+
+def test_other_run_on_the_same_path_is_refused(checkpoint, baseline, tmp_path):
+    _, path = baseline
+    other = ReductionSettings(mode="drop", r=4)
+    with pytest.raises(UserError, match="different run.*token_merging.*overwrite"):
+        evaluate(checkpoint, FakeSource(), merging=other, results_path=path, **RUN)
+    with pytest.raises(UserError, match="different run.*num_examples"):
+        evaluate(checkpoint, FakeSource(), limit=4, results_path=path, predictions=True, **RUN)
+    junk = tmp_path / "notes.json"
+    junk.write_text("my notes")
+    with pytest.raises(UserError, match="not a vtm-jax results file"):
+        evaluate(checkpoint, FakeSource(), results_path=str(junk), **RUN)
+    with pytest.raises(UserError, match=r"dataset has classes \[12\]"):
+        evaluate(checkpoint, FakeSource(num_classes=12), **RUN)
+    with pytest.raises(UserError, match="unknown preprocessing entries crop"):
+        evaluate(checkpoint, FakeSource(), preprocessing={"crop": 3}, **RUN)
+
+    small = evaluate(
+        checkpoint,
+        FakeSource(),
+        merging=other,
+        limit=4,
+        results_path=str(junk),
+        overwrite=True,
+        **RUN,
+    )
+    assert small["done"] == 4 and small["run"]["token_merging"]["mode"] == "drop"
+
+
+def test_epic_two_heads(tmp_path):
+    """Verb and noun heads each get their own top-k; action = both top-1 right."""
+    checkpoint = make_checkpoint(tmp_path / "epic", 397, class_splits=[97, 300])
+    source = FakeSource(num_classes=397, class_splits=[97, 300])
+    results = evaluate(checkpoint, source, predictions=True, limit=9, **RUN)
+    scores = reference_scores(checkpoint, source)
+    expected = {k: 0 for k in results["sums"]}
+    for i, s in enumerate(scores[:9]):
+        if s is None:
+            continue
+        verb, noun = source[i]["verb"], source[i]["noun"]
+        best_verb, best_noun = top5(s[:, :97].mean(0)), top5(s[:, 97:].mean(0))
+        expected["count"] += 1
+        expected["verb_top1"] += best_verb[0] == verb
+        expected["verb_top5"] += verb in best_verb
+        expected["noun_top1"] += best_noun[0] == noun
+        expected["noun_top5"] += noun in best_noun
+        expected["action_top1"] += best_verb[0] == verb and best_noun[0] == noun
+    assert results["sums"] == expected
+    first = results["predictions"][0]
+    assert set(first["top5"]) == {"verb", "noun"} and first["label"]["verb"] == source[0]["verb"]
+    assert list(results["metrics"]) == [
+        "verb_top1",
+        "verb_top5",
+        "noun_top1",
+        "noun_top5",
+        "action_top1",
+    ]
+
+    # Chosen labels: video 0 right on both heads, video 1 right on the verb only.
+    class Chosen(FakeSource):
+        def __getitem__(self, i):
+            example = super().__getitem__(i)
+            if i < 2:
+                example["verb"] = top5(scores[i][:, :97].mean(0))[0]
+                example["noun"] = top5(scores[i][:, 97:].mean(0))[i]
+            return example
+
+    results = evaluate(checkpoint, Chosen(397, [97, 300]), limit=2, **RUN)
+    assert results["sums"]["verb_top1"] == 2 and results["sums"]["action_top1"] == 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(checkpoint, results_path, devices, process=0, processes=1, port=0):
+    """``evaluate`` in a fresh interpreter with ``devices`` forced CPU devices."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    code = (
+        "import sys, jax\n"
+        "checkpoint, path, process, processes, port = sys.argv[1:]\n"
+        "if int(processes) > 1:\n"
+        "    jax.distributed.initialize(f'127.0.0.1:{port}', int(processes), int(process))\n"
+        "from tests.test_evaluate import FakeSource, RUN\n"
+        "from vtm_jax.evaluate import evaluate\n"
+        "RUN['progress'] = int(process) == 0\n"
+        "evaluate(checkpoint, FakeSource(), results_path=path, predictions=True,\n"
+        "         confusion_matrix=True, **RUN)\n"
+    )
+    args = [checkpoint, results_path, str(process), str(processes), str(port)]
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_eight_devices_and_two_processes_match_one_device(checkpoint, baseline, tmp_path):
+    """8 devices (one padded batch of 16), then 2 processes x 2 devices: the same numbers."""
+    expected, _ = baseline
+    eight = str(tmp_path / "eight.json")
+    proc = run_script(checkpoint, eight, devices=8)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "clips/s" in stderr  # the progress bar
+    with open(eight) as f:
+        results = json.load(f)
+    assert results["info"]["devices"] == 8 and results["complete"]
+    for key in SUM_KEYS:
+        assert results[key] == expected[key], key
+
+    two = str(tmp_path / "two.json")
+    port = free_port()
+    procs = [run_script(checkpoint, two, 2, i, 2, port) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+    with open(two) as f:
+        results = json.load(f)
+    assert results["info"]["devices"] == 4 and results["info"]["processes"] == 2
+    for key in SUM_KEYS:
+        assert results[key] == expected[key], key
+    assert [p["done"] for p in results["per_process"]] == [10, 11]
+    for i in range(2):  # each process kept its own progress file for resuming
+        with open(f"{two}.process{i}") as f:
+            assert json.load(f)["complete"]
+
+    # One process's progress file is damaged: every process stops with the reason, none hangs.
+    with open(f"{two}.process1", "w") as f:
+        f.write("damaged")
+    port = free_port()
+    procs = [run_script(checkpoint, two, 2, i, 2, port) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [1, 1]
+    assert "UserError: process 1: " in outputs[0][1]
+    assert "process1 exists and is not a vtm-jax results file" in outputs[1][1]

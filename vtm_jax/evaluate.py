@@ -1,0 +1,723 @@
+"""Evaluate a checkpoint on a dataset split: multi-view, every local device, every process.
+
+The loop follows Scenic's eval step. Each process takes its own contiguous shard of the
+examples (``shard_indices``). Within a process, each host batch is padded to a full
+``local_devices x batch_size`` with a ``batch_mask`` (1 = real example) and reshaped to
+``[local_devices, batch_size, ...]``. ``jax.pmap`` runs the forward pass, and the metric sums
+are ``psum``-ed over the ``'batch'`` axis, so every device returns the process's numbers for
+that step. The pmap spans only the local devices, so processes never wait on one another
+during the run. Their partial sums are combined once at the end
+(``multihost_utils.process_allgather``), and process 0 writes the final results.
+
+Multi-view testing follows Scenic's ``test_step``. All views of a video (``num_clips``
+temporal clips x 1 or 3 spatial crops) are averaged before the metrics: the logits by default,
+or each head's softmax probabilities with ``softmax_views=True`` (Scenic's
+``multicrop_softmax_logits``). The mean equals Scenic's sum over views divided by the number of
+views. In multi-head checkpoints (EPIC-KITCHENS verb and noun, ``class_splits``) each head's
+slice of the logits is averaged (after its own softmax, with ``softmax_views``) and ranked on
+its own; the action (joint) top-1 counts a video only when every head's top-1 is right.
+
+Results are written to ``results_path`` as JSON after every batch, atomically (temp file, then
+``os.replace``). A rerun with the same path resumes: the run must be the same (checkpoint,
+merging, dataset, preprocessing, views), the examples already counted are skipped, and the sums
+continue from the file. An interrupted run therefore ends with the same numbers as an
+uninterrupted one. With several processes, each process keeps its own progress file,
+``results_path + '.process<i>'``, and only process 0 writes ``results_path``.
+
+Random reduction modes draw their scores per forward pass. Their numbers depend on the batch
+size per device, but not on the number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.errors import UserError
+from vtm_jax.reduction import ReductionSettings
+
+RESULTS_FORMAT = "vtm-jax-eval"
+RESULTS_VERSION = 1
+PREPROCESSING_KEYS = ("num_frames", "stride", "min_resize", "crop_size", "mean", "std")
+TOP_K = 5
+PREFETCH_BATCHES = 2
+
+Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
+
+
+def evaluate(
+    checkpoint_dir: str,
+    source: Any,
+    *,
+    merging: ReductionSettings | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    batch_size: int = 1,
+    num_clips: int = 1,
+    three_crops: bool = False,
+    results_path: str | None = None,
+    attention: str = "auto",
+    progress: bool = True,
+    limit: int | None = None,
+    overwrite: bool = False,
+    dataset: str | None = None,
+    softmax_views: bool = False,
+    confusion_matrix: bool = False,
+    predictions: bool = False,
+    workers: int | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Top-1 and top-5 (per head, plus action top-1) of a checkpoint on ``source``.
+
+    Args:
+      checkpoint_dir: a vtm-jax checkpoint directory.
+      source: random-access examples (``len``, ``[i]``) as ``data.sources.open_split`` returns.
+      merging: reduction settings; ``None`` uses the checkpoint's stored ``token_merging``.
+      preprocessing: entries that override the checkpoint's preprocessing record.
+      batch_size: videos per device per step (each with all its views).
+      num_clips, three_crops: views per video (temporal clips x 1 or 3 spatial crops).
+      results_path: JSON results, rewritten after every batch; an existing file of the same run
+        is resumed, and a file of a different run is an error unless ``overwrite``.
+      attention: attention backend (``vtm_jax.attention.get_attention``).
+      progress: show a progress bar (process 0 only).
+      limit: evaluate only the first ``limit`` examples of ``source``.
+      dataset: a name for the data in the results, e.g. ``'kinetics400/validation'``. The
+        default is taken from the source's ``name`` and ``split``.
+      softmax_views: average each head's softmax probabilities over views, not its logits.
+      confusion_matrix, predictions: also keep a confusion matrix per head (rows: true class),
+        and per video its label(s) and top-5 classes.
+      workers: threads that read and decode videos ahead of the devices.
+      on_batch: called with the running state after each batch is saved.
+
+    Returns:
+      The results, the same on every process: ``metrics`` (fractions), ``sums`` (counts),
+      ``skipped`` (corrupt videos and why), ``video_ids``, run description and timing.
+    """
+    from vtm_jax.attention import get_attention
+    from vtm_jax.data.pipeline import CorruptVideo, eval_views, shard_indices
+    from vtm_jax.models.registry import build_model, check_params_fit
+    from vtm_jax.predict import heads as record_heads
+
+    for name, value, low in (("batch_size", batch_size, 1), ("num_clips", num_clips, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"{name} must be an integer >= {low}, not {value!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise UserError(f"limit must be a non-negative integer, not {limit!r}")
+    start_time = time.perf_counter()
+    params, record = load_checkpoint(checkpoint_dir)
+    if merging is None:
+        merging = ReductionSettings.from_dict(record.get("token_merging"))
+    prep = resolve_preprocessing(record, preprocessing)
+    heads = record_heads(record)
+    _check_source_classes(source, record, heads)
+    num_examples = len(source) if limit is None else min(limit, len(source))
+    views = num_clips * (3 if three_crops else 1)
+    run = _jsonable(
+        {
+            "checkpoint": os.path.abspath(checkpoint_dir),
+            "architecture": record["architecture"],
+            "dataset": dataset or _dataset_name(source),
+            "num_examples": num_examples,
+            "preprocessing": prep,
+            "num_clips": num_clips,
+            "three_crops": three_crops,
+            "view_average": "softmax" if softmax_views else "logits",
+            "token_merging": merging.to_dict(),
+            "confusion_matrix": confusion_matrix,
+            "predictions": predictions,
+        }
+    )
+    process, processes = jax.process_index(), jax.process_count()
+    local_devices = jax.local_devices()
+    shard = list(shard_indices(num_examples, process, processes))
+    info = {
+        "checkpoint": run["checkpoint"],
+        "architecture": record["architecture"],
+        "model": record["model"],
+        "platform": local_devices[0].platform,
+        "device_kind": local_devices[0].device_kind,
+        "devices": jax.device_count(),
+        "processes": processes,
+        "batch_size_per_device": batch_size,
+        "views_per_video": views,
+        "attention": attention,
+        "jax": jax.__version__,
+    }
+
+    state_path = None
+    if results_path is not None:
+        state_path = results_path if processes == 1 else f"{results_path}.process{process}"
+    state = _start_state(run, info, heads, shard, process, processes, confusion_matrix)
+    problem = None
+    try:
+        state = _resume(state, results_path, state_path, overwrite, processes)
+    except UserError as e:
+        problem = str(e)
+    # Every process must agree before any of them starts; otherwise the others would wait
+    # forever for the final gather.
+    problems = [problem] if processes == 1 else _allgather_json(problem)
+    for i, message in enumerate(problems):
+        if message is not None:
+            raise UserError(message if i == process else f"process {i}: {message}")
+
+    model = build_model(record, merging, get_attention(attention))
+    check_params_fit(model, params, record["input"])
+    step = jax.pmap(
+        functools.partial(_eval_step, model=model, heads=tuple(heads), softmax_views=softmax_views),
+        axis_name="batch",
+        devices=local_devices,
+    )
+    size = record["input"]["image_size"]
+    expected = (views, record["input"]["num_frames"], size, size, 3)
+
+    def load(index: int) -> _Loaded:
+        example = source[index]
+        video_id = _video_id(example, index)
+        labels = _labels(example, heads, video_id)
+        try:
+            clip_views = eval_views(example, prep, num_clips=num_clips, three_crops=three_crops)
+        except CorruptVideo as e:
+            return _Loaded(index, video_id, labels, None, str(getattr(e, "reason", e)))
+        clip_views = np.asarray(clip_views, np.float32)
+        if clip_views.shape != expected:
+            raise UserError(
+                f"video {video_id}: preprocessing gave views of shape {clip_views.shape}, "
+                f"the model needs {expected}"
+            )
+        return _Loaded(index, video_id, labels, clip_views, None)
+
+    _run_shard(
+        state,
+        shard,
+        load,
+        step,
+        _replicate(params, local_devices),
+        view_shape=expected,
+        batch_size=batch_size,
+        heads=heads,
+        state_path=state_path,
+        progress=progress and process == 0,
+        workers=workers or min(8, os.cpu_count() or 1),
+        on_batch=on_batch,
+        started=start_time,
+    )
+    states = [state] if processes == 1 else _allgather_json(state)
+    results = _merge_states(states, run, info)
+    if results_path is not None and process == 0:
+        _write_json(results_path, results)
+    return results
+
+
+class _Loaded(NamedTuple):
+    """One example read and preprocessed; ``views`` is None for a corrupt video."""
+
+    index: int
+    video_id: str
+    labels: list[int]
+    views: np.ndarray | None
+    reason: str | None
+
+
+def _run_shard(
+    state: dict[str, Any],
+    shard: Sequence[int],
+    load: Callable[[int], _Loaded],
+    step: Callable,
+    device_params: Any,
+    *,
+    view_shape: tuple[int, ...],
+    batch_size: int,
+    heads: Sequence[Head],
+    state_path: str | None,
+    progress: bool,
+    workers: int,
+    on_batch: Callable[[dict[str, Any]], None] | None,
+    started: float,
+) -> None:
+    """Evaluate the examples of ``shard`` not yet in ``state``, saving it after every batch.
+
+    Videos are read and decoded in ``workers`` threads, up to PREFETCH_BATCHES batches ahead
+    of the devices.
+    """
+    devices = jax.local_device_count()
+    host_batch = batch_size * devices
+    remaining = shard[state["done"] :]
+    chunks = iter([remaining[i : i + host_batch] for i in range(0, len(remaining), host_batch)])
+    bar = _progress_bar(len(shard), state["done"]) if progress else None
+    session_start, session_clips, wall_before = time.perf_counter(), 0, state["wall_s"]
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    pending: collections.deque = collections.deque()
+
+    def submit_next() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append([pool.submit(load, i) for i in chunk])
+
+    try:
+        for _ in range(PREFETCH_BATCHES):
+            submit_next()
+        while pending:
+            loaded = [future.result() for future in pending.popleft()]
+            submit_next()
+            batch = _shard(_host_batch(loaded, host_batch, view_shape, len(heads)), devices)
+            sums, top = jax.device_get(step(device_params, batch))
+            _update_state(
+                state,
+                loaded,
+                {k: int(v[0]) for k, v in sums.items()},  # psum-ed: every device holds them
+                [t.reshape(host_batch, -1) for t in top],
+                heads,
+            )
+            clips = view_shape[0] * sum(1 for item in loaded if item.views is not None)
+            session_clips += clips
+            state["clips"] += clips
+            state["wall_s"] = wall_before + time.perf_counter() - started
+            state["complete"] = state["done"] == len(shard)
+            if state_path is not None:
+                _write_json(state_path, _with_metrics(state))
+            if bar is not None:
+                bar.update(len(loaded))
+                rate = session_clips / max(time.perf_counter() - session_start, 1e-9)
+                bar.set_postfix_str(f"{rate:.3g} clips/s")
+            if on_batch is not None:
+                on_batch(state)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    state["wall_s"] = wall_before + time.perf_counter() - started
+
+
+def resolve_preprocessing(
+    record: dict[str, Any], override: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The checkpoint's preprocessing with ``override``'s entries replacing its own."""
+    prep = dict(record.get("preprocessing") or {})
+    prep.setdefault("num_frames", record["input"]["num_frames"])
+    prep.setdefault("crop_size", record["input"]["image_size"])
+    unknown = sorted(set(override or {}) - set(PREPROCESSING_KEYS))
+    if unknown:
+        raise UserError(
+            f"unknown preprocessing entries {', '.join(unknown)}; valid: {', '.join(PREPROCESSING_KEYS)}"
+        )
+    prep.update({k: v for k, v in (override or {}).items() if v is not None})
+    missing = [k for k in PREPROCESSING_KEYS if prep.get(k) is None]
+    if missing:
+        raise UserError(
+            f"the checkpoint records no preprocessing {', '.join(missing)}; give them explicitly"
+        )
+    return _jsonable(prep)
+
+
+def view_metrics(
+    logits: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    heads: Sequence[Head],
+    *,
+    softmax_views: bool = False,
+) -> tuple[dict[str, jax.Array], list[jax.Array]]:
+    """Metric counts of one batch and each head's top-k classes.
+
+    ``logits`` ``[B, V, C]`` (V views per video), ``labels`` ``[B, heads]``, ``mask`` ``[B]``
+    (1 = real). Each head's views are averaged (logits, or softmax probabilities with
+    ``softmax_views``) before its top-k. Returns ``(sums, top)``: integer counts keyed
+    ``count``, ``top1``, ``top5`` (multi-head: ``<head>_top1``, ``<head>_top5`` and
+    ``action_top1``), and per head ``[B, k]`` class indices, best first (ties: lower index).
+    """
+    real = mask > 0
+    sums = {"count": real.sum(dtype=jnp.int32)}
+    top = []
+    all_right = real
+    for h, (name, start, stop) in enumerate(heads):
+        scores = logits[..., start:stop].astype(jnp.float32)
+        if softmax_views:
+            scores = jax.nn.softmax(scores, axis=-1)
+        _, best = jax.lax.top_k(scores.mean(axis=1), min(TOP_K, stop - start))
+        label = labels[:, h]
+        right = best[:, 0] == label
+        prefix = f"{name}_" if name else ""
+        sums[prefix + "top1"] = (right & real).sum(dtype=jnp.int32)
+        sums[prefix + f"top{TOP_K}"] = ((best == label[:, None]).any(-1) & real).sum(
+            dtype=jnp.int32
+        )
+        all_right = all_right & right
+        top.append(best)
+    if len(heads) > 1:
+        sums[_joint_name(heads)] = all_right.sum(dtype=jnp.int32)
+    return sums, top
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A readable summary: the run, a table of metrics, skipped videos and timing."""
+    run, info, sums = results["run"], results["info"], results["sums"]
+    merging = run["token_merging"]
+    defaults = ReductionSettings().to_dict()
+    lines = [
+        f"checkpoint: {run['checkpoint']} ({run['architecture']})",
+        f"dataset: {run['dataset']}, {run['num_examples']} videos "
+        f"({sums['count']} evaluated, {len(results['skipped'])} skipped)"
+        + ("" if results.get("complete") else f", {results['done']} done so far"),
+        f"views: {run['num_clips']} clip(s) x {3 if run['three_crops'] else 1} crop(s), "
+        f"mean of {run['view_average']}",
+        "token merging: "
+        + ", ".join(
+            f"{k}={v}" for k, v in merging.items() if k in ("mode", "r") or v != defaults.get(k)
+        ),
+        "",
+        "| metric | value | correct / evaluated |",
+        "|---|---|---|",
+    ]
+    for name, value in results["metrics"].items():
+        lines.append(f"| {name} | {100 * value:.2f}% | {sums[name]} / {sums['count']} |")
+    if results["skipped"]:
+        lines.append("")
+        lines.append(f"skipped {len(results['skipped'])} corrupt video(s):")
+        for item in results["skipped"][:10]:
+            lines.append(f"  {item['video_id']}: {item['reason']}")
+        if len(results["skipped"]) > 10:
+            lines.append(f"  ... and {len(results['skipped']) - 10} more")
+    lines.append("")
+    lines.append(
+        f"{info['devices']} {info['device_kind']} device(s) in {info['processes']} process(es), "
+        f"batch {info['batch_size_per_device']} per device; {results['wall_s']:.1f} s, "
+        f"{results['clips_per_s']:.3g} clips/s"
+    )
+    return "\n".join(lines)
+
+
+def _eval_step(params, batch, *, model, heads, softmax_views):
+    """One device's share of a step; sums are psum-ed, so each device holds the process's."""
+    videos = batch["inputs"]  # [B, V, T, S, S, 3]
+    b, v = videos.shape[:2]
+    logits = model.apply({"params": params}, videos.reshape((b * v,) + videos.shape[2:]))
+    sums, top = view_metrics(
+        logits.reshape(b, v, -1),
+        batch["labels"],
+        batch["batch_mask"],
+        heads,
+        softmax_views=softmax_views,
+    )
+    return jax.lax.psum(sums, axis_name="batch"), top
+
+
+def _joint_name(heads: Sequence[Head]) -> str:
+    return "action_top1" if [h[0] for h in heads] == ["verb", "noun"] else "joint_top1"
+
+
+def _replicate(params: Any, devices: Sequence[jax.Device]) -> Any:
+    """One copy of every parameter on each device, laid out as pmap expects."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+
+    def put(x):
+        x = np.asarray(x)[None]
+        shards = [jax.device_put(x, d) for d in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices),) + x.shape[1:], sharding, shards
+        )
+
+    return jax.tree.map(put, params)
+
+
+def _host_batch(
+    loaded: Sequence[_Loaded], host_batch: int, view_shape: tuple[int, ...], num_heads: int
+) -> dict[str, np.ndarray]:
+    """Scenic's ``maybe_pad_batch``: zero rows fill the batch; corrupt videos are masked too."""
+    inputs = np.zeros((host_batch,) + view_shape, np.float32)
+    labels = np.zeros((host_batch, num_heads), np.int32)
+    mask = np.zeros((host_batch,), np.int32)
+    for row, item in enumerate(loaded):
+        if item.views is not None:
+            inputs[row], labels[row], mask[row] = item.views, item.labels, 1
+    return {"inputs": inputs, "labels": labels, "batch_mask": mask}
+
+
+def _shard(batch: dict[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
+    """Scenic's ``shard``: ``(host_batch, ...)`` to ``(devices, host_batch // devices, ...)``."""
+    return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _start_state(
+    run: dict,
+    info: dict,
+    heads: Sequence[Head],
+    shard: Sequence[int],
+    process: int,
+    processes: int,
+    confusion_matrix: bool,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "complete": len(shard) == 0,
+        "run": run,
+        "info": info,
+        "done": 0,
+        "sums": {k: 0 for k in _sum_names(heads)},
+        "skipped": [],
+        "video_ids": [],
+        "clips": 0,
+        "wall_s": 0.0,
+    }
+    if processes > 1:
+        state["shard"] = {
+            "process": process,
+            "processes": processes,
+            "examples": len(shard),
+            "first": shard[0] if shard else None,
+        }
+    if run["predictions"]:
+        state["predictions"] = []
+    if confusion_matrix:
+        state["confusion_matrix"] = {
+            name or "label": np.zeros((stop - start,) * 2, np.int64).tolist()
+            for name, start, stop in heads
+        }
+    return state
+
+
+def _sum_names(heads: Sequence[Head]) -> list[str]:
+    names = ["count"]
+    for name, _, _ in heads:
+        prefix = f"{name}_" if name else ""
+        names += [prefix + "top1", prefix + f"top{TOP_K}"]
+    if len(heads) > 1:
+        names.append(_joint_name(heads))
+    return names
+
+
+def _resume(
+    state: dict[str, Any],
+    results_path: str | None,
+    state_path: str | None,
+    overwrite: bool,
+    processes: int,
+) -> dict[str, Any]:
+    """The saved state to continue from, or ``state`` itself when starting afresh."""
+    if results_path is None or overwrite:
+        return state
+    parent = os.path.dirname(os.path.abspath(results_path))
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {results_path}: no directory {parent}")
+    final = _read_results(results_path)
+    if final is not None:
+        _check_same_run(final, state["run"], results_path)
+    if processes == 1:
+        return _continue_from(final, state) if final is not None else state
+    saved = _read_results(state_path)
+    if saved is None:
+        return state
+    _check_same_run(saved, state["run"], state_path)
+    if saved.get("shard") != state["shard"]:
+        raise UserError(
+            f"{state_path} was written by a run split over other processes "
+            f"({saved.get('shard')}); rerun it the same way, choose another results path, "
+            "or pass overwrite=True"
+        )
+    return _continue_from(saved, state)
+
+
+def _continue_from(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    saved = dict(saved)
+    saved.pop("metrics", None)
+    saved.pop("clips_per_s", None)
+    saved["info"] = fresh["info"]  # this session's devices and batch size
+    if set(saved["sums"]) != set(fresh["sums"]):
+        raise UserError("the saved results have other metrics than this run; pass overwrite=True")
+    return saved
+
+
+def _read_results(path: str | None) -> dict[str, Any] | None:
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or saved.get("format") != RESULTS_FORMAT:
+        raise UserError(
+            f"{path} exists and is not a vtm-jax results file; choose another results path "
+            "or pass overwrite=True"
+        )
+    if saved.get("version") != RESULTS_VERSION:
+        raise UserError(
+            f"{path} has results format version {saved.get('version')}; pass overwrite=True"
+        )
+    return saved
+
+
+def _check_same_run(saved: dict[str, Any], run: dict[str, Any], path: str) -> None:
+    old = saved.get("run") or {}
+    differ = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+    if differ:
+        raise UserError(
+            f"{path} holds the results of a different run ({', '.join(differ)} differ); "
+            "choose another results path or pass overwrite=True"
+        )
+
+
+def _update_state(
+    state: dict[str, Any],
+    loaded: Sequence[_Loaded],
+    sums: dict[str, int],
+    top: list[np.ndarray],
+    heads: Sequence[Head],
+) -> None:
+    """Add one batch: its counts, ids, skipped videos, predictions and confusion counts."""
+    for key, value in sums.items():
+        state["sums"][key] += value
+    state["done"] += len(loaded)
+    names = [name or "label" for name, _, _ in heads]
+    for row, item in enumerate(loaded):
+        if item.views is None:
+            state["skipped"].append(
+                {"index": item.index, "video_id": item.video_id, "reason": item.reason}
+            )
+            continue
+        state["video_ids"].append(item.video_id)
+        if "confusion_matrix" in state:
+            for h, name in enumerate(names):
+                state["confusion_matrix"][name][item.labels[h]][int(top[h][row, 0])] += 1
+        if "predictions" in state:
+            best = [top[h][row].tolist() for h in range(len(heads))]
+            entry: dict[str, Any] = {"index": item.index, "video_id": item.video_id}
+            if len(heads) == 1:
+                entry.update(label=item.labels[0], top5=best[0])
+            else:
+                entry.update(
+                    label=dict(zip(names, item.labels, strict=True)),
+                    top5=dict(zip(names, best, strict=True)),
+                )
+            state["predictions"].append(entry)
+
+
+def _merge_states(states: list[dict[str, Any]], run: dict, info: dict) -> dict[str, Any]:
+    """All processes' partial results combined, in process order, with the final metrics."""
+    merged: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "complete": all(s["complete"] for s in states),
+        "run": run,
+        "info": info,
+        "done": sum(s["done"] for s in states),
+        "sums": {k: sum(s["sums"][k] for s in states) for k in states[0]["sums"]},
+        "skipped": [item for s in states for item in s["skipped"]],
+        "video_ids": [v for s in states for v in s["video_ids"]],
+        "clips": sum(s["clips"] for s in states),
+        "wall_s": max(s["wall_s"] for s in states),  # the processes ran side by side
+    }
+    if "predictions" in states[0]:
+        merged["predictions"] = [p for s in states for p in s["predictions"]]
+    if "confusion_matrix" in states[0]:
+        merged["confusion_matrix"] = {
+            name: np.sum([np.asarray(s["confusion_matrix"][name]) for s in states], axis=0).tolist()
+            for name in states[0]["confusion_matrix"]
+        }
+    if len(states) > 1:
+        merged["per_process"] = [
+            {"done": s["done"], "wall_s": s["wall_s"], **s.get("shard", {})} for s in states
+        ]
+    return _with_metrics(merged)
+
+
+def _with_metrics(state: dict[str, Any]) -> dict[str, Any]:
+    sums = state["sums"]
+    count = sums["count"]
+    metrics = {k: (v / count if count else 0.0) for k, v in sums.items() if k != "count"}
+    clips_per_s = state["clips"] / state["wall_s"] if state["wall_s"] > 0 else 0.0
+    return {**state, "metrics": metrics, "clips_per_s": clips_per_s}
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """Write atomically: a reader (or a resumed run) never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able ``value``, in process order (a collective: all must call)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    lengths = np.asarray(lengths).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n])) for row, n in zip(gathered, lengths, strict=True)]
+
+
+def _progress_bar(total: int, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="video", dynamic_ncols=True, desc="eval")
+
+
+def _check_source_classes(source: Any, record: dict[str, Any], heads: Sequence[Head]) -> None:
+    """A source that says its class count must agree with the checkpoint's classifier."""
+    ours = [stop - start for _, start, stop in heads]
+    theirs = getattr(source, "class_splits", None)
+    if theirs is None:
+        theirs = getattr(source, "num_classes", None)
+    if not theirs:  # a source that does not know its classes
+        return
+    theirs = [int(v) for v in theirs] if isinstance(theirs, (list, tuple)) else [int(theirs)]
+    if theirs != ours:
+        raise UserError(
+            f"the dataset has classes {theirs}, the checkpoint's classifier {ours}"
+            + (f" (class_splits {record['class_splits']})" if record.get("class_splits") else "")
+        )
+
+
+def _dataset_name(source: Any) -> str:
+    name, split = getattr(source, "name", None), getattr(source, "split", None)
+    if name is None:
+        return type(source).__name__
+    return f"{name}/{split}" if split is not None else str(name)
+
+
+def _video_id(example: dict[str, Any], index: int) -> str:
+    value = example.get("video_id")
+    if value is None:
+        return str(index)
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.ndim == 0 else value.tobytes()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _labels(example: dict[str, Any], heads: Sequence[Head], video_id: str) -> list[int]:
+    labels = []
+    for name, start, stop in heads:
+        key = name if len(heads) > 1 else "label"
+        if key not in example:
+            raise UserError(f"video {video_id} has no {key!r} label")
+        value = int(np.asarray(example[key]))
+        if not 0 <= value < stop - start:
+            raise UserError(
+                f"video {video_id}: {key} {value} is outside the classifier's [0, {stop - start})"
+            )
+        labels.append(value)
+    return labels
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, numpy scalars to numbers: as the value reads back from JSON."""
+    return json.loads(json.dumps(value, default=lambda v: np.asarray(v).tolist()))
