@@ -116,3 +116,50 @@ def test_paper_table_script(tmp_path):
     merge = json.loads((tmp_path / "paper_runs" / "vivit_synthetic_merge.json").read_text())
     assert f"{100 * merge['metrics']['top1']:.2f}" == lines[3].split("|")[4].strip()
     assert lines[3].split("|")[2].strip() == "4"
+
+
+def test_eval_cli_same_metrics_on_eight_devices(tmp_path):
+    """The synthetic config through `vtm-jax eval` on 1 and on 8 forced CPU devices."""
+    import subprocess
+    import sys
+
+    kwargs = dict(
+        num_classes=8, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8)
+    )
+    params = ViViT(**kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 16, 32, 32, 3), np.float32))[
+        "params"
+    ]
+    params = jax.tree.map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params
+    )
+    record = {
+        "architecture": "vivit",
+        "model": {**kwargs, "patch_size": [2, 8, 8]},
+        "input": {"num_frames": 16, "image_size": 32},
+    }
+    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
+    metrics = {}
+    for devices in (1, 8):
+        results = tmp_path / f"results{devices}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "vtm_jax.cli",
+            "eval",
+            f"--config={REPO}/configs/vivit_synthetic.py",
+        ]
+        cmd += [
+            f"--config.checkpoint={tmp_path / 'ckpt'}",
+            f"--config.dataset_configs.data_dir={tmp_path / 'data'}",
+            "--config.dataset_configs.builder_options.test_examples=12",  # 8 devices: padded
+            "--config.dataset_configs.builder_options.train_examples=8",
+            f"--config.results_path={results}",
+        ]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = json.loads(results.read_text())
+        assert data["complete"] and len(data["video_ids"]) == 12
+        metrics[devices] = (data["metrics"], data["sums"])
+    assert metrics[1] == metrics[8]
