@@ -414,7 +414,17 @@ def test_convert_and_predict_through_the_cli(tmp_path):
     assert json.loads((ckpt / "model.json").read_text())["architecture"] == "motionformer"
     video = clip(seed=4, batch=1)
     np.save(tmp_path / "clip.npy", video.numpy()[0].transpose(1, 2, 3, 0))
-    args = ["predict", "--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.npy"), "--r", "4"]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--video",
+        str(tmp_path / "clip.npy"),
+        "--attention",
+        "xla",
+        "--r",
+        "4",
+    ]
     assert main([*args, "--save-logits", str(tmp_path / "l.npy")]) == 0
     expected, _ = ours(load_motionformer(path), ReductionSettings(mode="merge", r=4), video)
     np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected[0], atol=1e-4)

@@ -381,7 +381,15 @@ def test_convert_and_predict_through_the_cli(hf_timesformer, tmp_path):
     assert json.loads((ckpt / "model.json").read_text())["architecture"] == "timesformer"
     video = hf_video(seed=3, batch=1)
     np.save(tmp_path / "clip.npy", video.numpy()[0].transpose(0, 2, 3, 1))
-    args = ["predict", "--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.npy")]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--video",
+        str(tmp_path / "clip.npy"),
+        "--attention",
+        "xla",
+    ]
     assert (
         main([*args, "--mode", "drop", "--r", "3", "--save-logits", str(tmp_path / "l.npy")]) == 0
     )

@@ -377,7 +377,15 @@ def test_convert_and_predict_through_the_cli(hf_videomae, tmp_path, capsys):
     assert record["architecture"] == "videomae" and record["token_merging"]["prop_attn"] is False
     video = hf_video(seed=3, batch=1)
     np.save(tmp_path / "clip.npy", video.numpy()[0].transpose(0, 2, 3, 1))
-    args = ["predict", "--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.npy")]
+    args = [
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--video",
+        str(tmp_path / "clip.npy"),
+        "--attention",
+        "xla",
+    ]
     assert main([*args, "--r", "8", "--save-logits", str(tmp_path / "l.npy")]) == 0
     expected, _ = ours_logits(
         converted, ReductionSettings(mode="merge", r=8, prop_attn=False), video
