@@ -179,6 +179,9 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             raise UserError(f"eval needs config.{field}")
     if not data.get("data_dir"):
         raise UserError("eval needs config.dataset_configs.data_dir")
+    from vtm_jax.checkpoint import load_record
+
+    load_record(config.checkpoint)  # a wrong checkpoint fails before any dataset is built
     devices = jax.device_count()
     global_batch = data.get("test_batch_size") or devices
     if global_batch % devices:
