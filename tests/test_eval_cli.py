@@ -62,6 +62,15 @@ def test_eval_synthetic_from_config(tmp_path, capsys):
     # Another setting on the same results file is refused with one line.
     assert main([*args[:-1], "--config.token_merging.r=2"]) == 2
     assert "choose another" in capsys.readouterr().err
+    # Bad values are one-line errors before anything runs.
+    for bad, message in [
+        ("--config.dataset_configs.mean=(0.5, 0.5)", "mean must be 3 finite numbers"),
+        ("--config.dataset_configs.std=(0.0, 0.5, 0.5)", "std > 0"),
+        ("--config.eval.workers=-1", "workers must be at least 1"),
+    ]:
+        assert main([*args, bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
 
 
 def test_paper_table_script(tmp_path):
@@ -154,6 +163,8 @@ def test_eval_cli_same_metrics_on_eight_devices(tmp_path):
             "--config.dataset_configs.builder_options.test_examples=12",  # 8 devices: padded
             "--config.dataset_configs.builder_options.train_examples=8",
             f"--config.results_path={results}",
+            # Random draws are keyed by example, so they do not depend on the device count.
+            "--config.token_merging.mode=random_drop",
         ]
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

@@ -182,6 +182,11 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     from vtm_jax.checkpoint import load_record
 
     load_record(config.checkpoint)  # a wrong checkpoint fails before any dataset is built
+    if config.get("results_path"):
+        _check_output_dir(config.results_path)
+    workers = options.get("workers")
+    if workers is not None and workers < 1:
+        raise UserError(f"eval.workers must be at least 1, not {workers}")
     devices = jax.device_count()
     global_batch = data.get("test_batch_size") or devices
     if global_batch % devices:

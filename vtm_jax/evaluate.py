@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,11 @@ def evaluate(
             "token_merging": merging.to_dict(),
             "confusion_matrix": confusion_matrix,
             "predictions": predictions,
+            # Random modes draw per device batch (keyed by its first example): the batch
+            # size decides which videos share a draw, so it is part of such a run.
+            "batch_size_per_device": batch_size if merging.mode.startswith("random") else None,
+            # Where the data came from, so a rebuilt or different dataset is not resumed.
+            "source": _source_fingerprint(source),
         }
     )
     process, processes = jax.process_index(), jax.process_count()
@@ -173,7 +179,13 @@ def evaluate(
     model = build_model(record, merging, get_attention(attention))
     check_params_fit(model, params, record["input"])
     step = jax.pmap(
-        functools.partial(_eval_step, model=model, heads=tuple(heads), softmax_views=softmax_views),
+        functools.partial(
+            _eval_step,
+            model=model,
+            heads=tuple(heads),
+            softmax_views=softmax_views,
+            seed=merging.seed,
+        ),
         axis_name="batch",
         devices=local_devices,
     )
@@ -213,9 +225,25 @@ def evaluate(
     )
     states = [state] if processes == 1 else _allgather_json(state)
     results = _merge_states(states, run, info)
+    # Videos the annotations list but the dataset build did not find: not in the accuracy.
+    results["missing"] = sorted(map(str, getattr(source, "missing", None) or []))
     if results_path is not None and process == 0:
         _write_json(results_path, results)
     return results
+
+
+def _source_fingerprint(source: Any) -> dict[str, Any]:
+    """What identifies the examples: the dataset's name, split, builder config, version, place."""
+    info = getattr(source, "info", None)
+    fingerprint = {"length": len(source)}
+    if info is not None:
+        fingerprint.update(
+            name=getattr(info, "name", None),
+            config=getattr(info, "config_name", None),
+            version=str(getattr(info, "version", "")),
+            data_dir=str(getattr(info, "data_dir", "")),
+        )
+    return fingerprint
 
 
 class _Loaded(NamedTuple):
@@ -316,6 +344,19 @@ def resolve_preprocessing(
         raise UserError(
             f"the checkpoint records no preprocessing {', '.join(missing)}; give them explicitly"
         )
+    for key in ("mean", "std"):
+        values = prep[key]
+        try:
+            ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or (key == "std" and min(float(v) for v in values) <= 0):
+            raise UserError(
+                f"preprocessing {key} must be 3 finite numbers (std > 0), not {values!r}"
+            )
+    for key in ("num_frames", "stride", "min_resize", "crop_size"):
+        if not isinstance(prep[key], int) or prep[key] < 1:
+            raise UserError(f"preprocessing {key} must be a positive integer, not {prep[key]!r}")
     return _jsonable(prep)
 
 
@@ -387,6 +428,11 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(f"  {item['video_id']}: {item['reason']}")
         if len(results["skipped"]) > 10:
             lines.append(f"  ... and {len(results['skipped']) - 10} more")
+    if results.get("missing"):
+        lines.append(
+            f"{len(results['missing'])} listed video(s) were not found when the dataset was "
+            "built and are not counted (see the results file)"
+        )
     lines.append("")
     lines.append(
         f"{info['devices']} {info['device_kind']} device(s) in {info['processes']} process(es), "
@@ -396,11 +442,19 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _eval_step(params, batch, *, model, heads, softmax_views):
-    """One device's share of a step; sums are psum-ed, so each device holds the process's."""
+def _eval_step(params, batch, *, model, heads, softmax_views, seed):
+    """One device's share of a step; sums are psum-ed, so each device holds the process's.
+
+    Random modes get a fresh draw per device batch, keyed by the dataset index of its first
+    example: videos do not all share one random pattern, and the draw does not depend on how
+    many devices or processes run.
+    """
     videos = batch["inputs"]  # [B, V, T, S, S, 3]
     b, v = videos.shape[:2]
-    logits = model.apply({"params": params}, videos.reshape((b * v,) + videos.shape[2:]))
+    merge_rng = jax.random.fold_in(jax.random.PRNGKey(seed), batch["example_index"][0])
+    logits = model.apply(
+        {"params": params}, videos.reshape((b * v,) + videos.shape[2:]), merge_rng=merge_rng
+    )
     sums, top = view_metrics(
         logits.reshape(b, v, -1),
         batch["labels"],
@@ -437,10 +491,12 @@ def _host_batch(
     inputs = np.zeros((host_batch,) + view_shape, np.float32)
     labels = np.zeros((host_batch, num_heads), np.int32)
     mask = np.zeros((host_batch,), np.int32)
+    example_index = np.zeros((host_batch,), np.int32)
     for row, item in enumerate(loaded):
+        example_index[row] = item.index
         if item.views is not None:
             inputs[row], labels[row], mask[row] = item.views, item.labels, 1
-    return {"inputs": inputs, "labels": labels, "batch_mask": mask}
+    return {"inputs": inputs, "labels": labels, "batch_mask": mask, "example_index": example_index}
 
 
 def _shard(batch: dict[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
