@@ -422,3 +422,25 @@ def test_shard_indices_cover_and_partition():
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(UserError):
         shard_indices(10, 2, 2)
+
+
+def test_segment_sampling():
+    """SSv2's test sampling: the middle of each of num_frames equal segments."""
+    from vtm_jax.data.pipeline import segment_indices
+
+    # 33 frames, 4 segments of 8: bounds 0, 8, 16, 24, 32 -> middles 4, 12, 20, 28.
+    np.testing.assert_array_equal(segment_indices(33, 4), [[4, 12, 20, 28]])
+    np.testing.assert_array_equal(segment_indices(3, 4), [[0, 0, 1, 2]])
+    video = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    prep = {
+        "num_frames": 4,
+        "stride": 9,
+        "min_resize": 8,
+        "crop_size": 8,
+        "mean": [0.0] * 3,
+        "std": [1 / 255] * 3,
+    }
+    views = eval_views({"video": video, "video_id": "x"}, {**prep, "sampling": "segments"})
+    np.testing.assert_allclose(views[0, :, 0, 0, 0], [5, 15, 24, 34], atol=1e-3)
+    with pytest.raises(UserError, match="unknown sampling"):
+        eval_views({"video": video, "video_id": "x"}, {**prep, "sampling": "middle"})

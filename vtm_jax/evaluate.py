@@ -50,7 +50,7 @@ from vtm_jax.reduction import ReductionSettings
 
 RESULTS_FORMAT = "vtm-jax-eval"
 RESULTS_VERSION = 1
-PREPROCESSING_KEYS = ("num_frames", "stride", "min_resize", "crop_size", "mean", "std")
+PREPROCESSING_KEYS = ("num_frames", "stride", "min_resize", "crop_size", "mean", "std", "sampling")
 TOP_K = 5
 PREFETCH_BATCHES = 2
 
@@ -333,6 +333,7 @@ def resolve_preprocessing(
     prep = dict(record.get("preprocessing") or {})
     prep.setdefault("num_frames", record["input"]["num_frames"])
     prep.setdefault("crop_size", record["input"]["image_size"])
+    prep.setdefault("sampling", "stride")  # frames `stride` apart; "segments" for SSv2
     unknown = sorted(set(override or {}) - set(PREPROCESSING_KEYS))
     if unknown:
         raise UserError(

@@ -84,6 +84,8 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     data.class_splits = CLASS_SPLITS.get(dataset, config_dict.placeholder(tuple))
     data.num_frames = frames
     data.stride = strides[dataset]
+    # SlowFast's SSv2 test loader takes the middle frame of equal segments (no stride).
+    data.sampling = "segments" if dataset == "ssv2" else "stride"
     data.min_resize = 256
     data.crop_size = 224
     data.mean = mean

@@ -38,6 +38,22 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
+SAMPLINGS = ("stride", "segments")
+
+
+def segment_indices(total: int, num_frames: int, num_clips: int = 1) -> np.ndarray:
+    """The middle frame of each of ``num_frames`` equal segments of the video, per clip.
+
+    Something-Something's test sampling in the paper's code (SlowFast's SSv2 loader): the whole
+    video is covered whatever its length, and the stride plays no part.
+    """
+    if total < 1:
+        raise UserError("the video has no frames")
+    bounds = np.round(np.arange(num_frames + 1) * ((total - 1) / num_frames)).astype(np.int64)
+    clip = (bounds[:-1] + bounds[1:]) // 2
+    return np.tile(clip, (num_clips, 1))
+
+
 def clip_indices(total: int, num_frames: int, stride: int, num_clips: int = 1) -> np.ndarray:
     """Frame indices ``[num_clips, num_frames]`` of clips spread uniformly over a video.
 
@@ -182,9 +198,17 @@ def eval_views(
     video_id = as_text(example.get("video_id", "?"))
     video = np.asarray(example["video"])
     num_frames, stride = int(preprocessing["num_frames"]), int(preprocessing["stride"])
+    sampling = preprocessing.get("sampling", "stride")
+    if sampling not in SAMPLINGS:
+        raise UserError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
+
+    def sample(total: int) -> np.ndarray:
+        if sampling == "segments":
+            return segment_indices(total, num_frames, num_clips)
+        return clip_indices(total, num_frames, stride, num_clips)
 
     def choose(total: int) -> np.ndarray:
-        return np.unique(clip_indices(total, num_frames, stride, num_clips))
+        return np.unique(sample(total))
 
     if video.ndim == 4 and video.shape[-1] == 3:
         total = video.shape[0]
@@ -198,7 +222,7 @@ def eval_views(
             f"video {video_id}: expected frames [T, H, W, 3] or encoded bytes, "
             f"got {video.dtype} {video.shape}"
         )
-    indices = clip_indices(total, num_frames, stride, num_clips)
+    indices = sample(total)
     unique = np.unique(indices)
     stacked = np.stack([frames[int(i)] for i in unique]).astype(np.float32) / 255.0
     resized = _resize_on_host(stacked, int(preprocessing["min_resize"]))
