@@ -51,7 +51,9 @@ def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     if (new_h, new_w) == (h, w):
         return frames
-    resized = jax.image.resize(frames, (t, new_h, new_w, c), method="bilinear", antialias=True)
+    # Plain bilinear, no antialiasing: what the paper's SlowFast loaders (torch interpolate,
+    # align_corners=False) and Scenic's input pipeline (tf.image.resize) do.
+    resized = jax.image.resize(frames, (t, new_h, new_w, c), method="bilinear", antialias=False)
     return np.asarray(resized)
 
 
