@@ -7,6 +7,7 @@ broadcastable to ``[B, H, Nq, Nk]``; proportional attention passes ``log(size)``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -94,28 +95,142 @@ def jax_nn_attention(
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pallas_block_size(n: int) -> int:
+    """The flash kernel's tile for a sequence of ``n``: 512, 256 or 128 tokens.
+
+    Blocks are multiples of 128 (the kernel's lane width) and the sequence is padded to one;
+    the larger tile (fewer grid steps) is taken while its padding costs at most 1/16 more than
+    padding to 128, e.g. 3137 tokens: 256 (3328 padded), 2837: 512 (3072 padded).
+    """
+    base = _round_up(n, 128)
+    for block in (512, 256):
+        if _round_up(n, block) * 16 <= base * 17:
+            return block
+    return 128
+
+
+def pallas_tpu_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    block_size: int | None = None,
+    min_len: int = 128,
+    interpret: bool = False,
+) -> jax.Array:
+    """JAX's Pallas flash-attention kernel for TPUs (``pallas.ops.tpu.flash_attention``).
+
+    The kernel wants ``[B, H, N, d]``, sequence lengths divisible by its blocks and a bias
+    ``ab`` of exactly ``[B, H, Nq, Nk]``; it adds ``ab`` before multiplying by ``sm_scale``, so
+    ``q`` is scaled by ``1/sqrt(d)`` here (``sm_scale=1``), as in the other backends. Queries
+    and keys are zero-padded to the block (``block_size``, default :func:`pallas_block_size`);
+    padded queries are sliced off and padded keys masked out.
+
+    A key bias (``[B|1, H|1, 1, Nk]``, proportional attention's ``log(size)``) is not expanded
+    to ``[B, H, Nq, Nk]`` (470 MB per clip in f32 at 3137 tokens and 12 heads): it becomes an
+    extra head-dim column, ``q' = [q/sqrt(d), 1]``, ``k' = [k, bias]``, ``v' = [v, 0]``, with
+    the head dim padded to a multiple of 128 (64 -> 128); padded keys get a large negative
+    entry there. The bias then has ``q``'s dtype inside the kernel. Any other bias is expanded
+    and padded to ``[B, H, Nq, Nk]`` and passed as ``ab`` (that memory cost applies). Without a
+    bias, padded keys are masked with the kernel's segment ids.
+
+    Sequences shorter than ``min_len`` (TimeSformer's 8 temporal tokens, a single class query)
+    go to :func:`xla_attention`: padding them to a 128-token block wastes more than it saves.
+    ``interpret=True`` runs the kernel in Pallas's TPU interpreter on any platform (tests); it
+    covers the forward pass, a gradient must be traced under ``pltpu.force_tpu_interpret_mode``.
+    """
+    if not interpret and jax.default_backend() != "tpu":
+        raise UserError(
+            f"attention backend 'pallas_tpu' needs a TPU; this is {jax.default_backend()}"
+        )
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    if min(nq, nk) < min_len:
+        return xla_attention(q, k, v, bias=bias)
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    block_q = block_size or pallas_block_size(nq)
+    block_k = block_size or pallas_block_size(nk)
+    nq_pad, nk_pad = _round_up(nq, block_q), _round_up(nk, block_k)
+    mask_value = -0.5 * float(jnp.finfo(q.dtype).max)
+
+    def heads_first(x: jax.Array, n_pad: int) -> jax.Array:
+        x = jnp.transpose(x, (0, 2, 1, 3))  # [B, H, N, d], zero rows up to n_pad
+        return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - x.shape[2]), (0, 0)))
+
+    qt = heads_first(q / jnp.sqrt(d).astype(q.dtype), nq_pad)
+    kt, vt = heads_first(k, nk_pad), heads_first(v, nk_pad)
+    ab = segment_ids = None
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+    if bias is not None and bias.shape[2] == 1:  # a key bias: one more head-dim column
+        d_aug = _round_up(d + 1, 128)
+        key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(q.dtype)
+        key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
+        ones = jnp.ones((b, h, nq_pad, 1), q.dtype)
+        qt = jnp.pad(jnp.concatenate([qt, ones], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),))
+        kt = jnp.pad(
+            jnp.concatenate([kt, key_bias[..., None]], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),)
+        )
+        vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
+    elif bias is not None:  # a bias per query and key: the kernel's full [B, H, Nq, Nk] ab
+        ab = jnp.broadcast_to(bias, (b, h, nq, nk)).astype(jnp.float32)
+        ab = jnp.pad(ab, ((0, 0), (0, 0), (0, nq_pad - nq), (0, 0)))
+        ab = jnp.pad(ab, ((0, 0), (0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
+    elif nk_pad != nk:  # no bias: padded keys get segment 0, every query segment 1
+        q_ids = jnp.ones((b, nq_pad), jnp.int32)
+        kv_ids = jnp.broadcast_to((jnp.arange(nk_pad) < nk).astype(jnp.int32), (b, nk_pad))
+        segment_ids = fa.SegmentIds(q=q_ids, kv=kv_ids)
+
+    blocks = fa.BlockSizes(  # the backward blocks too, so that gradients run
+        block_q=block_q,
+        block_k_major=block_k,
+        block_k=block_k,
+        block_b=1,
+        block_q_major_dkv=block_q,
+        block_k_major_dkv=block_k,
+        block_k_dkv=block_k,
+        block_q_dkv=block_q,
+        block_k_major_dq=block_k,
+        block_k_dq=block_k,
+        block_q_dq=block_q,
+    )
+    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+        out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
+    return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
+
+
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "blockwise": blockwise_attention,
     "jax_nn": jax_nn_attention,  # XLA picks the implementation
     "cudnn": functools.partial(jax_nn_attention, implementation="cudnn"),
+    "pallas_tpu": pallas_tpu_attention,
 }
-GPU_ONLY = ("cudnn",)
+NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
 
 
 def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> AttentionFn:
     """The attention function for a backend name.
 
     ``auto``: ``blockwise`` on CPUs (materialising the logits is the bottleneck there),
-    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``xla`` elsewhere.
+    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``pallas_tpu`` on TPUs
+    (Pallas flash attention), ``xla`` elsewhere.
     """
     platform = jax.default_backend()
     if name == "auto":
-        name = {"cpu": "blockwise", "gpu": "jax_nn"}.get(platform, "xla")
+        name = {"cpu": "blockwise", "gpu": "jax_nn", "tpu": "pallas_tpu"}.get(platform, "xla")
     if name not in BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
-    if name in GPU_ONLY and platform != "gpu":
-        raise UserError(f"attention backend {name!r} needs a GPU; this is {platform}")
+    needs = NEEDS_PLATFORM.get(name)
+    if needs is not None and platform != needs:
+        raise UserError(f"attention backend {name!r} needs a {needs.upper()}; this is {platform}")
     fn = BACKENDS[name]
     if chunk_size is not None and name == "blockwise":
         fn = functools.partial(fn, chunk_size=chunk_size)
