@@ -1,0 +1,431 @@
+"""Pictures of which tokens merged: the paper's visualisations (method.md §4), from index sources.
+
+Models run with ``ReductionSettings(trace_source="index")`` sow one group id per original token
+(``-1`` for a token that was dropped). This module turns those ids into pictures drawn on the
+raw RGB frames:
+
+* every group is filled with its mean colour over all the pixels it covers, in every frame it
+  spans, so one merged token shows one colour across time (the paper's ``average_colour``);
+* a border is drawn on every pixel whose 4-neighbour in the same frame is in another group;
+* dropped tokens are dark grey with lighter diagonal hatching, never a group colour.
+
+Global merging (ViViT, VideoMAE) gives ids ``[N0]`` over ``(t h w)`` tokens (after a class
+token, if any). Per-frame merging (TimeSformer, ViViT-FE, Motionformer) gives ``[G, P0]``: one
+row per merge group, whose ids only mean something within that row. Motionformer's default
+``paper`` groups are not frames: member ``c`` of group ``g`` is flat patch ``c * G + g`` of the
+frame-major sequence (method.md §3.4), and :func:`frame_group_labels` puts each member back at
+its true ``(frame, y, x)``.
+
+Rendering is plain numpy and O(pixels): the index form is never expanded to an ``N x N0``
+matrix, so full-size ViViT-B (3137 tokens, 32 frames) fits easily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from vtm_jax.errors import UserError
+from vtm_jax.reduction import ReductionSettings
+
+DROPPED_DARK = (64, 64, 64)
+DROPPED_LIGHT = (112, 112, 112)
+BORDER = (255, 255, 255)
+LAYOUTS = ("frame", "interleaved")
+
+Patch = tuple[int, int, int]
+Grid = tuple[int, int, int]
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise UserError(
+            f"expected uint8 frames [T, H, W, 3], got {frames.dtype} shape {frames.shape}"
+        )
+    return frames
+
+
+def render_groups(
+    frames: np.ndarray,
+    labels: np.ndarray,
+    patch: Patch,
+    *,
+    border: tuple[int, int, int] = BORDER,
+) -> np.ndarray:
+    """Draw token groups on uint8 frames ``[T, H, W, 3]``; returns a new uint8 ``[T, H, W, 3]``.
+
+    ``labels`` is ``[T', h', w']``, one label per token of the ``(pt, ph, pw)`` patch grid:
+    tokens with the same label form one group (across frames too), ``-1`` means dropped.
+    """
+    frames = _check_frames(frames)
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise UserError(f"expected token labels [T', h', w'], got shape {labels.shape}")
+    pt, ph, pw = patch
+    t, h, w, _ = frames.shape
+    if (labels.shape[0] * pt, labels.shape[1] * ph, labels.shape[2] * pw) != (t, h, w):
+        raise UserError(
+            f"token grid {labels.shape} with patch {tuple(patch)} does not cover frames "
+            f"{frames.shape[:3]}"
+        )
+    # Compact ids 0..G-1 on the small token grid, then nearest-neighbour up to the pixels.
+    flat = labels.reshape(-1)
+    kept = flat >= 0
+    _, inverse = np.unique(flat[kept], return_inverse=True)
+    compact = np.full(flat.shape, -1, np.int64)
+    compact[kept] = inverse.reshape(-1)
+    pix = compact.reshape(labels.shape).repeat(pt, 0).repeat(ph, 1).repeat(pw, 2)
+    inside = pix >= 0
+    ids = pix[inside]
+    num_groups = int(compact.max()) + 1 if kept.any() else 0
+    counts = np.bincount(ids, minlength=num_groups)
+    sums = np.stack(
+        [
+            np.bincount(
+                ids, weights=frames[..., c][inside].astype(np.float64), minlength=num_groups
+            )
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    colours = np.round(sums / np.maximum(counts, 1)[:, None]).astype(np.uint8)
+    out = np.empty_like(frames)
+    out[inside] = colours[ids]
+    # Hatching makes dropped tokens unmistakable even next to a dark grey group.
+    yy, xx = np.indices((h, w))
+    hatch = np.where(((yy + xx) % 6 < 2)[..., None], DROPPED_LIGHT, DROPPED_DARK).astype(np.uint8)
+    dropped = ~inside
+    out[dropped] = np.broadcast_to(hatch, out.shape)[dropped]
+    # Borders only within a frame (time is not a neighbour) and only on group pixels.
+    edge = np.zeros(pix.shape, bool)
+    vertical = pix[:, 1:, :] != pix[:, :-1, :]
+    edge[:, 1:, :] |= vertical
+    edge[:, :-1, :] |= vertical
+    horizontal = pix[:, :, 1:] != pix[:, :, :-1]
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    out[edge & inside] = np.asarray(border, np.uint8)
+    return out
+
+
+def global_group_labels(group_ids: np.ndarray, grid: Grid, *, class_token: bool) -> np.ndarray:
+    """Token labels ``[T', h', w']`` from global index-form ids ``[N0]`` in ``(t h w)`` order."""
+    ids = np.asarray(group_ids)
+    if ids.ndim != 1:
+        raise UserError(f"expected global group ids [N0], got shape {ids.shape}")
+    if class_token:
+        ids = ids[1:]
+    if ids.size != int(np.prod(grid)):
+        raise UserError(
+            f"{ids.size} patch tokens do not fill the token grid {tuple(grid)}"
+            + (" (after the class token)" if class_token else "")
+        )
+    return ids.reshape(grid)
+
+
+def frame_group_labels(
+    group_ids: np.ndarray, grid: Grid, *, class_token: bool = False, layout: str = "frame"
+) -> np.ndarray:
+    """Token labels ``[T', h', w']`` from per-group index-form ids ``[G, P0]``.
+
+    ``layout`` says where member ``c`` of group ``g`` sits in the frame-major ``(t h w)`` token
+    order: ``frame`` at ``g * P + c`` (group ``g`` is frame ``g``: TimeSformer, ViViT-FE,
+    Motionformer ``per_frame``), ``interleaved`` at ``c * G + g`` (Motionformer's ``paper``
+    groups). Ids of different groups are kept apart, as they index different sequences.
+    """
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    ids = np.asarray(group_ids).astype(np.int64)
+    if ids.ndim != 2:
+        raise UserError(f"expected per-group ids [G, P0], got shape {ids.shape}")
+    row_size = ids.shape[1]
+    if class_token:
+        ids = ids[:, 1:]
+    groups, members = ids.shape
+    t, h, w = grid
+    if groups != t or members != h * w:
+        raise UserError(
+            f"per-group ids {ids.shape} do not fit the token grid {tuple(grid)} "
+            f"({t} groups of {h * w} tokens)"
+        )
+    labels = np.where(ids >= 0, np.arange(groups)[:, None] * row_size + ids, -1)
+    if layout == "interleaved":
+        labels = labels.T  # flat index c * G + g
+    return labels.reshape(grid)
+
+
+def render_global_groups(
+    frames: np.ndarray,
+    group_ids: np.ndarray,
+    grid: Grid,
+    patch: Patch,
+    *,
+    class_token: bool,
+) -> np.ndarray:
+    """Draw global merging (ViViT, VideoMAE): ids ``[N0]`` over ``(t h w)`` tokens."""
+    return render_groups(
+        frames, global_group_labels(group_ids, grid, class_token=class_token), patch
+    )
+
+
+def render_frame_groups(
+    frames: np.ndarray,
+    group_ids: np.ndarray,
+    grid: Grid,
+    patch: Patch,
+    *,
+    class_token: bool = False,
+    layout: str = "frame",
+) -> np.ndarray:
+    """Draw per-frame / per-group merging: ids ``[G, P0]`` (see :func:`frame_group_labels`)."""
+    labels = frame_group_labels(group_ids, grid, class_token=class_token, layout=layout)
+    return render_groups(frames, labels, patch)
+
+
+def frame_grid(frames: np.ndarray, ncols: int, *, gap: int = 2, fill: int = 255) -> np.ndarray:
+    """Frames ``[n, h, w, 3]`` pasted row by row into one image, ``gap`` pixels apart."""
+    frames = _check_frames(frames)
+    if ncols < 1:
+        raise UserError(f"ncols must be at least 1, not {ncols}")
+    n, h, w, _ = frames.shape
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    image = np.full(
+        (nrows * h + (nrows - 1) * gap, ncols * w + (ncols - 1) * gap, 3), fill, np.uint8
+    )
+    for i, frame in enumerate(frames):
+        top, left = (i // ncols) * (h + gap), (i % ncols) * (w + gap)
+        image[top : top + h, left : left + w] = frame
+    return image
+
+
+def write_png(path: str, image: np.ndarray) -> str:
+    """Save one uint8 image ``[H, W, 3]`` as PNG; returns ``path``."""
+    from PIL import Image
+
+    Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")
+    return path
+
+
+def write_comparison_png(
+    path: str, frames: np.ndarray, merged: np.ndarray, *, ncols: int, gap: int = 2
+) -> str:
+    """The input frames as a grid above the merged view as the same grid, in one PNG."""
+    top, bottom = frame_grid(frames, ncols, gap=gap), frame_grid(merged, ncols, gap=gap)
+    spacer = np.full((gap * 4, top.shape[1], 3), 255, np.uint8)
+    return write_png(path, np.concatenate([top, spacer, bottom], axis=0))
+
+
+def write_gif(
+    path: str, frames: np.ndarray, merged: np.ndarray, *, fps: float = 4.0, gap: int = 2
+) -> str:
+    """An animated GIF, input frame beside merged frame, looping.
+
+    GIF has a 256-colour palette per frame, so colours are approximate (the PNG is exact);
+    Pillow also folds identical consecutive frames into one longer frame.
+    """
+    from PIL import Image
+
+    frames, merged = _check_frames(frames), _check_frames(merged)
+    if frames.shape != merged.shape:
+        raise UserError(f"frames {frames.shape} and merged view {merged.shape} differ in shape")
+    spacer = np.full(frames.shape[:2] + (gap, 3), 255, np.uint8)
+    pairs = np.concatenate([frames, spacer, merged], axis=2)
+    images = [Image.fromarray(p) for p in pairs]
+    images[0].save(
+        path,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(1, round(1000 / fps)),
+        loop=0,
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a checkpoint
+
+
+class GroupLayout(NamedTuple):
+    """How an architecture's sown source maps to the token grid."""
+
+    per_group: bool  # sources [G, P0] (per frame / group) rather than [1, N0]
+    class_token: bool  # a class token at index 0 of each source row
+    patch: Patch  # (pt, ph, pw) pixels per token
+    layout: str  # frame or interleaved (per-group sources only)
+
+
+def group_layout(record: Mapping[str, Any], model: Any) -> GroupLayout:
+    """Where each architecture's source ids live (read from the model's own attributes)."""
+    arch = record["architecture"]
+    if arch in ("vivit", "videomae"):
+        class_token = arch == "vivit" and model.classifier == "token"
+        return GroupLayout(False, class_token, tuple(model.patch_size), "frame")
+    if arch == "vivit_factorised_encoder":
+        return GroupLayout(True, model.classifier == "token", tuple(model.patch_size), "frame")
+    if arch == "timesformer":
+        # Sources are per frame ([B T, p0]) although the hidden states are in (p t) order.
+        return GroupLayout(True, False, (1, *model.patch_size), "frame")
+    if arch == "motionformer":
+        paper = model.merging.motionformer_groups == "paper"
+        return GroupLayout(
+            True, False, tuple(model.patch_size), "interleaved" if paper else "frame"
+        )
+    raise UserError(f"cannot visualise merging for architecture {arch!r}")
+
+
+def merging_layers(model: Any) -> int:
+    """Number of layers whose r list the settings describe (ViViT-FE: its spatial encoder)."""
+    if hasattr(model, "spatial_num_layers"):
+        return int(model.spatial_num_layers)
+    return int(model.num_layers)
+
+
+def layer_settings(settings: ReductionSettings, num_layers: int, layer: int) -> ReductionSettings:
+    """``settings`` reduced to the first ``layer`` layers (1-based), tracing index sources.
+
+    Every later layer gets r = 0, so the sown groups are those after layer ``layer``; earlier
+    layers keep their r and their step keys, so they make the same decisions as the full run.
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+        raise UserError(f"layers must be integers, not {layer!r}")
+    if not 1 <= layer <= num_layers:
+        raise UserError(f"layer {layer} is out of range: the model has layers 1 to {num_layers}")
+    if settings.duplicate is not None:
+        # All reduction happens at the duplicated layer: either it has run or nothing has.
+        if settings.duplicate[0] < layer:
+            return dataclasses.replace(settings, trace_source="index")
+        return dataclasses.replace(
+            settings, duplicate=None, r=0, schedule=0.0, trace_source="index"
+        )
+    per_layer = settings.layer_r(num_layers)
+    r = list(per_layer[:layer]) + [0] * (num_layers - layer)
+    return dataclasses.replace(settings, r=r, schedule=0.0, trace_source="index")
+
+
+def raw_frames(clip: np.ndarray, record: Mapping[str, Any]) -> np.ndarray:
+    """Undo the record's normalisation of a model-ready clip: uint8 RGB ``[T, H, W, 3]``.
+
+    This gives the sampled, resized and cropped pixels the model saw, so pictures line up with
+    the tokens. Without a stored mean and std the clip is stretched to the full range.
+    """
+    clip = np.asarray(clip, np.float32)
+    prep = record.get("preprocessing") or {}
+    if "mean" in prep and "std" in prep:
+        pixels = clip * np.asarray(prep["std"], np.float32) + np.asarray(prep["mean"], np.float32)
+    else:
+        lo, hi = float(clip.min()), float(clip.max())
+        pixels = (clip - lo) / (hi - lo if hi > lo else 1.0)
+    return np.clip(np.round(pixels * 255.0), 0, 255).astype(np.uint8)
+
+
+class GroupTrace(NamedTuple):
+    """What :func:`trace_groups` found: raw frames, pixels per token, labels per layer."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    patch: Patch
+    labels: dict[int, np.ndarray]  # layer -> [T', h', w'] token labels, -1 dropped
+
+
+def _check_layers(layers: int | Sequence[int]) -> list[int]:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not layers:
+        raise UserError("give at least one layer to visualise")
+    return list(dict.fromkeys(layers))  # in the order given, each once
+
+
+def trace_groups(
+    checkpoint_dir: str,
+    video_path: str,
+    *,
+    layers: int | Sequence[int],
+    merging: ReductionSettings | None = None,
+    attention: str = "auto",
+) -> GroupTrace:
+    """Run a checkpoint on one clip once per layer and return the token groups after each.
+
+    ``merging=None`` uses the reduction settings stored in the checkpoint record.
+    """
+    import flax.errors
+    import jax
+    import jax.numpy as jnp
+
+    from vtm_jax.attention import get_attention
+    from vtm_jax.checkpoint import load_checkpoint
+    from vtm_jax.models.registry import build_model
+    from vtm_jax.predict import load_clip
+
+    layers = _check_layers(layers)
+    params, record = load_checkpoint(checkpoint_dir)
+    if merging is None:
+        merging = ReductionSettings.from_dict(record.get("token_merging"))
+    attention_fn = get_attention(attention)
+    base = build_model(record, dataclasses.replace(merging, trace_source="index"), attention_fn)
+    geometry = group_layout(record, base)
+    num_layers = merging_layers(base)
+    per_layer = {layer: layer_settings(merging, num_layers, layer) for layer in layers}
+    clip = load_clip(video_path, record)
+    frames = raw_frames(clip, record)
+    pt, ph, pw = geometry.patch
+    grid = (frames.shape[0] // pt, frames.shape[1] // ph, frames.shape[2] // pw)
+    labels = {}
+    for layer, settings in per_layer.items():
+        model = build_model(record, settings, attention_fn)
+
+        def run(variables, video, model=model):
+            return model.apply(variables, video, mutable=["intermediates"])[1]
+
+        try:
+            state = jax.jit(run)({"params": params}, jnp.asarray(clip)[None])
+        except flax.errors.FlaxError as e:
+            raise UserError(
+                f"{checkpoint_dir}: parameters do not fit model.json: {e}".splitlines()[0]
+            ) from None
+        source = np.asarray(state["intermediates"]["source"][0])
+        if geometry.per_group:
+            labels[layer] = frame_group_labels(
+                source, grid, class_token=geometry.class_token, layout=geometry.layout
+            )
+        else:
+            labels[layer] = global_group_labels(source[0], grid, class_token=geometry.class_token)
+    return GroupTrace(frames, geometry.patch, labels)
+
+
+def visualize(
+    checkpoint_dir: str,
+    video_path: str,
+    *,
+    layers: int | Sequence[int],
+    out_dir: str,
+    merging: ReductionSettings | None = None,
+    attention: str = "auto",
+    ncols: int | None = None,
+    fps: float = 4.0,
+) -> list[str]:
+    """Write the merge pictures of one clip after each layer; returns the paths written.
+
+    Files in ``out_dir``: ``<stem>_input.png`` (the input frames as a grid), and per layer
+    ``<stem>_layer<L>.png`` (input grid above the merged view) and ``<stem>_layer<L>.gif``
+    (input beside merged, animated). ``ncols`` defaults to ``min(8, frames)``, as the paper's
+    grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12).
+    """
+    trace = trace_groups(
+        checkpoint_dir, video_path, layers=layers, merging=merging, attention=attention
+    )
+    frames = trace.frames
+    ncols = ncols or min(8, frames.shape[0])
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(video_path))[0]
+    paths = [write_png(os.path.join(out_dir, f"{stem}_input.png"), frame_grid(frames, ncols))]
+    for layer, labels in trace.labels.items():
+        merged = render_groups(frames, labels, trace.patch)
+        base = os.path.join(out_dir, f"{stem}_layer{layer}")
+        paths.append(write_comparison_png(base + ".png", frames, merged, ncols=ncols))
+        paths.append(write_gif(base + ".gif", frames, merged, fps=fps))
+    return paths
