@@ -1,4 +1,4 @@
-"""The ``vtm-jax`` command: convert, predict, eval, bench.
+"""The ``vtm-jax`` command: convert, predict, eval, bench, train, visualize, demo.
 
 Bad input ends with one line ``vtm-jax: error: ...`` and exit status 2, never a traceback.
 """
@@ -234,11 +234,67 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             print(f"\nresults written to {config.results_path}")
 
 
+def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.config import load_config
+    from vtm_jax.train import train
+
+    config = load_config(config_args)
+    for field in ("dataset_name", "batch_size"):
+        if not config.get(field):
+            raise UserError(f"train needs config.{field}")
+    if not config.get("dataset_configs", {}).get("data_dir"):
+        raise UserError("train needs config.dataset_configs.data_dir")
+    train(config, args.workdir)
+
+
+def _demo(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.config import load_config
+    from vtm_jax.demo import demo_config, run_demo, shipped_checkpoint
+
+    checkpoint = args.checkpoint or shipped_checkpoint()
+    config = load_config(config_args) if config_args else demo_config(checkpoint)
+    for block in ("dataset_configs", "token_merging", "demo"):
+        if not config.get(block):
+            raise UserError(f"demo needs config.{block}")
+    run_demo(config, checkpoint=checkpoint, out_dir=args.out)
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from vtm_jax.visualize import visualize
+
+    merging = None
+    if args.mode is not None or args.r is not None:
+        from vtm_jax.checkpoint import load_record
+
+        merging = _merging_from_args(args, load_record(args.checkpoint).get("token_merging"))
+    layers = args.layers
+    if layers is None:  # a third, two thirds and all of the way through, as the paper's figure
+        from vtm_jax.checkpoint import load_record
+
+        model = load_record(args.checkpoint)["model"]
+        n = int(model.get("num_layers") or model.get("spatial_num_layers") or 12)
+        layers = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
+    os.makedirs(args.out, exist_ok=True)
+    written = visualize(
+        args.checkpoint,
+        args.video,
+        layers=layers,
+        out_dir=args.out,
+        merging=merging,
+        attention=args.attention,
+    )
+    for path in written:
+        print(f"wrote {path}")
+
+
 def _check_output_dir(path: str | None) -> None:
     """Fail before a long run, not after it, when a result file cannot be written."""
     parent = os.path.dirname(os.path.abspath(path)) if path else None
     if parent and not os.path.isdir(parent):
         raise UserError(f"cannot write {path}: no directory {parent}")
+
+
+CONFIG_COMMANDS = ("bench", "eval", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +340,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="accuracy of a checkpoint on a dataset, on every device",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
+    train = sub.add_parser(
+        "train",
+        help="train or fine-tune with optax (optionally with merging); resumes when rerun",
+        description="--config=FILE.py and --config.field=value overrides, as in Scenic",
+    )
+    train.add_argument(
+        "--workdir",
+        required=True,
+        help="checkpoints, train_log.jsonl and the exported model/ (rerun to resume)",
+    )
+    vis = sub.add_parser("visualize", help="draw which tokens merged, as PNG grids and a GIF")
+    vis.add_argument("--checkpoint", required=True)
+    vis.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
+    vis.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="draw after these layers (1-based; default: a third, two thirds and the last)",
+    )
+    vis.add_argument("--out", default="out/visualize", help="directory for the pictures")
+    vis.add_argument("--mode", choices=tuple(RULES))
+    vis.add_argument("--r", type=int, help="tokens removed per layer")
+    vis.add_argument("--schedule", type=float)
+    vis.add_argument("--threshold", type=float)
+    vis.add_argument("--prop-attn", action=argparse.BooleanOptionalAction)
+    vis.add_argument("--head-aggregation", choices=("mean", "concat"))
+    vis.add_argument("--seed", type=int)
+    vis.add_argument("--attention", default="auto", help="attention backend")
+
+    demo = sub.add_parser(
+        "demo",
+        help="the paper's table in miniature on the shipped checkpoint (the README's first command)",
+        description="optional --config=FILE.py (default: the checkpoint's own training config)",
+    )
+    demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
+    demo.add_argument("--out", default="out/demo", help="directory for results and pictures")
     for multi_host in (bench, evaluate):
         multi_host.add_argument(
             "--distributed", action="store_true", help="jax.distributed, auto-detected"
@@ -304,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--config" in config_args:
         parser.error("write --config=FILE (with '=')")
     args = parser.parse_args([a for a in argv if a not in config_args])
-    if config_args and args.command not in ("bench", "eval"):
+    if config_args and args.command not in CONFIG_COMMANDS:
         parser.error(f"{args.command} takes no --config")
     try:
         _check_output_dir(args.save_logits if args.command == "predict" else None)
@@ -315,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _predict(args)
         elif args.command == "eval":
             _eval(args, config_args)
+        elif args.command == "train":
+            _train(args, config_args)
+        elif args.command == "demo":
+            _demo(args, config_args)
+        elif args.command == "visualize":
+            _visualize(args)
         else:
             _bench(args, config_args)
     except UserError as e:
