@@ -19,6 +19,18 @@ RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
+# Bare Scenic msgpack checkpoints that a Scenic config describes (absolute path -> record);
+# see use_scenic_checkpoint.
+_SCENIC_CHECKPOINTS: dict[str, dict[str, Any]] = {}
+
+
+def use_scenic_checkpoint(path: str, record: dict[str, Any]) -> None:
+    """Let :func:`load_record` and :func:`load_checkpoint` read the Scenic msgpack checkpoint
+    at ``path`` (a file or a directory of ``checkpoint_<step>`` files) as the model ``record``
+    describes. ``vtm-jax eval`` does this for the ``checkpoint`` of a Scenic ViViT config, whose
+    model and data fields say what ``vtm-jax convert`` would otherwise need to be told."""
+    _SCENIC_CHECKPOINTS[os.path.abspath(path)] = {**record, "scenic_checkpoint": path}
+
 
 def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None:
     """Write ``params`` and ``record`` to a new checkpoint directory."""
@@ -37,9 +49,17 @@ def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None
 
 
 def load_record(directory: str) -> dict[str, Any]:
+    """The record of a checkpoint directory (or of a Scenic checkpoint in use)."""
+    scenic = _SCENIC_CHECKPOINTS.get(os.path.abspath(directory))
+    if scenic is not None:
+        return dict(scenic)
     path = os.path.join(directory, RECORD_FILE)
     if not os.path.isfile(path):
-        raise UserError(f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE})")
+        raise UserError(
+            f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE}); a Scenic msgpack "
+            "checkpoint is read with a Scenic ViViT config, or converted with "
+            "`vtm-jax convert --source scenic`"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
@@ -79,6 +99,8 @@ def load_checkpoint(directory: str) -> tuple[Any, dict[str, Any]]:
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
+    if directory in _SCENIC_CHECKPOINTS:
+        return _load_scenic(directory)
     record = load_record(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -94,3 +116,22 @@ def _to_numpy(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _to_numpy(v) for k, v in tree.items()}
     return np.asarray(tree)
+
+
+def _load_scenic(path: str) -> tuple[Any, dict[str, Any]]:
+    """Params of a Scenic checkpoint in use, checked against the model its config describes."""
+    from vtm_jax.convert.scenic import read_scenic_checkpoint
+    from vtm_jax.models.registry import build_model, check_params_fit
+
+    record = dict(_SCENIC_CHECKPOINTS[path])
+    params = read_scenic_checkpoint(path)
+    fields = ", ".join(f"{k}={v}" for k, v in record["model"].items())
+    size = record["input"]
+    try:
+        check_params_fit(build_model(record), params, size)
+    except UserError as e:
+        raise UserError(
+            f"{path} does not fit the config's model ({record['architecture']}: {fields}; "
+            f"input {size['num_frames']}x{size['image_size']}x{size['image_size']}): {e}"
+        ) from None
+    return params, record

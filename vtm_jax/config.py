@@ -14,37 +14,71 @@ import ml_collections
 from ml_collections import config_dict
 
 from vtm_jax.errors import UserError
+from vtm_jax.scenic_config import SCENIC_VIVIT_MODELS
 
 
 def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
-    """Parse ``--config=FILE`` and ``--config.x=y`` arguments into a ConfigDict."""
+    """Parse ``--config=FILE`` and ``--config.x=y`` arguments into a ConfigDict.
+
+    The file is loaded first; vtm-jax's fields it lacks are added (a ``token_merging`` block,
+    and for Scenic ViViT configs the checkpoint, data and eval fields, see
+    :mod:`vtm_jax.scenic_config`), so overrides of them work on a Scenic config file as it is.
+    Then the overrides are applied, and a Scenic config's fields are checked and translated;
+    the fields vtm-jax does not read are reported once, on stderr.
+    """
+    import sys
+
     from absl import flags
     from ml_collections import config_flags
 
-    argv = ["vtm-jax", *args]
-    flag_values = flags.FlagValues()
+    from vtm_jax import scenic_config
+
+    files = [a for a in args if a.startswith("--config=")]
+    overrides = [a for a in args if not a.startswith("--config=")]
+    if not files:
+        raise UserError("no --config=FILE given")
+    file_flags = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+        "config", flag_values=file_flags, lock_config=False, sys_argv=["vtm-jax", files[-1]]
     )
     try:
-        flag_values(argv)
-        config = flag_values.config  # absl loads the file lazily: errors surface here
+        file_flags(["vtm-jax", files[-1]])
+        config = file_flags.config  # absl loads the file lazily: errors surface here
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"bad config: {_first_line(e)}") from None
     except (OSError, SyntaxError, ImportError) as e:
-        raise UserError(f"cannot load config: {_first_line(e)}") from None
+        hint = ""
+        if isinstance(e, ImportError) and (e.name or "").split(".")[0] == "scenic":
+            hint = ' (the config imports Scenic: pip install "vtm-jax[scenic]")'
+        raise UserError(f"cannot load config: {_first_line(e)}{hint}") from None
     if config is None:
         raise UserError("no --config=FILE given")
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config() must return a ConfigDict, not {type(config).__name__}")
+    prepared = scenic_config.add_defaults(config)
+    config.lock()
+    override_flags = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict(
+            "config",
+            config,
+            flag_values=override_flags,
+            lock_config=True,
+            sys_argv=["vtm-jax", *overrides],
+        )
+        override_flags(["vtm-jax", *overrides])
+        config = override_flags.config
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"bad config: {_first_line(e)}") from None
+    with config.unlocked():
+        ignored = scenic_config.finish(config, prepared, overrides)
+    if ignored:
+        print(f"vtm-jax: ignored Scenic fields: {', '.join(ignored)}", file=sys.stderr)
     return config
 
 
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
 
 
 def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -74,17 +108,10 @@ def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    from vtm_jax.scenic_config import check_model
+
+    architecture = check_model(config)
     model = config.model
-    kind = model.get("attention_config", {}).get("type", "spacetime")
-    if kind not in ("spacetime", "factorized_encoder"):
-        raise UserError(
-            f"attention_config.type {kind!r} is not supported; valid: spacetime, factorized_encoder"
-        )
-    method = model.get("temporal_encoding_config", {}).get("method", "3d_conv")
-    if method != "3d_conv":
-        raise UserError(
-            f"temporal_encoding_config.method {method!r} is not supported; valid: 3d_conv"
-        )
     h, w, t = model.patches.size  # Scenic orders patch sizes (h, w, t)
     data = config.dataset_configs
     common = {
@@ -94,15 +121,13 @@ def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "classifier": model.get("classifier", "token"),
         "representation_size": model.get("representation_size"),
     }
-    if kind == "spacetime":
-        architecture = "vivit"
+    if architecture == "vivit":
         sizes = {
             "num_heads": model.num_heads,
             "mlp_dim": model.mlp_dim,
             "num_layers": model.num_layers,
         }
     else:
-        architecture = "vivit_factorised_encoder"
         sizes = {
             f"{part}_{field}": model[f"{part}_transformer"][field]
             for part in ("spatial", "temporal")

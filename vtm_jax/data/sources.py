@@ -129,7 +129,13 @@ def make_builder(
     ``train_examples``, ``test_examples``, ``seed``).
     """
     if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        hint = ""
+        if name == "video_tfrecord_dataset":  # a Scenic config's loader
+            hint = (
+                " (Scenic's TFRecord loader, which vtm-jax does not read: set "
+                "--config.dataset_name and --config.dataset_configs.data_dir)"
+            )
+        raise UserError(f"unknown dataset {name!r}{hint}; valid: {', '.join(DATASETS)}")
     module_name, class_name, _ = DATASETS[name]
     builder_cls = getattr(importlib.import_module(module_name), class_name)
     kwargs: dict[str, Any] = {"data_dir": os.path.abspath(data_dir), "file_format": "array_record"}

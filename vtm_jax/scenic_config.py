@@ -1,0 +1,337 @@
+"""Scenic ViViT config files as they are: vtm-jax's defaults added, Scenic's fields read.
+
+A Scenic config (``scenic/projects/vivit/configs/...``) runs unchanged through ``vtm-jax eval``
+and ``vtm-jax bench``. Reading one takes two steps around the command-line overrides:
+
+1. :func:`add_defaults`, before the overrides: vtm-jax's own fields that the file lacks
+   (``token_merging``, ``checkpoint``, ``results_path``, ``eval``, ``bench``,
+   ``dataset_configs.data_dir`` ...) are added, and Scenic's data fields it leaves out get the
+   defaults of Scenic's video loader, so ``--config.token_merging.r=300`` or
+   ``--config.dataset_configs.data_dir=...`` override a field that exists. Scenic's
+   ``checkpoint = True`` (its save-checkpoints switch) makes way for vtm-jax's checkpoint path.
+2. :func:`finish`, after them: unsupported values are an error, ``zero_centering`` becomes
+   vtm-jax's ``mean``/``std``, a bare Scenic msgpack ``checkpoint`` is described by the
+   config's model (:func:`vtm_jax.checkpoint.use_scenic_checkpoint`), and every field vtm-jax
+   does not read is listed once (:func:`ignored_fields`).
+
+Training fields (``optimizer``, ``lr_configs``, ``init_from`` (the ImageNet initialisation),
+``augmentation_params``, dropout rates ...) and Scenic's TFRecord locations (``base_dir``,
+``tables``, ``examples_per_subset``) are such fields: vtm-jax evaluates with its own datasets
+(``--config.dataset_name=synthetic|kinetics400|ssv2|epic_kitchens``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import ml_collections
+from ml_collections import config_dict
+
+from vtm_jax.errors import UserError
+
+SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
+ATTENTION_TYPES = {"spacetime": "vivit", "factorized_encoder": "vivit_factorised_encoder"}
+CLASSIFIERS = ("token", "gap")
+ENCODER_FIELDS = ("num_heads", "mlp_dim", "num_layers")
+
+# Defaults of Scenic's video loader (vivit/data/video_tfrecord_dataset.py) for the fields vtm-jax
+# reads; zero_centering (default True there) is added only where no mean/std is given.
+LOADER_DEFAULTS: dict[str, Any] = {
+    "num_frames": 32,
+    "stride": 2,
+    "min_resize": 256,
+    "crop_size": 224,
+    "num_test_clips": 1,
+    "do_three_spatial_crops": False,
+}
+
+# Fields vtm-jax reads; a name ending in "." covers everything below it.
+_TOP_USED = (
+    "experiment_name",
+    "model_name",
+    "dataset_name",
+    "model_dtype_str",
+    "data_dtype_str",
+    "multicrop_softmax_logits",
+    "checkpoint",
+    "results_path",
+    "token_merging.",
+    "eval.",
+    "bench.",
+)
+_MODEL_USED = (
+    "attention_config.type",
+    "attention_config.spatial_only_baseline",
+    "hidden_size",
+    "patches.size",
+    "temporal_encoding_config.method",
+    "classifier",
+    "representation_size",
+    "return_prelogits",
+    "return_preclassifier",
+)
+_DATA_USED = (
+    "num_classes",
+    "class_splits",
+    "num_frames",
+    "stride",
+    "min_resize",
+    "crop_size",
+    "zero_centering",
+    "mean",
+    "std",
+    "sampling",
+    "num_test_clips",
+    "do_three_spatial_crops",
+    "test_batch_size",
+    "data_dir",
+    "manual_dir",
+    "split",
+    "test_split",
+    "builder_options.",
+)
+
+
+class Prepared(NamedTuple):
+    """What :func:`add_defaults` did, for :func:`finish`."""
+
+    added_token_merging: bool
+    notes: tuple[str, ...]  # fields replaced before the overrides, for the ignored report
+
+
+def is_scenic_vivit(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` is in Scenic's ViViT schema (``model_name`` vivit_classification)."""
+    return config.get("model_name", "vivit_classification") in SCENIC_VIVIT_MODELS
+
+
+def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
+    """Add vtm-jax's fields (and Scenic's loader defaults) that ``config`` lacks; in place."""
+    from vtm_jax.config import bench_config, token_merging_config
+
+    added_token_merging = "token_merging" not in config
+    if added_token_merging:
+        config.token_merging = token_merging_config()
+    if not is_scenic_vivit(config):
+        return Prepared(added_token_merging, ())
+    notes = []
+    if isinstance(config.get("checkpoint"), bool):
+        notes.append(f"checkpoint={config.checkpoint} (Scenic's save-checkpoints switch)")
+        del config["checkpoint"]
+    for name in ("checkpoint", "results_path"):
+        if name not in config:
+            config[name] = config_dict.placeholder(str)
+    if "eval" not in config:
+        config.eval = ml_collections.ConfigDict(
+            {
+                "attention": "auto",
+                "limit": config_dict.placeholder(int),
+                "overwrite": False,
+                "confusion_matrix": False,
+                "predictions": False,
+                "workers": config_dict.placeholder(int),
+            }
+        )
+    if "bench" not in config:
+        config.bench = bench_config()
+    if "dataset_configs" not in config:
+        config.dataset_configs = ml_collections.ConfigDict()
+    data = config.dataset_configs
+    for name in ("data_dir", "manual_dir"):
+        if name not in data:
+            data[name] = config_dict.placeholder(str)
+    if "split" not in data:
+        data.split = data.get("test_split") or "test"
+    if "builder_options" not in data:
+        data.builder_options = config_dict.placeholder(dict)
+    if "test_batch_size" not in data:
+        data.test_batch_size = config_dict.placeholder(int)
+    if "sampling" not in data:
+        data.sampling = "stride"
+    for name, value in LOADER_DEFAULTS.items():
+        if name not in data:
+            data[name] = value
+    has_mean = data.get("mean") is not None or data.get("std") is not None
+    if "zero_centering" not in data and not has_mean:
+        data.zero_centering = True
+    for name in ("mean", "std"):
+        if name not in data:
+            data[name] = config_dict.placeholder(tuple)
+    model = config.get("model")
+    if isinstance(model, ml_collections.ConfigDict) and model.get("representation_size") is None:
+        # Scenic writes None; a typed placeholder lets --config.model.representation_size=N work.
+        if "representation_size" in model:
+            del model["representation_size"]
+        model.representation_size = config_dict.placeholder(int)
+    return Prepared(added_token_merging, tuple(notes))
+
+
+def finish(
+    config: ml_collections.ConfigDict, prepared: Prepared, overrides: Sequence[str]
+) -> list[str]:
+    """Check and translate ``config`` after the overrides; returns the ignored-field report.
+
+    A ``token_merging`` block that vtm-jax added and no override touched is removed again, so
+    ``vtm-jax eval`` still uses the settings a checkpoint stores.
+    """
+    if prepared.added_token_merging and not any(
+        arg.startswith(("--config.token_merging.", "--config.token_merging=")) for arg in overrides
+    ):
+        del config["token_merging"]
+    if not is_scenic_vivit(config):
+        return []
+    check_model(config)
+    for name in ("model_dtype_str", "data_dtype_str"):
+        value = config.get(name, "float32")
+        if value != "float32":
+            raise UserError(f"{name} {value!r} is not supported: vtm-jax runs float32")
+    data = config.dataset_configs
+    if data.get("mean") is None and data.get("std") is None:
+        if data.get("zero_centering") is not None:
+            # Scenic's loader: pixels in [0, 1], then [-1, 1] with zero centring.
+            data.mean = (0.5,) * 3 if data.zero_centering else (0.0,) * 3
+            data.std = (0.5,) * 3 if data.zero_centering else (1.0,) * 3
+    elif data.get("mean") is None or data.get("std") is None:
+        raise UserError("dataset_configs.mean and dataset_configs.std go together")
+    checkpoint = config.get("checkpoint")
+    if checkpoint and is_scenic_checkpoint(checkpoint):
+        from vtm_jax.checkpoint import use_scenic_checkpoint
+
+        use_scenic_checkpoint(checkpoint, scenic_record(config))
+    return [*prepared.notes, *ignored_fields(config)]
+
+
+def check_model(config: ml_collections.ConfigDict) -> str:
+    """A UserError for a Scenic ViViT setting vtm-jax does not implement; the architecture."""
+    model = config.get("model")
+    if not isinstance(model, ml_collections.ConfigDict):
+        raise UserError("a Scenic ViViT config needs a model block")
+    attention = model.get("attention_config") or {}
+    kind = attention.get("type", "spacetime")
+    if kind not in ATTENTION_TYPES:
+        raise UserError(
+            f"model.attention_config.type {kind!r} is not supported; valid: "
+            f"{', '.join(ATTENTION_TYPES)}"
+        )
+    if attention.get("spatial_only_baseline", False):
+        raise UserError("model.attention_config.spatial_only_baseline=True is not supported")
+    method = (model.get("temporal_encoding_config") or {}).get("method", "3d_conv")
+    if method != "3d_conv":
+        raise UserError(
+            f"model.temporal_encoding_config.method {method!r} is not supported; valid: 3d_conv"
+        )
+    classifier = model.get("classifier", "token")
+    if classifier not in CLASSIFIERS:
+        raise UserError(
+            f"model.classifier {classifier!r} is not supported; valid: {', '.join(CLASSIFIERS)}"
+        )
+    for name in ("return_prelogits", "return_preclassifier"):
+        if model.get(name, False):
+            raise UserError(f"model.{name}=True is not supported: vtm-jax returns logits")
+    size = (model.get("patches") or {}).get("size")
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 3
+        or not all(isinstance(v, int) and v > 0 for v in size)
+    ):
+        raise UserError(
+            f"model.patches.size must be 3 positive integers in Scenic's (h, w, t) order, "
+            f"not {size!r}"
+        )
+    if config.get("model_name", "vivit_classification") == "vivit_multihead_classification":
+        if not config.get("dataset_configs", {}).get("class_splits"):
+            raise UserError("vivit_multihead_classification needs dataset_configs.class_splits")
+    return ATTENTION_TYPES[kind]
+
+
+def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Fields of a Scenic ViViT config that vtm-jax does not read, whole blocks collapsed."""
+    model = config.get("model", {})
+    kind = (model.get("attention_config") or {}).get("type", "spacetime")
+    if kind == "factorized_encoder":
+        sizes = tuple(
+            f"{part}_transformer.{field}"
+            for part in ("spatial", "temporal")
+            for field in ENCODER_FIELDS
+        )
+    else:
+        sizes = ENCODER_FIELDS
+    used = {
+        "": _TOP_USED,
+        "model.": _MODEL_USED + sizes,
+        "dataset_configs.": _DATA_USED,
+    }
+
+    def is_used(path: str) -> bool:
+        for prefix, names in used.items():
+            if not path.startswith(prefix):
+                continue
+            rest = path[len(prefix) :]
+            for name in names:
+                if rest == name.rstrip(".") or (name.endswith(".") and rest.startswith(name)):
+                    return True
+        return False
+
+    def collect(node: ml_collections.ConfigDict, prefix: str) -> tuple[list[str], bool]:
+        """Ignored paths below ``node``, and whether nothing below it is used."""
+        ignored: list[str] = []
+        whole = True
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            value = node[key]
+            if is_used(path):
+                whole = False
+            elif isinstance(value, ml_collections.ConfigDict) and len(value):
+                inner, inner_whole = collect(value, path + ".")
+                if inner_whole:
+                    ignored.append(path)
+                else:
+                    ignored.extend(inner)
+                    whole = False
+            else:
+                ignored.append(path)
+        return ignored, whole
+
+    return collect(config, "")[0]
+
+
+def is_scenic_checkpoint(path: str) -> bool:
+    """A legacy Flax msgpack file, or a directory of ``checkpoint_<step>`` files without a
+    vtm-jax ``model.json``."""
+    from vtm_jax.checkpoint import RECORD_FILE
+
+    if os.path.isfile(path):
+        return True
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, RECORD_FILE)):
+        return False
+    return any(
+        name == "checkpoint" or (name.startswith("checkpoint_") and name[11:].isdigit())
+        for name in os.listdir(path)
+    )
+
+
+def scenic_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The checkpoint record a Scenic ViViT config describes: model, input, preprocessing."""
+    from vtm_jax.config import record_from_config
+    from vtm_jax.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
+
+    record = record_from_config(config)
+    record["model"].update(
+        layer_norm_eps=SCENIC_LAYER_NORM_EPS, gelu_approximate=SCENIC_GELU_APPROXIMATE
+    )
+    data = config.dataset_configs
+    preprocessing = {
+        key: data.get(key)
+        for key in ("num_frames", "stride", "min_resize", "crop_size", "mean", "std", "sampling")
+    }
+    splits = data.get("class_splits")
+    return {
+        **record,
+        "preprocessing": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()
+        },
+        "labels": None,
+        "class_splits": list(splits) if splits else None,
+        "token_merging": {"mode": "none"},
+    }
