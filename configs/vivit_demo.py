@@ -36,7 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
     data = config.dataset_configs = ml_collections.ConfigDict()
     data.data_dir = "out/data"
     data.manual_dir = config_dict.placeholder(str)
-    data.builder_options = {"frames": 16, "size": 32, "train_examples": 2048, "test_examples": 256}
+    # Shapes of radius 0.2 x 32 px: with the default 0.1 this small ViT does not learn the task
+    # in ~1000 steps (its loss stays at ln 8); at 0.2 it reaches ~90% test accuracy in 300.
+    data.builder_options = {
+        "frames": 16,
+        "size": 32,
+        "train_examples": 2048,
+        "test_examples": 256,
+        "object_scale": 0.2,
+    }
     data.split = "test"
     data.num_classes = 8
     data.num_frames = 16
@@ -51,10 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = "adamw"
     config.optimizer_configs = ml_collections.ConfigDict({"weight_decay": 0.05})
     config.lr_configs = ml_collections.ConfigDict(
-        {"base_learning_rate": 1e-3, "warmup_steps": 100, "end_learning_rate": 1e-5}
+        {"base_learning_rate": 2e-3, "warmup_steps": 50, "end_learning_rate": 2e-5}
     )
     config.batch_size = 32
-    config.num_training_epochs = 16
+    config.num_training_epochs = 12
     config.num_training_steps = config_dict.placeholder(int)  # overrides the epochs
     config.max_grad_norm = 1.0
     config.label_smoothing = 0.0

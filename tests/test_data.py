@@ -153,6 +153,23 @@ def test_synthetic_options_are_checked(tmp_path):
         open_split("synthetic", "train", data_dir=str(tmp_path), config={"frame": 8})
     with pytest.raises(UserError, match="bad synthetic option.*size=0"):
         open_split("synthetic", "train", data_dir=str(tmp_path), config={"size": 0})
+    with pytest.raises(UserError, match="bad synthetic option.*object_scale=0.9"):
+        open_split("synthetic", "train", data_dir=str(tmp_path), config={"object_scale": 0.9})
+
+
+def test_synthetic_object_scale_sets_the_shape_size():
+    from vtm_jax.data.synthetic import generate, make_config
+
+    small, large = make_config(size=32), make_config(size=32, object_scale=0.2)
+    assert small.name != large.name  # built in their own directories
+    assert small.name == make_config().name  # the default keeps its old name and data
+
+    def object_pixels(config):
+        # The moving shape is the only thing that changes between frames.
+        video = generate("train", 3, config)["video"].astype(int)
+        return (np.abs(video[0] - video[-1]).sum(-1) > 0).sum()
+
+    assert object_pixels(large) > 3 * object_pixels(small)
 
 
 # --- Kinetics-400 ------------------------------------------------------------------------

@@ -153,15 +153,19 @@ def make_builder(
                 f"{', '.join(sorted(fields))}"
             )
         least = {"seed": 0, "size": 8}
+        scale = options.get("object_scale", 0.1)
         bad = [
             f"{k}={v!r}"
             for k, v in options.items()
-            if not isinstance(v, int) or isinstance(v, bool) or v < least.get(k, 1)
+            if k != "object_scale"
+            and (not isinstance(v, int) or isinstance(v, bool) or v < least.get(k, 1))
         ]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 0.5:
+            bad.append(f"object_scale={scale!r}")
         if bad:
             raise UserError(
                 f"bad synthetic option(s) {', '.join(bad)}: integers, size >= 8, seed >= 0, "
-                f"the others >= 1"
+                f"object_scale in (0, 0.5], the others >= 1"
             )
         built = make_config(**options)
         default = builder_cls.BUILDER_CONFIGS[0]

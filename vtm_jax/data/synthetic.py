@@ -41,6 +41,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     train_examples: int = 512
     test_examples: int = 128
     seed: int = 0
+    object_scale: float = 0.1
 
 
 def make_config(
@@ -49,9 +50,17 @@ def make_config(
     train_examples: int = 512,
     test_examples: int = 128,
     seed: int = 0,
+    object_scale: float = 0.1,
 ) -> SyntheticConfig:
-    """A config named after its values, so that each variant is built in its own directory."""
+    """A config named after its values, so that each variant is built in its own directory.
+
+    ``object_scale`` is the shapes' radius as a fraction of the frame size.
+    """
+    if not 0 < object_scale <= 0.5:
+        raise ValueError(f"object_scale must be in (0, 0.5], not {object_scale}")
     name = f"f{frames}_s{size}_n{train_examples}-{test_examples}_seed{seed}"
+    if object_scale != 0.1:
+        name += f"_obj{object_scale:g}"
     return SyntheticConfig(
         name=name,
         description="moving shapes over textured backgrounds; the class is the motion",
@@ -60,6 +69,7 @@ def make_config(
         train_examples=train_examples,
         test_examples=test_examples,
         seed=seed,
+        object_scale=object_scale,
     )
 
 
@@ -106,11 +116,13 @@ def _offsets(size: int, cy: np.ndarray, cx: np.ndarray) -> tuple[np.ndarray, np.
     return dy, dx
 
 
-def render(label: int, rng: np.random.Generator, frames: int, size: int) -> np.ndarray:
+def render(
+    label: int, rng: np.random.Generator, frames: int, size: int, object_scale: float = 0.1
+) -> np.ndarray:
     """One video of class ``label`` as uint8 ``[frames, size, size, 3]``."""
     background = _background(rng, size)
     video = np.broadcast_to(background, (frames, size, size, 3)).copy()
-    radius = max(1.5, size / 10)
+    radius = max(1.5, size * object_scale)
     colours = rng.permutation(len(PALETTE))[:2]
     # The distractor stays where it is; it makes "which shape moves" part of the task.
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -131,7 +143,7 @@ def generate(split: str, index: int, config: SyntheticConfig) -> dict[str, objec
     label = index % len(CLASS_NAMES)
     rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index])
     return {
-        "video": render(label, rng, config.frames, config.size),
+        "video": render(label, rng, config.frames, config.size, config.object_scale),
         "label": label,
         "video_id": f"{split}_{index:06d}",
     }
