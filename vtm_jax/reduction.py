@@ -1,13 +1,17 @@
 """Reduction settings and the reduction rules (modes) that blocks apply between attention and MLP.
 
-A rule takes the current tokens, their sizes and source tracking, the block's metric and a
-static r, and returns the reduced triple. Rules are looked up by name in :data:`RULES`, so a new
-mode is one function and one dict entry.
+A rule is a pure function ``fn(tokens, metric, r, ctx) -> Tokens``: it takes the current tokens
+(hidden states, sizes, source tracking and, when it asks for them, positions), the block's
+metric ``[B, N, c]``, a static r (already clamped, > 0) and a :class:`ReduceContext`, and
+returns exactly ``N - r`` tokens. Rules live in :data:`RULES` by name; :func:`register_rule`
+adds one from any package, and a config may instead name one as ``"package.module:attribute"``,
+imported on first use (see :func:`get_rule`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -16,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from vtm_jax import merge as mg
+from vtm_jax import plugins
 from vtm_jax.errors import UserError
-from vtm_jax.schedule import parse_r
+from vtm_jax.schedule import apply_schedule, get_schedule, parse_r
 
 HEAD_AGGREGATIONS = ("mean", "concat")
 TRACE_SOURCE = ("none", "index", "dense")
@@ -29,11 +34,15 @@ class Tokens(NamedTuple):
 
     ``size`` is ``None`` until the first reduction (every token then counts 1). ``source`` is
     ``None`` (not tracked), ``[B, N0]`` group ids (index form) or ``[B, N, N0]`` (dense form).
+    ``pos`` is ``None`` unless the mode's rule declares ``needs_positions``: then ``[B, N, 3]``
+    float32, each token's size-weighted centroid ``(t, y, x)`` on the patch grid (see
+    :func:`initial_positions`; a class token sits at ``(-1, -1, -1)``).
     """
 
     x: jax.Array
     size: jax.Array | None = None
     source: jax.Array | None = None
+    pos: jax.Array | None = None
 
 
 class PerLayerR(tuple):
@@ -45,13 +54,19 @@ class ReductionSettings:
     """How a model reduces its tokens; frozen and hashable, so it is a static module attribute.
 
     Attributes:
-      mode: one of :data:`RULES` (``none``, ``merge``, ``random_merge``, ``drop``,
-        ``random_drop``, ``hybrid``).
+      mode: a rule of :data:`RULES` (``none``, ``merge``, ``random_merge``, ``drop``,
+        ``random_drop``, ``hybrid``, ``tube_merge``, or any added with :func:`register_rule`),
+        or a ``"package.module:attribute"`` path to a :class:`Rule` or rule function.
       r: tokens removed per layer: an int, the paper's ``(r, inflection)`` tuple (stored as
         ``r`` plus ``schedule``), or a per-layer list.
       schedule: the inflection of the paper's schedule when ``r`` is an int: 0 constant,
         -1 decreasing from 2r to 0, +1 increasing from 0 to 2r. With a single layer the
         schedule has no span and is ignored (the paper's parse_r divides by zero there).
+        Under another ``r_schedule`` it is that schedule's parameter (any finite float).
+      r_schedule: how an int ``r`` becomes a per-layer list: ``paper`` (the default, the
+        paper's linear inflection above), a schedule added with
+        :func:`vtm_jax.schedule.register_schedule`, or a ``"package.module:attribute"`` path
+        to a function ``(num_layers, r, schedule) -> per-layer r``.
       prop_attn: add ``log(size)`` of the keys to the attention logits.
       head_aggregation: metric from the keys averaged over heads (``mean``) or concatenated.
       threshold: similarity below which hybrid mode discards a destination; hybrid needs it
@@ -81,10 +96,11 @@ class ReductionSettings:
     size_weighted_pool: bool = False
     motionformer_groups: str = "paper"
     temporal_r: int = 0
+    r_schedule: str = "paper"
 
     def __post_init__(self):
-        if self.mode not in RULES:
-            raise UserError(f"unknown mode {self.mode!r}; valid: {', '.join(RULES)}")
+        get_rule(self.mode)  # a UserError naming the valid modes
+        get_schedule(self.r_schedule)
         r = self.r
         if isinstance(r, tuple) and not isinstance(r, PerLayerR):
             # The paper's (r, inflection) form, as its parse_r reads a tuple.
@@ -102,8 +118,17 @@ class ReductionSettings:
         r_values = r if isinstance(r, tuple) else (r,)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r_values):
             raise UserError(f"r must be a non-negative int or a list of them, not {self.r!r}")
-        if not -1.0 <= float(self.schedule) <= 1.0:
-            raise UserError(f"schedule (inflection) must be in [-1, 1], not {self.schedule}")
+        if self.r_schedule == "paper":
+            if not -1.0 <= float(self.schedule) <= 1.0:
+                raise UserError(f"schedule (inflection) must be in [-1, 1], not {self.schedule}")
+        else:
+            if not math.isfinite(float(self.schedule)):
+                raise UserError(f"schedule must be a finite number, not {self.schedule}")
+            if isinstance(r, PerLayerR) or self.duplicate is not None:
+                # Either would silently bypass the schedule the user asked for.
+                raise UserError(
+                    f"r_schedule {self.r_schedule!r} needs a single int r without duplicate"
+                )
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise UserError(f"threshold must be a finite number, not {self.threshold}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -149,7 +174,7 @@ class ReductionSettings:
             return [0] * num_layers
         if isinstance(self.r, PerLayerR):
             return parse_r(num_layers, list(self.r))[:num_layers]
-        return parse_r(num_layers, (self.r, float(self.schedule)) if num_layers > 1 else self.r)
+        return apply_schedule(self.r_schedule, num_layers, self.r, float(self.schedule))
 
     def layer_steps(self, num_layers: int) -> list[tuple[int, int]]:
         """``(layer, r)`` in execution order; a layer listed several times is duplicated.
@@ -213,10 +238,22 @@ def _track(source: jax.Array | None, match: mg.Match, n: int, **dest_kwargs) -> 
     return mg.merge(source, match, reduce="max", dst_keep=dest_kwargs.get("dst_keep"))
 
 
-RuleFn = Callable[..., Tokens]
+class ReduceContext(NamedTuple):
+    """What a rule may read besides the tokens, the metric and r (static apart from ``key``).
+
+    ``grid`` is the ``(t, h, w)`` patch grid of a backbone that tracks positions, else None.
+    """
+
+    settings: ReductionSettings
+    class_token: bool
+    key: jax.Array | None = None
+    grid: tuple[int, int, int] | None = None
 
 
-def _merge_rule(tokens: Tokens, scores: jax.Array, r: int, *, class_token: bool, threshold=None):
+RuleFn = Callable[[Tokens, jax.Array, int, ReduceContext], Tokens]
+
+
+def _apply_merge(tokens: Tokens, scores: jax.Array, r: int, class_token: bool, threshold=None):
     n = tokens.x.shape[1]
     match = mg.bipartite_soft_matching(scores, r, class_token=class_token)
     keep = None if threshold is None else mg.hybrid_dst_keep(match, n // 2, threshold)
@@ -224,8 +261,7 @@ def _merge_rule(tokens: Tokens, scores: jax.Array, r: int, *, class_token: bool,
     return Tokens(x, size, _track(tokens.source, match, n, dst_keep=keep))
 
 
-def _drop_rule(tokens: Tokens, scores: jax.Array, r: int, *, class_token: bool, threshold=None):
-    del threshold
+def _apply_drop(tokens: Tokens, scores: jax.Array, r: int, class_token: bool):
     n = tokens.x.shape[1]
     match = mg.bipartite_soft_matching(scores, r, class_token=class_token)
     x = mg.drop(tokens.x, match)
@@ -234,21 +270,97 @@ def _drop_rule(tokens: Tokens, scores: jax.Array, r: int, *, class_token: bool, 
     return Tokens(x, size, _track(tokens.source, match, n, dropped=True))
 
 
-class Rule(NamedTuple):
-    """A reduction mode: how it scores A-B pairs and how it applies the match."""
+def _merge(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+    return _apply_merge(tokens, mg.cosine_scores(metric), r, ctx.class_token)
 
-    random_scores: bool
+
+def _random_merge(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+    return _apply_merge(tokens, mg.random_scores(ctx.key, metric), r, ctx.class_token)
+
+
+def _hybrid(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+    scores = mg.cosine_scores(metric)
+    return _apply_merge(tokens, scores, r, ctx.class_token, ctx.settings.threshold)
+
+
+def _drop(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+    return _apply_drop(tokens, mg.cosine_scores(metric), r, ctx.class_token)
+
+
+def _random_drop(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+    return _apply_drop(tokens, mg.random_scores(ctx.key, metric), r, ctx.class_token)
+
+
+class Rule(NamedTuple):
+    """A reduction mode: one pure function doing both the matching and its application.
+
+    ``needs_positions``: the rule reads ``tokens.pos``; the encoder then tracks positions
+    (only backbones that know their patch grid can), and ``pos`` must be returned reduced too.
+    """
+
     apply: RuleFn
+    needs_positions: bool = False
 
 
 RULES: dict[str, Rule | None] = {
     "none": None,
-    "merge": Rule(False, _merge_rule),
-    "random_merge": Rule(True, _merge_rule),
-    "drop": Rule(False, _drop_rule),
-    "random_drop": Rule(True, _drop_rule),
-    "hybrid": Rule(False, _merge_rule),
+    "merge": Rule(_merge),
+    "random_merge": Rule(_random_merge),
+    "drop": Rule(_drop),
+    "random_drop": Rule(_random_drop),
+    "hybrid": Rule(_hybrid),
 }
+
+# Extensions shipped with vtm_jax, registered (by the public API) the first time a name misses.
+BUNDLED_EXTENSIONS = ("vtm_jax.extensions",)
+
+
+def register_rule(
+    name: str, fn: RuleFn | Rule, *, needs_positions: bool = False, replace: bool = False
+) -> Rule:
+    """Add a reduction mode, selectable as ``ReductionSettings(mode=name)`` or from a config.
+
+    ``fn(tokens, metric, r, ctx) -> Tokens`` must be pure and jit-traceable, with static
+    shapes: it returns exactly ``N - r`` tokens with sizes (and source, and positions if it
+    ``needs_positions``) reduced the same way, a class token (``ctx.class_token``) kept first.
+    Registering the same rule twice is a no-op; another rule under a taken name needs
+    ``replace=True``. Returns the :class:`Rule`, to keep as a ``module:attribute`` target.
+    """
+    rule = fn if isinstance(fn, Rule) else Rule(fn, needs_positions)
+    if not callable(rule.apply):
+        raise TypeError(f"a rule must be callable, not {type(rule.apply).__name__}")
+    plugins.check_name(RULES, name, rule, replace=replace)
+    RULES[name] = rule
+    return rule
+
+
+def get_rule(name: str) -> Rule | None:
+    """The rule a mode names (None for ``none``): registered, or a ``module:attribute`` path.
+
+    A path may name a :class:`Rule` or a bare rule function. Unknown names are a UserError
+    listing the valid ones.
+    """
+    if not isinstance(name, str):
+        raise UserError(f"mode must be a string, not {name!r}")
+    if plugins.is_path(name):
+        obj = plugins.load_object(name, what="mode")
+        if isinstance(obj, Rule):
+            return obj
+        if callable(obj):
+            return Rule(obj)
+        raise UserError(f"mode {name!r} names a {type(obj).__name__}, not a rule")
+    if name not in RULES:
+        for module in BUNDLED_EXTENSIONS:
+            importlib.import_module(module)
+    if name not in RULES:
+        raise UserError(f"unknown mode {name!r}; valid: {plugins.valid_names(RULES)}")
+    return RULES[name]
+
+
+def needs_positions(settings: ReductionSettings) -> bool:
+    """Whether the encoder must track token positions for ``settings.mode``."""
+    rule = get_rule(settings.mode)
+    return rule is not None and rule.needs_positions
 
 
 def reduce_tokens(
@@ -259,15 +371,41 @@ def reduce_tokens(
     settings: ReductionSettings,
     class_token: bool,
     key: jax.Array | None = None,
+    grid: tuple[int, int, int] | None = None,
 ) -> Tokens:
-    """One reduction step with static ``r`` (already clamped, > 0) under ``settings.mode``."""
-    rule = RULES[settings.mode]
-    if rule.random_scores:
-        scores = mg.random_scores(key, metric)
-    else:
-        scores = mg.cosine_scores(metric)
-    threshold = settings.threshold if settings.mode == "hybrid" else None
-    return rule.apply(tokens, scores, r, class_token=class_token, threshold=threshold)
+    """One reduction step with static ``r`` (already clamped, > 0) under ``settings.mode``.
+
+    ``grid`` is the ``(t, h, w)`` patch grid, given by backbones that track positions.
+    """
+    rule = get_rule(settings.mode)
+    if rule.needs_positions and tokens.pos is None:
+        raise UserError(
+            f"mode {settings.mode!r} needs token positions, which this backbone does not track "
+            "(only global merging over a whole patch grid does: vivit, videomae)"
+        )
+    out = rule.apply(tokens, metric, r, ReduceContext(settings, class_token, key, grid))
+    # Checked here, at trace time, so a faulty extension fails at once with its name: the
+    # static plan (schedule.plan_tokens) relies on exactly r tokens going.
+    if out.x.shape[1] != tokens.x.shape[1] - r:
+        raise ValueError(
+            f"mode {settings.mode!r} returned {out.x.shape[1]} tokens, not "
+            f"{tokens.x.shape[1]} - {r}"
+        )
+    if rule.needs_positions and out.pos is None:
+        raise ValueError(f"mode {settings.mode!r} needs positions but returned none")
+    return out
+
+
+def initial_positions(batch: int, grid: tuple[int, int, int], *, class_token: bool) -> jax.Array:
+    """``[B, N, 3]`` float32 ``(t, y, x)`` of each patch in ``(t h w)`` order, CLS first at -1."""
+    t, h, w = grid
+    coords = jnp.stack(
+        jnp.meshgrid(jnp.arange(t), jnp.arange(h), jnp.arange(w), indexing="ij"), axis=-1
+    ).reshape(-1, 3)
+    coords = coords.astype(jnp.float32)
+    if class_token:
+        coords = jnp.concatenate([jnp.full((1, 3), -1.0, jnp.float32), coords])
+    return jnp.broadcast_to(coords, (batch,) + coords.shape)
 
 
 def initial_source(batch: int, n: int, trace_source: str) -> jax.Array | None:

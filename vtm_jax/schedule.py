@@ -2,17 +2,25 @@
 
 Every count here is a Python int known before tracing, so a model built from a plan compiles
 once per (model, schedule, input shape) with no padding or masks.
+
+A schedule is a pure function ``fn(num_layers, r, schedule) -> per-layer r`` (``schedule`` is
+the float parameter of ``ReductionSettings``; the paper's is its inflection). Schedules live in
+:data:`SCHEDULES` by name; :func:`register_schedule` adds one, and ``r_schedule`` may instead
+be a ``"package.module:attribute"`` path, imported on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 
+from vtm_jax import plugins
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
 
 RSpec = int | tuple[int, float] | Sequence[int]
+ScheduleFn = Callable[[int, int, float], Sequence[int]]
 
 
 def parse_r(num_layers: int, r: RSpec) -> list[int]:
@@ -45,6 +53,57 @@ def parse_r(num_layers: int, r: RSpec) -> list[int]:
         values = list(r)
         return values + [0] * (num_layers - len(values))
     raise UserError(f"r must be an int, (r, inflection) or a list of ints, not {r!r}")
+
+
+def paper_schedule(num_layers: int, r: int, schedule: float) -> list[int]:
+    """The paper's schedule: ``parse_r(num_layers, (r, schedule))``; constant with one layer
+    (the paper's parse_r divides by zero there)."""
+    return parse_r(num_layers, (r, schedule) if num_layers > 1 else r)
+
+
+SCHEDULES: dict[str, ScheduleFn] = {"paper": paper_schedule}
+
+
+def register_schedule(name: str, fn: ScheduleFn, *, replace: bool = False) -> ScheduleFn:
+    """Add an r schedule, selectable as ``ReductionSettings(r_schedule=name)``.
+
+    ``fn(num_layers, r, schedule)`` must be pure and return ``num_layers`` non-negative ints
+    (the requested r per layer; each is still clamped to half the unprotected tokens).
+    Registering the same function twice is a no-op; another under a taken name needs
+    ``replace=True``. Returns ``fn``.
+    """
+    if not callable(fn):
+        raise TypeError(f"a schedule must be callable, not {type(fn).__name__}")
+    plugins.check_name(SCHEDULES, name, fn, replace=replace)
+    SCHEDULES[name] = fn
+    return fn
+
+
+def get_schedule(name: str) -> ScheduleFn:
+    """The schedule ``name`` selects: registered, or a ``module:attribute`` path."""
+    if not isinstance(name, str):
+        raise UserError(f"r_schedule must be a string, not {name!r}")
+    if plugins.is_path(name):
+        fn = plugins.load_object(name, what="r_schedule")
+        if not callable(fn):
+            raise UserError(f"r_schedule {name!r} names a {type(fn).__name__}, not a function")
+        return fn
+    if name not in SCHEDULES:
+        raise UserError(f"unknown r_schedule {name!r}; valid: {plugins.valid_names(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def apply_schedule(name: str, num_layers: int, r: int, schedule: float) -> list[int]:
+    """Per-layer r from the schedule ``name``, checked: ``num_layers`` ints >= 0."""
+    values = list(get_schedule(name)(num_layers, r, schedule))
+    # numpy ints are fine; they become Python ints so the plan stays static and hashable.
+    if len(values) != num_layers or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise UserError(
+            f"r_schedule {name!r} must give {num_layers} non-negative ints, not {values!r}"
+        )
+    return [int(v) for v in values]
 
 
 @dataclasses.dataclass(frozen=True)

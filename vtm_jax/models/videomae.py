@@ -85,6 +85,7 @@ class VideoMAE(nn.Module):
             padding="VALID",
             name="embedding",
         )(video)
+        grid = tuple(x.shape[1:4])
         x = x.reshape(x.shape[0], -1, self.hidden_size)
         x = x + jnp.asarray(sinusoid_positions(x.shape[1], self.hidden_size), x.dtype)
         # ViViT's encoder without its learned positions and final norm; keys have no bias
@@ -102,7 +103,7 @@ class VideoMAE(nn.Module):
             learned_positions=False,
             final_norm=False,
             name="Transformer",
-        )(x, merge_rng)
+        )(x, merge_rng, grid)
         if tokens.source is not None:
             self.sow("intermediates", "source", tokens.source)
         x = mean_pool(tokens, weighted=self.merging.size_weighted_pool)

@@ -21,9 +21,11 @@ from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size
 from vtm_jax.reduction import (
     ReductionSettings,
     Tokens,
+    initial_positions,
     initial_source,
     key_metric,
     layer_key,
+    needs_positions,
     reduce_tokens,
 )
 from vtm_jax.schedule import LayerPlan, block_macs, plan_tokens
@@ -45,10 +47,17 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: Tokens, key: jax.Array | None, *, r: int, reduce_only: bool = False
+        self,
+        tokens: Tokens,
+        key: jax.Array | None,
+        *,
+        r: int,
+        reduce_only: bool = False,
+        grid: tuple[int, int, int] | None = None,
     ) -> Tokens:
         """``reduce_only``: a duplicated layer's extra step (method.md §3.6): this layer's keys
-        choose the merge, applied to the block's input; no attention residual, no MLP."""
+        choose the merge, applied to the block's input; no attention residual, no MLP.
+        ``grid``: the ``(t, h, w)`` patch grid, for rules that read token positions."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
         attention = SelfAttention(
             self.num_heads,
@@ -71,6 +80,7 @@ class EncoderBlock(nn.Module):
                 settings=self.merging,
                 class_token=self.class_token,
                 key=key,
+                grid=grid,
             )
         if reduce_only:
             return tokens
@@ -83,7 +93,9 @@ class Encoder(nn.Module):
     """Position embeddings, the blocks, and the final LayerNorm (Scenic's ``Transformer``).
 
     ``learned_positions`` and ``final_norm`` can be turned off for backbones that add fixed
-    positions themselves or pool before normalising (VideoMAE).
+    positions themselves or pool before normalising (VideoMAE). ``grid`` (the ``(t, h, w)``
+    patch grid of ``x`` in ``(t h w)`` order, after any class token) lets rules that need
+    positions (``Rule.needs_positions``) run; only then are positions tracked.
     """
 
     num_layers: int
@@ -99,11 +111,25 @@ class Encoder(nn.Module):
     final_norm: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, merge_rng: jax.Array | None = None) -> Tokens:
+    def __call__(
+        self,
+        x: jax.Array,
+        merge_rng: jax.Array | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ) -> Tokens:
         if self.learned_positions:
             x = AddPositionEmbs(name="posembed_input")(x)
         source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
-        tokens = Tokens(x, None, source)
+        pos = None
+        if needs_positions(self.merging):
+            if grid is None:
+                raise UserError(
+                    f"mode {self.merging.mode!r} needs token positions, which this backbone "
+                    "does not track (only global merging over a whole patch grid does: "
+                    "vivit, videomae)"
+                )
+            pos = initial_positions(x.shape[0], grid, class_token=self.class_token)
+        tokens = Tokens(x, None, source, pos)
         blocks = [
             EncoderBlock(
                 num_heads=self.num_heads,
@@ -123,7 +149,7 @@ class Encoder(nn.Module):
             # All but the last run of a duplicated layer only reduce (the paper's copies).
             repeat = step + 1 < len(steps) and steps[step + 1][0] == layer
             key = layer_key(self.merging, step, merge_rng)
-            tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat)
+            tokens = blocks[layer](tokens, key, r=r, reduce_only=repeat, grid=grid)
         if not self.final_norm:
             return tokens
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
@@ -168,7 +194,7 @@ class ViViT(nn.Module):
             padding="VALID",
             name="embedding",
         )(video)
-        b = x.shape[0]
+        b, grid = x.shape[0], tuple(x.shape[1:4])
         x = x.reshape(b, -1, self.hidden_size)
         class_token = self.classifier == "token"
         if class_token:
@@ -186,7 +212,7 @@ class ViViT(nn.Module):
             gelu_approximate=self.gelu_approximate,
             attention_fn=self.attention_fn,
             name="Transformer",
-        )(x, merge_rng)
+        )(x, merge_rng, grid)
         if tokens.source is not None:
             self.sow("intermediates", "source", tokens.source)
         if class_token:

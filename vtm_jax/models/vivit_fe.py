@@ -167,5 +167,10 @@ def temporal_settings(merging: ReductionSettings) -> ReductionSettings:
     if merging.temporal_r == 0:
         return ReductionSettings(trace_source="none")
     return dataclasses.replace(
-        merging, r=merging.temporal_r, schedule=0.0, duplicate=None, trace_source="none"
+        merging,
+        r=merging.temporal_r,
+        schedule=0.0,
+        r_schedule="paper",  # temporal_r is the same in every temporal layer
+        duplicate=None,
+        trace_source="none",
     )
