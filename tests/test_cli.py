@@ -140,7 +140,7 @@ def test_unknown_mode_exits_nonzero_without_traceback(converted):
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "invalid choice: 'tome'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "vtm-jax: error: unknown mode 'tome'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("layout", ["optimizer", "params"])

@@ -295,6 +295,8 @@ def _check_output_dir(path: str | None) -> None:
 
 
 CONFIG_COMMANDS = ("bench", "eval", "train", "demo")
+# Modes are checked by ReductionSettings, so registered rules and 'module:attr' paths work too.
+MODE_HELP = f"reduction mode: {', '.join(RULES)}, tube_merge, or a 'package.module:attribute' rule"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="classify one clip")
     pred.add_argument("--checkpoint", required=True)
     pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
-    pred.add_argument("--mode", choices=tuple(RULES))
+    pred.add_argument("--mode", help=MODE_HELP)
     pred.add_argument("--r", type=int, help="tokens removed per layer")
     pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
     pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
@@ -361,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw after these layers (1-based; default: a third, two thirds and the last)",
     )
     vis.add_argument("--out", default="out/visualize", help="directory for the pictures")
-    vis.add_argument("--mode", choices=tuple(RULES))
+    vis.add_argument("--mode", help=MODE_HELP)
     vis.add_argument("--r", type=int, help="tokens removed per layer")
     vis.add_argument("--schedule", type=float)
     vis.add_argument("--threshold", type=float)
