@@ -195,7 +195,12 @@ def test_cli_train_errors_are_one_line(tmp_path, capsys):
     config.write_text(
         "import ml_collections\n"
         "def get_config():\n"
-        "    return ml_collections.ConfigDict({'dataset_name': 'synthetic'})\n"
+        "    c = ml_collections.ConfigDict({'dataset_name': 'synthetic'})\n"
+        "    c.model = ml_collections.ConfigDict({'hidden_size': 32, 'num_heads': 2,\n"
+        "        'mlp_dim': 64, 'num_layers': 1, 'patches': {'size': (8, 8, 2)}})\n"
+        "    c.dataset_configs = ml_collections.ConfigDict(\n"
+        "        {'num_classes': 8, 'num_frames': 8, 'crop_size': 16})\n"
+        "    return c\n"
     )
     assert main(["train", f"--config={config}", "--workdir", str(tmp_path / "w")]) == 2
     assert capsys.readouterr().err.strip() == "vtm-jax: error: train needs config.batch_size"
