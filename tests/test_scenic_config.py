@@ -18,6 +18,7 @@ from vtm_jax.convert.sources import load_source
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+from vtm_jax.scenic_config import checkpoint_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,8 +237,9 @@ def test_scenic_checkpoint_layouts(tmp_path, model, layout):
                 f"--config.checkpoint={where}",
             ]
         )
-        record = load_record(config.checkpoint)
-        loaded, record = load_checkpoint(config.checkpoint)
+        described = checkpoint_record(config)
+        assert load_record(config.checkpoint, scenic_record=described)["model"]
+        loaded, record = load_checkpoint(config.checkpoint, scenic_record=described)
         assert record["architecture"] == ("vivit" if model == 1 else "vivit_factorised_encoder")
         assert record["preprocessing"]["mean"] == [0.5] * 3
         got, want = _flat(loaded), _flat(params)
@@ -256,7 +258,7 @@ def test_scenic_checkpoint_layouts(tmp_path, model, layout):
         ]
     )
     with pytest.raises(UserError, match="does not fit the config's model.*pre_logits"):
-        load_checkpoint(config.checkpoint)
+        load_checkpoint(config.checkpoint, scenic_record=checkpoint_record(config))
 
 
 def test_eval_and_bench_run_scenic_config_unchanged(tmp_path, capsys):

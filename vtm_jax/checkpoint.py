@@ -19,18 +19,6 @@ RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
-# Bare Scenic msgpack checkpoints that a Scenic config describes (absolute path -> record);
-# see use_scenic_checkpoint.
-_SCENIC_CHECKPOINTS: dict[str, dict[str, Any]] = {}
-
-
-def use_scenic_checkpoint(path: str, record: dict[str, Any]) -> None:
-    """Let :func:`load_record` and :func:`load_checkpoint` read the Scenic msgpack checkpoint
-    at ``path`` (a file or a directory of ``checkpoint_<step>`` files) as the model ``record``
-    describes. ``vtm-jax eval`` does this for the ``checkpoint`` of a Scenic ViViT config, whose
-    model and data fields say what ``vtm-jax convert`` would otherwise need to be told."""
-    _SCENIC_CHECKPOINTS[os.path.abspath(path)] = {**record, "scenic_checkpoint": path}
-
 
 def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None:
     """Write ``params`` and ``record`` to a new checkpoint directory."""
@@ -48,11 +36,15 @@ def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None
         json.dump({"format_version": FORMAT_VERSION, **record}, f, indent=2)
 
 
-def load_record(directory: str) -> dict[str, Any]:
-    """The record of a checkpoint directory (or of a Scenic checkpoint in use)."""
-    scenic = _SCENIC_CHECKPOINTS.get(os.path.abspath(directory))
-    if scenic is not None:
-        return dict(scenic)
+def load_record(directory: str, *, scenic_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of a checkpoint directory.
+
+    ``scenic_record``: ``directory`` is a bare Scenic msgpack checkpoint (a file, or a directory
+    of ``checkpoint_<step>`` files), which holds no record; this one, from the Scenic config
+    that names it, says what the model is (``vtm_jax.scenic_config.checkpoint_record``).
+    """
+    if scenic_record is not None:
+        return {**scenic_record, "scenic_checkpoint": directory}
     path = os.path.join(directory, RECORD_FILE)
     if not os.path.isfile(path):
         raise UserError(
@@ -94,13 +86,18 @@ def _check_record(record: Any, path: str) -> None:
         raise UserError(f"{path}: {len(labels)} labels for {num_classes} classes")
 
 
-def load_checkpoint(directory: str) -> tuple[Any, dict[str, Any]]:
-    """Read ``(params, record)`` from a checkpoint directory; params are numpy arrays."""
+def load_checkpoint(
+    directory: str, *, scenic_record: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """Read ``(params, record)`` from a checkpoint directory; params are numpy arrays.
+
+    ``scenic_record``: read a bare Scenic checkpoint as this record's model (see load_record).
+    """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    if directory in _SCENIC_CHECKPOINTS:
-        return _load_scenic(directory)
+    if scenic_record is not None:
+        return _load_scenic(directory, load_record(directory, scenic_record=scenic_record))
     record = load_record(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -118,12 +115,11 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def _load_scenic(path: str) -> tuple[Any, dict[str, Any]]:
-    """Params of a Scenic checkpoint in use, checked against the model its config describes."""
+def _load_scenic(path: str, record: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Params of a Scenic checkpoint, checked against the model its config describes."""
     from vtm_jax.convert.scenic import read_scenic_checkpoint
     from vtm_jax.models.registry import build_model, check_params_fit
 
-    record = dict(_SCENIC_CHECKPOINTS[path])
     params = read_scenic_checkpoint(path)
     fields = ", ".join(f"{k}={v}" for k, v in record["model"].items())
     size = record["input"]

@@ -180,8 +180,10 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     if not data.get("data_dir"):
         raise UserError("eval needs config.dataset_configs.data_dir")
     from vtm_jax.checkpoint import load_record
+    from vtm_jax.scenic_config import checkpoint_record
 
-    load_record(config.checkpoint)  # a wrong checkpoint fails before any dataset is built
+    scenic_record = checkpoint_record(config)  # a bare Scenic checkpoint: the config describes it
+    load_record(config.checkpoint, scenic_record=scenic_record)  # fails before any dataset build
     if config.get("results_path"):
         _check_output_dir(config.results_path)
     workers = options.get("workers")
@@ -227,6 +229,7 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         confusion_matrix=options.get("confusion_matrix", False),
         predictions=options.get("predictions", False),
         workers=options.get("workers"),
+        scenic_record=scenic_record,
     )
     if jax.process_index() == 0:
         print(format_results(results))

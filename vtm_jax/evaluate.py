@@ -77,6 +77,7 @@ def evaluate(
     predictions: bool = False,
     workers: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
+    scenic_record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Top-1 and top-5 (per head, plus action top-1) of a checkpoint on ``source``.
 
@@ -99,6 +100,8 @@ def evaluate(
         and per video its label(s) and top-5 classes.
       workers: threads that read and decode videos ahead of the devices.
       on_batch: called with the running state after each batch is saved.
+      scenic_record: ``checkpoint_dir`` is a bare Scenic checkpoint and this record, from its
+        Scenic config, describes the model (``vtm_jax.scenic_config.checkpoint_record``).
 
     Returns:
       The results, the same on every process: ``metrics`` (fractions), ``sums`` (counts),
@@ -115,7 +118,7 @@ def evaluate(
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise UserError(f"limit must be a non-negative integer, not {limit!r}")
     start_time = time.perf_counter()
-    params, record = load_checkpoint(checkpoint_dir)
+    params, record = load_checkpoint(checkpoint_dir, scenic_record=scenic_record)
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     prep = resolve_preprocessing(record, preprocessing)

@@ -10,9 +10,9 @@ and ``vtm-jax bench``. Reading one takes two steps around the command-line overr
    ``--config.dataset_configs.data_dir=...`` override a field that exists. Scenic's
    ``checkpoint = True`` (its save-checkpoints switch) makes way for vtm-jax's checkpoint path.
 2. :func:`finish`, after them: unsupported values are an error, ``zero_centering`` becomes
-   vtm-jax's ``mean``/``std``, a bare Scenic msgpack ``checkpoint`` is described by the
-   config's model (:func:`vtm_jax.checkpoint.use_scenic_checkpoint`), and every field vtm-jax
-   does not read is listed once (:func:`ignored_fields`).
+   vtm-jax's ``mean``/``std``, and every field vtm-jax does not read is listed once
+   (:func:`ignored_fields`). A bare Scenic msgpack ``checkpoint`` is described by the config's
+   model: :func:`checkpoint_record` gives the record to load it with.
 
 Training fields (``optimizer``, ``lr_configs``, ``init_from`` (the ImageNet initialisation),
 ``augmentation_params``, dropout rates ...) and Scenic's TFRecord locations (``base_dir``,
@@ -194,12 +194,17 @@ def finish(
             data.std = (0.5,) * 3 if data.zero_centering else (1.0,) * 3
     elif data.get("mean") is None or data.get("std") is None:
         raise UserError("dataset_configs.mean and dataset_configs.std go together")
-    checkpoint = config.get("checkpoint")
-    if checkpoint and is_scenic_checkpoint(checkpoint):
-        from vtm_jax.checkpoint import use_scenic_checkpoint
-
-        use_scenic_checkpoint(checkpoint, scenic_record(config))
     return [*prepared.notes, *ignored_fields(config)]
+
+
+def checkpoint_record(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The record of ``config.checkpoint`` when it is a bare Scenic checkpoint of a Scenic ViViT
+    config (its model and data fields describe it), else None: pass it to
+    ``load_record`` / ``load_checkpoint`` / ``evaluate`` as ``scenic_record``."""
+    checkpoint = config.get("checkpoint")
+    if not (checkpoint and is_scenic_vivit(config) and is_scenic_checkpoint(checkpoint)):
+        return None
+    return scenic_record(config)
 
 
 def check_model(config: ml_collections.ConfigDict) -> str:
