@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vtm_jax.checkpoint import load_record
@@ -42,16 +44,19 @@ def test_the_shipped_checkpoint_has_its_recorded_accuracy(shipped):
     assert accuracy > 0.8
 
 
-def test_merging_at_the_demo_r_keeps_accuracy(shipped):
-    """At r=24 (2x fewer multiply-adds) merging stays within two points of r=0.
+def test_merging_keeps_accuracy_where_random_merging_and_dropping_lose_it(shipped):
+    """At the demo's r=64 (129 -> 65 -> ... -> 3 tokens) similarity-based merging stays within
+    two points of r=0, while random merging and dropping lose several.
 
-    Random merging does not collapse on this task (it lost under 5 points even at r=40 when
-    measured, and dropping down to 3 tokens kept 77%), unlike the paper's: the shapes cover many
-    tokens, so the task does not yet show that part of the paper's finding.
+    The gap is smaller than the paper's collapse of random merging (measured here: about 9
+    points, not 30): the shapes cover many tokens, so the task is robust to any reduction.
     """
     checkpoint, config, source = shipped
     base = ReductionSettings.from_dict(config.token_merging)
-    assert base.mode == "merge" and base.r == 24
+    assert base.mode == "merge" and base.r == 64
     baseline = _top1(checkpoint, source, ReductionSettings())
     merged = _top1(checkpoint, source, base)
     assert merged >= baseline - 0.02
+    for mode in ("random_merge", "drop"):
+        other = _top1(checkpoint, source, dataclasses.replace(base, mode=mode))
+        assert other < merged - 0.05, mode
