@@ -296,3 +296,21 @@ def test_tube_merge_refuses_backbones_without_a_grid():
         reduce_tokens(
             Tokens(VIDEO[:, 0, 0]), VIDEO[:, 0, 0], 2, settings=merging, class_token=False
         )
+
+
+def test_random_rules_are_marked_so_evaluation_records_their_batching():
+    from vtm_jax.reduction import RULES, ReductionSettings, is_random, register_rule
+
+    assert is_random(ReductionSettings(mode="random_merge", r=2))
+    assert is_random(ReductionSettings(mode="random_drop", r=2))
+    assert not is_random(ReductionSettings(mode="merge", r=2))
+    assert not is_random(ReductionSettings())
+
+    def noisy(tokens, metric, r, ctx):  # never run: only its flag matters here
+        return tokens
+
+    try:
+        register_rule("noisy_test_rule", noisy, random=True)
+        assert is_random(ReductionSettings(mode="noisy_test_rule", r=2))
+    finally:
+        RULES.pop("noisy_test_rule", None)

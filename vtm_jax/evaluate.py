@@ -46,7 +46,7 @@ import numpy as np
 
 from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
-from vtm_jax.reduction import ReductionSettings
+from vtm_jax.reduction import ReductionSettings, is_random
 
 RESULTS_FORMAT = "vtm-jax-eval"
 RESULTS_VERSION = 1
@@ -141,7 +141,7 @@ def evaluate(
             "predictions": predictions,
             # Random modes draw per device batch (keyed by its first example): the batch
             # size decides which videos share a draw, so it is part of such a run.
-            "batch_size_per_device": batch_size if merging.mode.startswith("random") else None,
+            "batch_size_per_device": batch_size if is_random(merging) else None,
             # Where the data came from, so a rebuilt or different dataset is not resumed.
             "source": _source_fingerprint(source),
         }

@@ -296,18 +296,20 @@ class Rule(NamedTuple):
 
     ``needs_positions``: the rule reads ``tokens.pos``; the encoder then tracks positions
     (only backbones that know their patch grid can), and ``pos`` must be returned reduced too.
+    ``random``: the rule draws from ``ctx.key``, so evaluation records how draws are keyed.
     """
 
     apply: RuleFn
     needs_positions: bool = False
+    random: bool = False
 
 
 RULES: dict[str, Rule | None] = {
     "none": None,
     "merge": Rule(_merge),
-    "random_merge": Rule(_random_merge),
+    "random_merge": Rule(_random_merge, random=True),
     "drop": Rule(_drop),
-    "random_drop": Rule(_random_drop),
+    "random_drop": Rule(_random_drop, random=True),
     "hybrid": Rule(_hybrid),
 }
 
@@ -316,17 +318,22 @@ BUNDLED_EXTENSIONS = ("vtm_jax.extensions",)
 
 
 def register_rule(
-    name: str, fn: RuleFn | Rule, *, needs_positions: bool = False, replace: bool = False
+    name: str,
+    fn: RuleFn | Rule,
+    *,
+    needs_positions: bool = False,
+    random: bool = False,
+    replace: bool = False,
 ) -> Rule:
     """Add a reduction mode, selectable as ``ReductionSettings(mode=name)`` or from a config.
 
     ``fn(tokens, metric, r, ctx) -> Tokens`` must be pure and jit-traceable, with static
     shapes: it returns exactly ``N - r`` tokens with sizes (and source, and positions if it
     ``needs_positions``) reduced the same way, a class token (``ctx.class_token``) kept first.
-    Registering the same rule twice is a no-op; another rule under a taken name needs
+    A rule that draws from ``ctx.key`` says ``random=True``. Registering the same rule twice is a no-op; another rule under a taken name needs
     ``replace=True``. Returns the :class:`Rule`, to keep as a ``module:attribute`` target.
     """
-    rule = fn if isinstance(fn, Rule) else Rule(fn, needs_positions)
+    rule = fn if isinstance(fn, Rule) else Rule(fn, needs_positions, random)
     if not callable(rule.apply):
         raise TypeError(f"a rule must be callable, not {type(rule.apply).__name__}")
     plugins.check_name(RULES, name, rule, replace=replace)
@@ -355,6 +362,12 @@ def get_rule(name: str) -> Rule | None:
     if name not in RULES:
         raise UserError(f"unknown mode {name!r}; valid: {plugins.valid_names(RULES)}")
     return RULES[name]
+
+
+def is_random(settings: ReductionSettings) -> bool:
+    """Whether ``settings.mode`` draws random numbers (from each layer's PRNG key)."""
+    rule = get_rule(settings.mode)
+    return rule is not None and rule.random
 
 
 def needs_positions(settings: ReductionSettings) -> bool:
