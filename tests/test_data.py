@@ -461,21 +461,3 @@ def test_segment_sampling():
     np.testing.assert_allclose(views[0, :, 0, 0, 0], [5, 15, 24, 34], atol=1e-3)
     with pytest.raises(UserError, match="unknown sampling"):
         eval_views({"video": video, "video_id": "x"}, {**prep, "sampling": "middle"})
-
-
-def test_resize_matches_torch_bilinear():
-    """Short-side resize is plain bilinear, as SlowFast's torch interpolate (and Scenic's)."""
-    import torch
-
-    from vtm_jax.data.video import resize_short_side
-
-    frames = np.random.default_rng(0).random((2, 48, 64, 3)).astype(np.float32)
-    ours = resize_short_side(frames, 32)
-    assert ours.shape == (2, 32, 43, 3)
-    expected = torch.nn.functional.interpolate(
-        torch.from_numpy(frames).permute(0, 3, 1, 2),
-        size=(32, 43),
-        mode="bilinear",
-        align_corners=False,
-    ).permute(0, 2, 3, 1)
-    np.testing.assert_allclose(ours, expected.numpy(), atol=1e-5)

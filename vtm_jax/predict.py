@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtm_jax.checkpoint import load_checkpoint
-from vtm_jax.data.video import preprocess, read_video
 from vtm_jax.errors import UserError
 from vtm_jax.models.registry import build_model
 from vtm_jax.reduction import ReductionSettings
@@ -21,8 +20,12 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
     """A model-ready float32 clip ``[T, S, S, 3]`` from a ``.npy`` array or a video file.
 
     A float array is taken as already normalised and must have the model's exact input shape;
-    uint8 arrays and decoded videos are sampled, resized and normalised as ``record`` says.
+    uint8 arrays and video files become one view under the record's preprocessing and input
+    protocol (``vtm_jax.data.protocols``; ``centred`` for records that name none).
     """
+    from vtm_jax.data.pipeline import eval_views
+    from vtm_jax.evaluate import resolve_preprocessing
+
     num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
     expected = (num_frames, size, size, 3)
     if not os.path.isfile(path):
@@ -45,12 +48,11 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
             raise UserError(
                 f"{path}: expected float (normalised) or uint8 pixels, got {frames.dtype}"
             )
+        example = {"video": frames, "video_id": path}
     else:
-        frames = read_video(path)
-    prep = dict(record.get("preprocessing") or {})
-    prep.setdefault("num_frames", num_frames)
-    prep.setdefault("crop_size", size)
-    clip = preprocess(frames, prep)
+        with open(path, "rb") as f:
+            example = {"video": np.frombuffer(f.read(), np.uint8), "video_id": path}
+    clip = eval_views(example, resolve_preprocessing(record))[0]
     if clip.shape != expected:
         raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
     return clip
