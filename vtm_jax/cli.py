@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError
@@ -177,7 +178,9 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     for field in ("checkpoint", "dataset_name"):
         if not config.get(field):
             raise UserError(f"eval needs config.{field}")
-    if not data.get("data_dir"):
+    from vtm_jax.data.frame_folders import FRAME_DATASETS
+
+    if not data.get("data_dir") and config.dataset_name not in FRAME_DATASETS:
         raise UserError("eval needs config.dataset_configs.data_dir")
     from vtm_jax.checkpoint import load_record
     from vtm_jax.scenic_config import checkpoint_record
@@ -198,7 +201,7 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         )
     split = data.get("split", "test")
     open_args = dict(
-        data_dir=data.data_dir,
+        data_dir=data.get("data_dir") or "",
         manual_dir=data.get("manual_dir"),
         config=(data.get("builder_options") or {}) or None,
     )
@@ -216,7 +219,7 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         config.checkpoint,
         source,
         merging=None if merging is None else ReductionSettings.from_dict(merging),
-        preprocessing={k: data[k] for k in PREPROCESSING_KEYS if data.get(k) is not None},
+        preprocessing=_eval_preprocessing(data, config.dataset_name, split, PREPROCESSING_KEYS),
         batch_size=global_batch // devices,
         num_clips=data.get("num_test_clips", 1),
         three_crops=data.get("do_three_spatial_crops", False),
@@ -235,6 +238,19 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         print(format_results(results))
         if config.get("results_path"):
             print(f"\nresults written to {config.results_path}")
+
+
+def _eval_preprocessing(data: Any, dataset: str, split: str, keys: Sequence[str]) -> dict:
+    """The config's preprocessing entries, with what the protocol needs from the dataset: the
+    paper's loader for its name, and whether the split is Scenic's multi-view ``test``."""
+    from vtm_jax.data.protocols import paper_loader_for
+
+    prep = {k: data[k] for k in keys if data.get(k) is not None}
+    if prep.get("protocol") == "paper":
+        prep.setdefault("paper_loader", paper_loader_for(dataset))
+    if prep.get("protocol") == "scenic":
+        prep.setdefault("is_test_split", split.partition("[")[0] == "test")
+    return prep
 
 
 def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:

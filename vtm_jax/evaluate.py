@@ -50,7 +50,19 @@ from vtm_jax.reduction import ReductionSettings, is_random
 
 RESULTS_FORMAT = "vtm-jax-eval"
 RESULTS_VERSION = 1
-PREPROCESSING_KEYS = ("num_frames", "stride", "min_resize", "crop_size", "mean", "std", "sampling")
+PREPROCESSING_KEYS = (
+    "num_frames",
+    "stride",
+    "min_resize",
+    "crop_size",
+    "mean",
+    "std",
+    "sampling",
+    "protocol",
+    "paper_loader",
+    "is_test_split",
+)
+REQUIRED_PREPROCESSING = PREPROCESSING_KEYS[:7]
 TOP_K = 5
 PREFETCH_BATCHES = 2
 
@@ -337,13 +349,16 @@ def resolve_preprocessing(
     prep.setdefault("num_frames", record["input"]["num_frames"])
     prep.setdefault("crop_size", record["input"]["image_size"])
     prep.setdefault("sampling", "stride")  # frames `stride` apart; "segments" for SSv2
+    # The input protocol (vtm_jax.data.protocols); checkpoints written before protocols
+    # existed were measured with vtm-jax 0.1's own, `centred`.
+    prep.setdefault("protocol", "centred")
     unknown = sorted(set(override or {}) - set(PREPROCESSING_KEYS))
     if unknown:
         raise UserError(
             f"unknown preprocessing entries {', '.join(unknown)}; valid: {', '.join(PREPROCESSING_KEYS)}"
         )
     prep.update({k: v for k, v in (override or {}).items() if v is not None})
-    missing = [k for k in PREPROCESSING_KEYS if prep.get(k) is None]
+    missing = [k for k in REQUIRED_PREPROCESSING if prep.get(k) is None]
     if missing:
         raise UserError(
             f"the checkpoint records no preprocessing {', '.join(missing)}; give them explicitly"
@@ -361,6 +376,13 @@ def resolve_preprocessing(
     for key in ("num_frames", "stride", "min_resize", "crop_size"):
         if not isinstance(prep[key], int) or prep[key] < 1:
             raise UserError(f"preprocessing {key} must be a positive integer, not {prep[key]!r}")
+    from vtm_jax.data.protocols import ViewSpec
+
+    ViewSpec.from_preprocessing(prep)  # unknown protocols and loaders fail here, not per video
+    if prep["protocol"] != "paper":
+        prep.pop("paper_loader", None)
+    if prep["protocol"] != "scenic":
+        prep.pop("is_test_split", None)
     return _jsonable(prep)
 
 
@@ -414,7 +436,7 @@ def format_results(results: dict[str, Any]) -> str:
         f"({sums['count']} evaluated, {len(results['skipped'])} skipped)"
         + ("" if results.get("complete") else f", {results['done']} done so far"),
         f"views: {run['num_clips']} clip(s) x {3 if run['three_crops'] else 1} crop(s), "
-        f"mean of {run['view_average']}",
+        f"mean of {run['view_average']}; input protocol {_protocol_name(run['preprocessing'])}",
         "token merging: "
         + ", ".join(
             f"{k}={v}" for k, v in merging.items() if k in ("mode", "r") or v != defaults.get(k)
@@ -444,6 +466,13 @@ def format_results(results: dict[str, Any]) -> str:
         f"{results['clips_per_s']:.3g} clips/s"
     )
     return "\n".join(lines)
+
+
+def _protocol_name(prep: dict[str, Any]) -> str:
+    protocol = prep.get("protocol", "centred")
+    if protocol == "paper":
+        return f"paper ({prep.get('paper_loader', 'kinetics')} loader)"
+    return protocol
 
 
 def _eval_step(params, batch, *, model, heads, softmax_views, seed):

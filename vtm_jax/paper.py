@@ -16,7 +16,9 @@ from vtm_jax.config import bench_config, token_merging_config
 from vtm_jax.errors import UserError
 
 MODELS = ("vivit", "videomae", "timesformer", "motionformer")
-DATASETS = {"k400": "kinetics400", "ssv2": "ssv2", "ek100": "epic_kitchens"}
+# The layouts the paper's loaders read: Kinetics as video files, SSv2 and EPIC-KITCHENS as
+# frame folders (`ssv2` / `epic_kitchens` read video files instead).
+DATASETS = {"k400": "kinetics400", "ssv2": "ssv2_frames", "ek100": "epic_kitchens_frames"}
 NUM_CLASSES = {"k400": 400, "ssv2": 174, "ek100": 97 + 300}
 CLASS_SPLITS = {"ek100": (97, 300)}  # verb, noun
 
@@ -84,8 +86,12 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
     data.class_splits = CLASS_SPLITS.get(dataset, config_dict.placeholder(tuple))
     data.num_frames = frames
     data.stride = strides[dataset]
-    # SlowFast's SSv2 test loader takes the middle frame of equal segments (no stride).
-    data.sampling = "segments" if dataset == "ssv2" else "stride"
+    # The paper's SlowFast test loaders (vtm_jax/data/protocols.py), chosen by dataset_name:
+    # frames, short side and crops as theirs. min_resize is their TRAIN_JITTER_SCALES[0],
+    # the short side of Kinetics' single view; three crops and SSv2 / EPIC-KITCHENS use 224.
+    data.protocol = "paper"
+    data.paper_loader = config_dict.placeholder(str)  # default: from dataset_name
+    data.sampling = "segments" if dataset == "ssv2" else "stride"  # the `centred` protocol's
     data.min_resize = 256
     data.crop_size = 224
     data.mean = mean

@@ -83,6 +83,8 @@ _DATA_USED = (
     "mean",
     "std",
     "sampling",
+    "protocol",
+    "paper_loader",
     "num_test_clips",
     "do_three_spatial_crops",
     "test_batch_size",
@@ -149,6 +151,10 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
         data.test_batch_size = config_dict.placeholder(int)
     if "sampling" not in data:
         data.sampling = "stride"
+    if "protocol" not in data:
+        # A Scenic config file is evaluated with Scenic's own input pipeline (DMVR's sampling,
+        # resize, crops and uint8 cast: vtm_jax/data/protocols.py).
+        data.protocol = "scenic"
     for name, value in LOADER_DEFAULTS.items():
         if name not in data:
             data[name] = value
@@ -328,7 +334,16 @@ def scenic_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     data = config.dataset_configs
     preprocessing = {
         key: data.get(key)
-        for key in ("num_frames", "stride", "min_resize", "crop_size", "mean", "std", "sampling")
+        for key in (
+            "num_frames",
+            "stride",
+            "min_resize",
+            "crop_size",
+            "mean",
+            "std",
+            "sampling",
+            "protocol",
+        )
     }
     splits = data.get("class_splits")
     return {

@@ -46,13 +46,16 @@ COLUMNS = (
     "verb_class",
     "noun_class",
 )
+TIMESTAMP_COLUMNS = ("start_timestamp", "stop_timestamp")
 
 
-def read_segments(path: str) -> list[dict[str, Any]]:
-    """The labelled action segments of an EPIC-KITCHENS-100 annotation CSV."""
+def read_segments(path: str, *, timestamps: bool = False) -> list[dict[str, Any]]:
+    """The labelled action segments of an EPIC-KITCHENS-100 annotation CSV (with their
+    ``start_timestamp`` and ``stop_timestamp`` when ``timestamps``)."""
+    columns = COLUMNS + (TIMESTAMP_COLUMNS if timestamps else ())
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        absent = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        absent = [c for c in columns if c not in (reader.fieldnames or [])]
         if absent:
             raise UserError(f"{path}: missing column(s) {', '.join(absent)}")
         rows = []
@@ -70,11 +73,11 @@ def read_segments(path: str) -> list[dict[str, Any]]:
             for head, count in zip(("verb_class", "noun_class"), CLASS_SPLITS, strict=True):
                 if not 0 <= numbers[head] < count:
                     raise UserError(f"{path}:{line}: {head} {numbers[head]} is not in [0, {count})")
-            rows.append({**{k: row[k] for k in COLUMNS}, **numbers})
+            rows.append({**{k: row[k] for k in columns}, **numbers})
     return rows
 
 
-def _class_names(root: str) -> list[str] | None:
+def class_names(root: str) -> list[str] | None:
     """Verb names then noun names, where both class files are present and complete."""
     names: list[str] = []
     for file, count in zip(CLASS_FILES, CLASS_SPLITS, strict=True):
@@ -132,5 +135,5 @@ class EpicKitchens100(ManualVideoBuilder, skip_registration=True):
                 }
                 items.append((row["narration_id"], (row["narration_id"],), fields))
             splits[split] = items
-        classes = {"class_splits": CLASS_SPLITS, "labels": _class_names(root)}
+        classes = {"class_splits": CLASS_SPLITS, "labels": class_names(root)}
         return classes, splits

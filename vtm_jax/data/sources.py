@@ -129,13 +129,16 @@ def make_builder(
     ``train_examples``, ``test_examples``, ``seed``).
     """
     if name not in DATASETS:
+        from vtm_jax.data.frame_folders import FRAME_DATASETS
+
         hint = ""
         if name == "video_tfrecord_dataset":  # a Scenic config's loader
             hint = (
                 " (Scenic's TFRecord loader, which vtm-jax does not read: set "
                 "--config.dataset_name and --config.dataset_configs.data_dir)"
             )
-        raise UserError(f"unknown dataset {name!r}{hint}; valid: {', '.join(DATASETS)}")
+        valid = ", ".join([*DATASETS, *FRAME_DATASETS])
+        raise UserError(f"unknown dataset {name!r}{hint}; valid: {valid}")
     module_name, class_name, _ = DATASETS[name]
     builder_cls = getattr(importlib.import_module(module_name), class_name)
     kwargs: dict[str, Any] = {"data_dir": os.path.abspath(data_dir), "file_format": "array_record"}
@@ -188,12 +191,18 @@ def open_split(
 ) -> VideoSource:
     """Random access to ``split`` of dataset ``name``, building it in ``data_dir`` if needed.
 
-    ``name`` is one of ``synthetic``, ``kinetics400``, ``ssv2``, ``epic_kitchens``. The real
-    datasets are built from the files in ``manual_dir`` (see each builder's docstring); once
-    built, ``manual_dir`` is no longer needed. ``split`` may carry a TFDS slice, e.g.
+    ``name`` is one of ``synthetic``, ``kinetics400``, ``ssv2``, ``epic_kitchens``, or a
+    frame-folder dataset read in place from ``manual_dir`` (``ssv2_frames``,
+    ``epic_kitchens_frames``: ``vtm_jax.data.frame_folders``). The other real datasets are
+    built from the files in ``manual_dir`` (see each builder's docstring); once built,
+    ``manual_dir`` is no longer needed. ``split`` may carry a TFDS slice, e.g.
     ``validation[:100]``; ``val`` means ``validation``. With ``build=False`` a dataset that is
     not built yet is an error (multi-host runs build on one process first).
     """
+    from vtm_jax.data.frame_folders import FRAME_DATASETS, open_frame_split
+
+    if name in FRAME_DATASETS:
+        return open_frame_split(name, split, manual_dir, config)
     builder = make_builder(name, data_dir=data_dir, config=config)
     with _quiet_tfds():
         prepared = builder.is_prepared()

@@ -58,6 +58,20 @@ def read_labels(path: str) -> list[str]:
     return [by_index[i] for i in range(len(table))]
 
 
+def read_split(path: str) -> list[tuple[str, str]]:
+    """``(video id, class name)`` of every video in a split file (``validation.json``)."""
+    entries = _load_json(path)
+    if not isinstance(entries, list):
+        raise UserError(f"{path}: expected a list of videos")
+    videos = []
+    for entry in entries:
+        try:
+            videos.append((str(entry["id"]), template_class(entry["template"])))
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{path}: each video needs 'id' and 'template'") from None
+    return videos
+
+
 class SomethingSomethingV2(ManualVideoBuilder, skip_registration=True):
     """Something-Something v2: 174 classes of template actions, videos as downloaded (.webm)."""
 
