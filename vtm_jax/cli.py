@@ -21,7 +21,11 @@ def _convert(args: argparse.Namespace) -> None:
     from vtm_jax.convert.sources import load_source
 
     converted = load_source(
-        args.source, args.input, num_frames=args.num_frames, image_size=args.image_size
+        args.source,
+        args.input,
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        num_heads=args.num_heads,
     )
     splits = converted["class_splits"]
     if args.class_splits:
@@ -308,10 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
-    convert.add_argument("--input", required=True, help="HF model directory or Scenic checkpoint")
+    convert.add_argument("--input", required=True, help="HF model directory or checkpoint file")
     convert.add_argument("--output", required=True, help="new checkpoint directory")
-    convert.add_argument("--num-frames", type=int, default=32, help="Scenic input frames")
-    convert.add_argument("--image-size", type=int, default=224, help="Scenic input size")
+    # Not for hf: config.json says. Default: the file's cfg, else the model's usual.
+    convert.add_argument("--num-frames", type=int, help="input frames (default 32 for Scenic)")
+    convert.add_argument("--image-size", type=int, help="input size (default 224)")
+    convert.add_argument("--num-heads", type=int, help="attention heads of a .pyth/.pth model")
     convert.add_argument(
         "--class-splits",
         help="sizes of the heads in one concatenated classifier, e.g. 97,300 for EPIC-KITCHENS",

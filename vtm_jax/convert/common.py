@@ -223,6 +223,9 @@ def concat_heads(
     concatenated head gives the same logits side by side.
     """
     keys = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+    clash = [k for k in (f"{target}.weight", f"{target}.bias") if k in state]
+    if clash:
+        raise UserError(f"both {format_keys(clash)} and separate heads {', '.join(names)}")
     missing = [k for k in keys if k not in state]
     if missing:
         raise UserError(f"classifier heads incomplete: missing {format_keys(missing)}")
