@@ -64,7 +64,7 @@ def _merging_from_args(args: argparse.Namespace, stored: dict | None):
         values["r"] = args.r
         if values.get("mode", "none") == "none" and args.mode is None:
             values["mode"] = "merge"  # --r alone asks for the paper's default mode
-    for name in ("schedule", "threshold", "seed", "head_aggregation"):
+    for name in ("schedule", "threshold", "seed", "head_aggregation", "motionformer_concat_keys"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.prop_attn is not None:
@@ -336,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="proportional attention (default: as stored with the checkpoint)",
     )
     pred.add_argument("--head-aggregation", choices=("mean", "concat"))
+    pred.add_argument(
+        "--motionformer-concat-keys",
+        action="store_const",
+        const=True,
+        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
+    )
     pred.add_argument("--seed", type=int, help="seed of the random modes")
     pred.add_argument("--attention", default="auto", help="attention backend")
     pred.add_argument("--save-logits", metavar="OUT.npy")
@@ -378,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--threshold", type=float)
     vis.add_argument("--prop-attn", action=argparse.BooleanOptionalAction)
     vis.add_argument("--head-aggregation", choices=("mean", "concat"))
+    vis.add_argument(
+        "--motionformer-concat-keys",
+        action="store_const",
+        const=True,
+        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
+    )
     vis.add_argument("--seed", type=int)
     vis.add_argument("--attention", default="auto", help="attention backend")
 
