@@ -425,18 +425,27 @@ def test_paper_videomae_epic_two_heads(tmp_path):
 # Motionformer through --source slowfast (the paper's MOTIONFORMER cfg section)
 
 
-def test_paper_motionformer_epic_two_heads(tmp_path):
+@pytest.mark.parametrize("source", ["slowfast", "motionformer"])
+def test_paper_motionformer_epic_two_heads(tmp_path, source):
+    """Through --source slowfast with the paper's cfg, and as a bare state dict (no cfg) through
+    --source motionformer, whose head count then comes from --num-heads."""
     from tests.reference.torch_motionformer import TorchMotionformer, randomise
 
     model = TorchMotionformer(
         num_classes=[3, 5], dim=64, depth=2, heads=4, img_size=SIZE, patch=PATCH, slots=FRAMES // 2
     )
     model = randomise(model, seed=4)
-    cfg = data_cfg(SAMPLING_RATE=4, MEAN=[0.5] * 3, STD=[0.5] * 3)
-    cfg |= {"MOTIONFORMER": {"NUM_HEADS": 4, "USE_MLP": True, "ATTN_LAYER": "trajectory"}}
-    path = save_slowfast(tmp_path / "mf_ek.pyth", model.state_dict(), cfg)
-    params, record = convert(tmp_path, "slowfast", path)
+    path = tmp_path / "mf_ek.pyth"
+    if source == "slowfast":
+        cfg = data_cfg(SAMPLING_RATE=4, MEAN=[0.5] * 3, STD=[0.5] * 3)
+        cfg |= {"MOTIONFORMER": {"NUM_HEADS": 4, "USE_MLP": True, "ATTN_LAYER": "trajectory"}}
+        save_slowfast(path, model.state_dict(), cfg)
+        params, record = convert(tmp_path, source, path)
+    else:
+        torch.save(model.state_dict(), path)
+        params, record = convert(tmp_path, source, path, "--num-heads", "4")
     assert record["architecture"] == "motionformer" and record["class_splits"] == [3, 5]
+    assert record["model"]["num_heads"] == 4
     clip = video(seed=8)
     with torch.no_grad():
         expected = model.logits(clip.permute(0, 2, 1, 3, 4)).numpy()  # [B, C, T, H, W]
