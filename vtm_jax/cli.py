@@ -22,7 +22,11 @@ def _convert(args: argparse.Namespace) -> None:
     from vtm_jax.convert.sources import load_source
 
     converted = load_source(
-        args.source, args.input, num_frames=args.num_frames, image_size=args.image_size
+        args.source,
+        args.input,
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        num_heads=args.num_heads,
     )
     splits = converted["class_splits"]
     if args.class_splits:
@@ -61,7 +65,7 @@ def _merging_from_args(args: argparse.Namespace, stored: dict | None):
         values["r"] = args.r
         if values.get("mode", "none") == "none" and args.mode is None:
             values["mode"] = "merge"  # --r alone asks for the paper's default mode
-    for name in ("schedule", "threshold", "seed", "head_aggregation"):
+    for name in ("schedule", "threshold", "seed", "head_aggregation", "motionformer_concat_keys"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.prop_attn is not None:
@@ -324,10 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
-    convert.add_argument("--input", required=True, help="HF model directory or Scenic checkpoint")
+    convert.add_argument("--input", required=True, help="HF model directory or checkpoint file")
     convert.add_argument("--output", required=True, help="new checkpoint directory")
-    convert.add_argument("--num-frames", type=int, default=32, help="Scenic input frames")
-    convert.add_argument("--image-size", type=int, default=224, help="Scenic input size")
+    # Not for hf: config.json says. Default: the file's cfg, else the model's usual.
+    convert.add_argument("--num-frames", type=int, help="input frames (default 32 for Scenic)")
+    convert.add_argument("--image-size", type=int, help="input size (default 224)")
+    convert.add_argument("--num-heads", type=int, help="attention heads of a .pyth/.pth model")
     convert.add_argument(
         "--class-splits",
         help="sizes of the heads in one concatenated classifier, e.g. 97,300 for EPIC-KITCHENS",
@@ -346,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="proportional attention (default: as stored with the checkpoint)",
     )
     pred.add_argument("--head-aggregation", choices=("mean", "concat"))
+    pred.add_argument(
+        "--motionformer-concat-keys",
+        action="store_const",
+        const=True,
+        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
+    )
     pred.add_argument("--seed", type=int, help="seed of the random modes")
     pred.add_argument("--attention", default="auto", help="attention backend")
     pred.add_argument("--save-logits", metavar="OUT.npy")
@@ -388,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--threshold", type=float)
     vis.add_argument("--prop-attn", action=argparse.BooleanOptionalAction)
     vis.add_argument("--head-aggregation", choices=("mean", "concat"))
+    vis.add_argument(
+        "--motionformer-concat-keys",
+        action="store_const",
+        const=True,
+        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
+    )
     vis.add_argument("--seed", type=int)
     vis.add_argument("--attention", default="auto", help="attention backend")
 

@@ -80,6 +80,10 @@ class ReductionSettings:
         unweighted VideoMAE pooling; upstream ToMe's MAE patch weights them).
       motionformer_groups: ``paper`` reproduces the paper's ``(s f)`` merge groups, which mix
         frames; ``per_frame`` merges within each frame, as intended (method.md §3.4).
+      motionformer_concat_keys: Motionformer only: let ``head_aggregation='concat'`` really
+        concatenate the heads' keys into the metric. The paper's Motionformer averages them
+        over heads whatever is asked, so without this setting concat is refused there; with it
+        the model departs from the paper's.
       temporal_r: factorised-encoder ViViT only: r per layer of the temporal encoder (0, the
         default, leaves it unmerged; the spatial encoder merges per frame with ``r``).
     """
@@ -95,6 +99,7 @@ class ReductionSettings:
     duplicate: tuple[int, int] | None = None
     size_weighted_pool: bool = False
     motionformer_groups: str = "paper"
+    motionformer_concat_keys: bool = False
     temporal_r: int = 0
     r_schedule: str = "paper"
 
@@ -159,6 +164,13 @@ class ReductionSettings:
                 f"unknown head_aggregation {self.head_aggregation!r}; "
                 f"valid: {', '.join(HEAD_AGGREGATIONS)}"
             )
+        if not isinstance(self.motionformer_concat_keys, bool):
+            raise UserError(
+                f"motionformer_concat_keys must be true or false, not "
+                f"{self.motionformer_concat_keys!r}"
+            )
+        if self.motionformer_concat_keys and self.head_aggregation != "concat":
+            raise UserError("motionformer_concat_keys needs head_aggregation 'concat'")
         if self.trace_source not in TRACE_SOURCE:
             raise UserError(
                 f"unknown trace_source {self.trace_source!r}; valid: {', '.join(TRACE_SOURCE)}"

@@ -271,7 +271,8 @@ def tome_motionformer_forward(
     Every step: x += Attn(norm1(x)) (proportional attention on the per-slot patch logits once a
     size exists); if r_i > 0, split the patches into F groups (`groups`: the paper's (s f) or the
     per-frame (f s)) and reduce each with its mean-over-heads patch keys (class_token=False);
-    then x += MLP(norm2(x)). `duplicate=(L, Q)` runs the whole block L Q times (tied weights); the
+    then x += MLP(norm2(x)). `head_aggregation='concat'` (not the paper's, whose Motionformer
+    averages whatever is asked) uses the heads' keys concatenated instead of their mean. `duplicate=(L, Q)` runs the whole block L Q times (tied weights); the
     r list covers the num_layers + Q - 1 steps. `random_scores(step, (B * F, ceil(P/2), P//2))`
     replaces torch.rand in the random modes (called only when the clamped r is > 0).
 

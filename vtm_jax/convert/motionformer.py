@@ -52,9 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from vtm_jax.convert.common import (
-    import_torch,
-)
+from vtm_jax.convert.common import import_torch, parse_cfg_yaml, read_torch_checkpoint
 from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
 from vtm_jax.errors import UserError
 
@@ -77,69 +75,6 @@ _HEAD = re.compile(r"head(\d*)\.(weight|bias)")
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_motionformer_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], str | None]:
-    """The state dict (float32 numpy arrays, ``module.`` stripped) and the ``cfg`` YAML text."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file not found: {path}")
-    torch = import_torch(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... for bad files
-        text = str(error)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if unsafe:
-            raise UserError(
-                f"{path} pickles {unsafe.group(1)}, an object torch.load(weights_only=True) "
-                "refuses to load; re-save the weights alone, e.g. "
-                "torch.save({'model_state': model.state_dict()}, path)"
-            ) from None
-        found = re.search(r"Unsupported [^\n.]*", text)
-        detail = found.group(0) if found else (text.strip().splitlines() or [repr(error)])[0]
-        raise UserError(f"cannot read {path} as a torch checkpoint: {detail}") from None
-    if not isinstance(checkpoint, Mapping):
-        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    cfg = None
-    if "model_state" in checkpoint:
-        state = checkpoint["model_state"]
-        cfg = checkpoint.get("cfg")
-        if not isinstance(cfg, str):
-            cfg = None
-        if not isinstance(state, Mapping):
-            raise UserError(f"{path}: 'model_state' is a {type(state).__name__}, not a state dict")
-    elif all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        state = checkpoint
-    else:
-        raise UserError(
-            f"{path} has no 'model_state' and is not a state dict; top-level keys: "
-            f"{format_keys(list(checkpoint))}"
-        )
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UserError(f"{path}: model_state has non-tensor entries {format_keys(not_tensors)}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}  # saved from a DDP wrapper
-    arrays = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        arrays[key] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
-    return arrays, cfg
-
-
-def _parse_cfg(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        import yaml
-    except ImportError:  # PyYAML comes with ml_collections; without it, use the defaults
-        return {}
-    try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise UserError(f"the checkpoint's cfg is not valid YAML: {error}") from None
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def _model_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -402,22 +337,38 @@ def _preprocessing(cfg: Mapping[str, Any], input_config: Mapping[str, int]) -> d
     frames = data.get("NUM_FRAMES")
     if frames is not None and int(frames) != prep["num_frames"]:
         raise UserError(
-            f"cfg DATA.NUM_FRAMES={frames} but temp_embed fits {prep['num_frames']} frames"
+            f"{frames} frames asked (cfg DATA.NUM_FRAMES or --num-frames) but temp_embed fits "
+            f"{prep['num_frames']} frames"
         )
     return prep
 
 
-def load_motionformer(path: str | Path) -> dict[str, Any]:
-    """Load a Motionformer ``.pyth`` / ``.pth`` checkpoint.
+def with_overrides(
+    cfg: Mapping[str, Any],
+    *,
+    num_frames: int | None = None,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+) -> dict[str, Any]:
+    """``cfg`` with the command line's input size and head count written into it."""
+    cfg = dict(cfg)
+    data = dict(cfg.get("DATA") or {})
+    if num_frames is not None:
+        data["NUM_FRAMES"] = num_frames
+    if image_size is not None:
+        data["TRAIN_CROP_SIZE"] = image_size  # the original resizes pos_embed to this crop
+    cfg["DATA"] = data
+    if num_heads is not None:
+        section = "VIT" if "VIT" in cfg and "MOTIONFORMER" not in cfg else "MOTIONFORMER"
+        cfg[section] = {**_model_cfg(cfg), "NUM_HEADS": num_heads}
+    return cfg
 
-    Returns ``{'params', 'model', 'input', 'labels', 'preprocessing', 'class_splits'}``: the Flax
-    tree, the constructor arguments of :class:`~vtm_jax.models.motionformer.Motionformer`,
-    ``{'num_frames', 'image_size'}``, ``None`` (the checkpoints carry no class names), the input
-    pipeline (from the checkpoint's cfg, else the paper's) and ``[97, 300]``-style head sizes for
-    multi-head (EPIC-KITCHENS) checkpoints, else ``None``.
-    """
-    state, cfg_text = read_motionformer_checkpoint(path)
-    cfg = _parse_cfg(cfg_text)
+
+def motionformer_from_state(
+    state: Mapping[str, np.ndarray], cfg: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A Motionformer state dict and its parsed ``cfg`` as :func:`load_motionformer` returns."""
+    cfg = dict(cfg or {})
     params, model_config, input_config, class_splits = convert_motionformer(state, cfg)
     return {
         "params": params,
@@ -427,3 +378,30 @@ def load_motionformer(path: str | Path) -> dict[str, Any]:
         "preprocessing": _preprocessing(cfg, input_config),
         "class_splits": class_splits,
     }
+
+
+def load_motionformer(
+    path: str | Path,
+    *,
+    num_frames: int | None = None,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+) -> dict[str, Any]:
+    """Load a Motionformer ``.pyth`` / ``.pth`` checkpoint.
+
+    Returns ``{'params', 'model', 'input', 'labels', 'preprocessing', 'class_splits'}``: the Flax
+    tree, the constructor arguments of :class:`~vtm_jax.models.motionformer.Motionformer`,
+    ``{'num_frames', 'image_size'}``, ``None`` (the checkpoints carry no class names), the input
+    pipeline (from the checkpoint's cfg, else the paper's) and ``[97, 300]``-style head sizes for
+    multi-head (EPIC-KITCHENS) checkpoints, else ``None``. ``num_frames`` / ``image_size`` /
+    ``num_heads`` override the cfg's ``DATA.NUM_FRAMES``, ``DATA.TRAIN_CROP_SIZE`` and
+    ``NUM_HEADS``.
+    """
+    checkpoint = read_torch_checkpoint(path)
+    cfg = with_overrides(
+        parse_cfg_yaml(checkpoint.cfg_text),
+        num_frames=num_frames,
+        image_size=image_size,
+        num_heads=num_heads,
+    )
+    return motionformer_from_state(checkpoint.state, cfg)

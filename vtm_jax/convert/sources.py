@@ -1,5 +1,10 @@
 """One entry point for every weight format ``vtm-jax convert`` reads.
 
+``hf`` (HuggingFace directories), ``scenic`` (msgpack), ``motionformer`` (original
+Motionformer ``.pyth``), ``slowfast`` (any SlowFast-format ``.pyth`` of the paper's code or the
+releases it starts from: ViViT, VideoMAE, TimeSformer, Motionformer, told apart by their keys)
+and ``videomae`` (MCG-NJU's fine-tuned VideoMAE ``.pth``); see :mod:`vtm_jax.convert.slowfast`.
+
 Each source gives the same dict: ``architecture``, ``params`` (Scenic-style tree of numpy
 arrays), ``model`` (constructor arguments), ``input``, ``preprocessing``, ``labels`` and
 ``class_splits`` (EPIC-KITCHENS verb/noun heads stored as one concatenated head).
@@ -13,7 +18,14 @@ from typing import Any
 
 from vtm_jax.errors import UserError
 
-SOURCES = ("hf", "scenic", "motionformer")
+SOURCES = ("hf", "scenic", "motionformer", "slowfast", "videomae")
+# Sources whose files do not say their input size or head count: the command line may.
+_TAKES_OVERRIDES = {
+    "scenic": ("num_frames", "image_size"),
+    "motionformer": ("num_frames", "image_size", "num_heads"),
+    "slowfast": ("num_frames", "image_size", "num_heads"),
+    "videomae": ("num_frames", "image_size", "num_heads"),
+}
 
 
 def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
@@ -78,22 +90,52 @@ def _load_scenic(path: str, num_frames: int, image_size: int) -> dict[str, Any]:
     }
 
 
-def load_source(source: str, path: str, *, num_frames: int = 32, image_size: int = 224) -> dict:
-    """Read weights in ``source`` format and check that they fit the model they describe."""
+def _check_overrides(source: str, given: dict[str, int | None]) -> None:
+    """A flag the source would ignore is an error, never silently dropped."""
+    takes = _TAKES_OVERRIDES.get(source, ())
+    ignored = [k for k, v in given.items() if v is not None and k not in takes]
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise UserError(f"{flags} not used by --source {source}: its files say")
+    for name, value in given.items():
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+
+
+def load_source(
+    source: str,
+    path: str,
+    *,
+    num_frames: int | None = None,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+) -> dict:
+    """Read weights in ``source`` format and check that they fit the model they describe.
+
+    ``num_frames`` / ``image_size`` / ``num_heads``: what the command line says (None: the
+    file's cfg, else the model's usual); a source whose files say them refuses them.
+    """
     from vtm_jax.models.registry import build_model, check_params_fit
 
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
     if not os.path.exists(path):
         raise UserError(f"no such file or directory: {path}")
+    given = {"num_frames": num_frames, "image_size": image_size, "num_heads": num_heads}
+    _check_overrides(source, given)
     if source == "hf":
         converted = _load_hf(path)
     elif source == "scenic":
-        converted = _load_scenic(path, num_frames, image_size)
+        converted = _load_scenic(path, num_frames or 32, image_size or 224)
     elif source == "motionformer":
         from vtm_jax.convert.motionformer import load_motionformer
 
-        converted = {"architecture": "motionformer", **load_motionformer(path)}
+        converted = {"architecture": "motionformer", **load_motionformer(path, **given)}
     else:
-        raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
+        from vtm_jax.convert.slowfast import ARCHITECTURES, Overrides, load_slowfast
+
+        accepted = ("videomae",) if source == "videomae" else ARCHITECTURES
+        converted = load_slowfast(path, architectures=accepted, overrides=Overrides(**given))
     model = build_model(converted)
     check_params_fit(model, converted["params"], converted["input"])
     return converted

@@ -19,7 +19,9 @@ Trajectory attention, per head (the original code path, ``USE_ORIGINAL_TRAJ_ATTN
 
 Token reduction (the paper's patch): after the attention residual and before the MLP, the
 patch tokens are split into ``F`` groups and each group is reduced on its own with the mean of
-the patch keys over heads as metric, ``class_token=False`` (clamp ``P // 2``, unmerged tokens
+the patch keys over heads as metric (``head_aggregation='concat'``, which the paper's
+Motionformer ignores, is refused unless ``merging.motionformer_concat_keys`` asks for the
+concatenated keys by name), ``class_token=False`` (clamp ``P // 2``, unmerged tokens
 in score order). ``merging.motionformer_groups``:
 
 * ``paper`` (default): the paper's ``b (s f) -> (b f) s`` split: group ``g`` is the flat patch
@@ -211,6 +213,16 @@ class TrajectoryBlock(nn.Module):
         return tokens._replace(x=x + y)
 
 
+def check_head_aggregation(merging: ReductionSettings) -> None:
+    """Refuse ``concat`` unless asked for by name: the paper's Motionformer ignores it."""
+    if merging.head_aggregation == "concat" and not merging.motionformer_concat_keys:
+        raise UserError(
+            "Motionformer takes head_aggregation 'mean' only: the paper's Motionformer averages "
+            "the keys over heads whatever is asked; set motionformer_concat_keys=True to "
+            "concatenate them all the same (departing from the paper)"
+        )
+
+
 class Motionformer(nn.Module):
     """Motionformer (ViT-B, trajectory attention) with token reduction.
 
@@ -243,6 +255,7 @@ class Motionformer(nn.Module):
     ) -> jax.Array:
         del train  # no dropout: the released checkpoints use rate 0 at test time
         check_video_shape(video.shape, self.patch_size)
+        check_head_aggregation(self.merging)
         t, ph, pw = self.patch_size
         f = video.shape[1] // t
         p = (video.shape[2] // ph) * (video.shape[3] // pw)

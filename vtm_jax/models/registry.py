@@ -31,6 +31,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 ONLY_FOR: dict[str, tuple[Any, tuple[str, ...]]] = {
     "temporal_r": (0, ("vivit_factorised_encoder",)),
     "motionformer_groups": ("paper", ("motionformer",)),
+    "motionformer_concat_keys": (False, ("motionformer",)),
     "size_weighted_pool": (False, ("vivit", "vivit_factorised_encoder", "videomae")),
 }
 
