@@ -301,6 +301,8 @@ def test_paper_vivit(tmp_path):
         "mean": [0.45, 0.45, 0.45],
         "std": [0.225, 0.225, 0.225],
         "sampling": "stride",
+        "protocol": "paper",  # the paper's Kinetics test loader, read as it reads videos
+        "paper_loader": "kinetics",
     }
     assert record["class_splits"] is None and record["labels"] is None
     clip = video(seed=1)

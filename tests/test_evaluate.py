@@ -158,7 +158,7 @@ def test_view_metrics_match_numpy():
             labels.append(order[np.arange(len(order)), ranks])
             expected_best.append(order[:, :5])
         labels = np.stack(labels, 1)
-        sums, best = view_metrics(
+        sums, best, combined = view_metrics(
             jnp.asarray(logits), jnp.asarray(labels), mask, heads, softmax_views=softmax_views
         )
         real = mask.astype(bool)
@@ -171,13 +171,42 @@ def test_view_metrics_match_numpy():
             "noun_top1": right[1].sum(),
             "noun_top5": in5[1].sum(),
             "action_top1": (right[0] & right[1]).sum(),
+            # SlowFast's multitask top-5: both labels within their head's top 5.
+            "action_top5": (in5[0] & in5[1]).sum(),
         }
         assert 0 < sums["action_top1"] < sums["verb_top1"] < sums["verb_top5"] < 10
+        assert (
+            sums["action_top1"] < sums["action_top5"] <= min(sums["verb_top5"], sums["noun_top5"])
+        )
         for h in range(2):
             np.testing.assert_array_equal(best[h], expected_best[h])
+        assert combined.shape == (12, 397)
+        if not softmax_views:
+            np.testing.assert_allclose(combined, logits.mean(1), atol=1e-5)
 
-    sums, _ = view_metrics(jnp.asarray(logits), jnp.asarray(labels[:, :1]), mask, [(None, 0, 97)])
+    sums, _, _ = view_metrics(
+        jnp.asarray(logits), jnp.asarray(labels[:, :1]), mask, [(None, 0, 97)]
+    )
     assert set(sums) == {"count", "top1", "top5"}
+
+
+def test_view_metrics_max_ensemble():
+    """SlowFast's max ensemble: the elementwise maximum over views, starting from zero."""
+    logits = np.array(
+        [[[-3.0, -1.0, -2.0], [-0.5, -4.0, -6.0]], [[1.0, 2.0, 0.5], [3.0, 0.0, 0.2]]]
+    )
+    labels = np.array([[1], [0]])
+    sums, best, combined = view_metrics(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(labels),
+        np.ones(2),
+        [(None, 0, 3)],
+        ensemble="max",
+    )
+    np.testing.assert_allclose(combined, [[0.0, 0.0, 0.0], [3.0, 2.0, 0.5]])
+    # Video 0: every score ties at 0, so class 0 ranks first (lower index); summing would
+    # have ranked class 1 first.
+    assert best[0][0, 0] == 0 and best[0][1, 0] == 0 and int(sums["top1"]) == 1
 
 
 def test_results_match_numpy(checkpoint, baseline):
@@ -290,6 +319,7 @@ def test_epic_two_heads(tmp_path):
         expected["noun_top1"] += best_noun[0] == noun
         expected["noun_top5"] += noun in best_noun
         expected["action_top1"] += best_verb[0] == verb and best_noun[0] == noun
+        expected["action_top5"] += verb in best_verb and noun in best_noun
     assert results["sums"] == expected
     first = results["predictions"][0]
     assert set(first["top5"]) == {"verb", "noun"} and first["label"]["verb"] == source[0]["verb"]
@@ -299,6 +329,7 @@ def test_epic_two_heads(tmp_path):
         "noun_top1",
         "noun_top5",
         "action_top1",
+        "action_top5",
     ]
 
     # Chosen labels: video 0 right on both heads, video 1 right on the verb only.
@@ -392,3 +423,42 @@ def test_eight_devices_and_two_processes_match_one_device(checkpoint, baseline, 
     assert [p.returncode for p in procs] == [1, 1]
     assert "UserError: process 1: " in outputs[0][1]
     assert "process1 exists and is not a vtm-jax results file" in outputs[1][1]
+
+
+def test_scores_dump_and_max_ensemble(tmp_path):
+    """eval.save_scores: every video's combined scores in an .npz (no pickle), in dataset
+    order; with the max ensemble they are SlowFast's max over views and zero."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", 10)
+    source = FakeSource()
+    results_path = tmp_path / "run.json"
+    results = evaluate(
+        checkpoint,
+        source,
+        limit=9,
+        results_path=str(results_path),
+        ensemble="max",
+        save_scores=True,
+        **RUN,
+    )
+    assert results["run"]["ensemble"] == "max"
+    saved = np.load(tmp_path / "run.scores.npz", allow_pickle=False)
+    assert results["scores_path"] == str(tmp_path / "run.scores.npz")
+    scores = reference_scores(checkpoint, source)
+    kept = [i for i in range(9) if scores[i] is not None]
+    assert saved["index"].tolist() == kept and CORRUPT in range(9) and CORRUPT not in kept
+    assert saved["video_id"].tolist() == [f"vid{i:03d}" for i in kept]
+    assert saved["labels"][:, 0].tolist() == [int(source[i]["label"]) for i in kept]
+    expected = np.stack([np.maximum(scores[i].max(0), 0) for i in kept])
+    np.testing.assert_allclose(saved["scores"], expected, atol=1e-4)
+    top1 = sum(int(np.argmax(e) == source[i]["label"]) for e, i in zip(expected, kept, strict=True))
+    assert results["sums"]["top1"] == top1
+    # Run again: it resumes the finished run and writes the same scores.
+    evaluate(
+        checkpoint, source, limit=9, results_path=str(results_path), ensemble="max",
+        save_scores=True, **RUN,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "run.scores.npz")["scores"], saved["scores"])
+    with pytest.raises(UserError, match="unknown ensemble"):
+        evaluate(checkpoint, source, limit=1, ensemble="mean", **RUN)
+    with pytest.raises(UserError, match="save_scores needs a results_path"):
+        evaluate(checkpoint, source, limit=1, save_scores=True, **RUN)

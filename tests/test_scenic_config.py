@@ -298,6 +298,9 @@ def test_eval_and_bench_run_scenic_config_unchanged(tmp_path, capsys):
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
         "sampling": "stride",
+        # Scenic config files are read with Scenic's own input pipeline, 4x3 on "test".
+        "protocol": "scenic",
+        "is_test_split": True,
     }
     assert run["token_merging"]["r"] == 50
     err = capsys.readouterr().err

@@ -233,8 +233,10 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         overwrite=options.get("overwrite", False),
         dataset=f"{config.dataset_name}/{source.split}",
         softmax_views=config.get("multicrop_softmax_logits", False),
+        ensemble=options.get("ensemble", "sum"),
         confusion_matrix=options.get("confusion_matrix", False),
         predictions=options.get("predictions", False),
+        save_scores=options.get("save_scores", False),
         workers=options.get("workers"),
         scenic_record=scenic_record,
     )

@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ PREPROCESSING_KEYS = (
 )
 REQUIRED_PREPROCESSING = PREPROCESSING_KEYS[:7]
 TOP_K = 5
+ENSEMBLES = ("sum", "max")
 PREFETCH_BATCHES = 2
 
 Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
@@ -85,8 +87,10 @@ def evaluate(
     overwrite: bool = False,
     dataset: str | None = None,
     softmax_views: bool = False,
+    ensemble: str = "sum",
     confusion_matrix: bool = False,
     predictions: bool = False,
+    save_scores: bool = False,
     workers: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     scenic_record: dict[str, Any] | None = None,
@@ -108,6 +112,10 @@ def evaluate(
       dataset: a name for the data in the results, e.g. ``'kinetics400/validation'``. The
         default is taken from the source's ``name`` and ``split``.
       softmax_views: average each head's softmax probabilities over views, not its logits.
+      ensemble: how views combine: ``sum`` (SlowFast's default, Scenic's mean) or ``max``
+        (SlowFast's ``ENSEMBLE_METHOD max``); see :func:`view_metrics`.
+      save_scores: also write each video's combined scores, labels and id to
+        ``<results stem>.scores.npz`` (:func:`combine_scores`); needs ``results_path``.
       confusion_matrix, predictions: also keep a confusion matrix per head (rows: true class),
         and per video its label(s) and top-5 classes.
       workers: threads that read and decode videos ahead of the devices.
@@ -129,6 +137,10 @@ def evaluate(
             raise UserError(f"{name} must be an integer >= {low}, not {value!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise UserError(f"limit must be a non-negative integer, not {limit!r}")
+    if ensemble not in ENSEMBLES:
+        raise UserError(f"unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}")
+    if save_scores and results_path is None:
+        raise UserError("save_scores needs a results_path (the scores go beside it)")
     start_time = time.perf_counter()
     params, record = load_checkpoint(checkpoint_dir, scenic_record=scenic_record)
     if merging is None:
@@ -148,6 +160,8 @@ def evaluate(
             "num_clips": num_clips,
             "three_crops": three_crops,
             "view_average": "softmax" if softmax_views else "logits",
+            "ensemble": ensemble,
+            "save_scores": save_scores,
             "token_merging": merging.to_dict(),
             "confusion_matrix": confusion_matrix,
             "predictions": predictions,
@@ -199,6 +213,7 @@ def evaluate(
             model=model,
             heads=tuple(heads),
             softmax_views=softmax_views,
+            ensemble=ensemble,
             seed=merging.seed,
         ),
         axis_name="batch",
@@ -223,6 +238,12 @@ def evaluate(
             )
         return _Loaded(index, video_id, labels, clip_views, None)
 
+    scores_dir = None
+    if save_scores:
+        scores_dir = scores_path_for(results_path) + ".parts"
+        if state["done"] == 0 and processes == 1:
+            shutil.rmtree(scores_dir, ignore_errors=True)  # nothing of an earlier run is kept
+        os.makedirs(scores_dir, exist_ok=True)
     _run_shard(
         state,
         shard,
@@ -237,12 +258,18 @@ def evaluate(
         workers=workers or min(8, os.cpu_count() or 1),
         on_batch=on_batch,
         started=start_time,
+        scores_dir=scores_dir,
     )
     states = [state] if processes == 1 else _allgather_json(state)
     results = _merge_states(states, run, info)
     # Videos the annotations list but the dataset build did not find: not in the accuracy.
     results["missing"] = sorted(map(str, getattr(source, "missing", None) or []))
     if results_path is not None and process == 0:
+        if scores_dir is not None:
+            # With several hosts, every process's parts must be in this directory by now
+            # (a shared file system).
+            combine_scores(scores_dir, scores_path_for(results_path), heads)
+            results["scores_path"] = scores_path_for(results_path)
         _write_json(results_path, results)
     return results
 
@@ -250,7 +277,7 @@ def evaluate(
 def _source_fingerprint(source: Any) -> dict[str, Any]:
     """What identifies the examples: the dataset's name, split, builder config, version, place."""
     info = getattr(source, "info", None)
-    fingerprint = {"length": len(source)}
+    fingerprint = {"length": len(source), **getattr(source, "fingerprint", {})}
     if info is not None:
         fingerprint.update(
             name=getattr(info, "name", None),
@@ -286,11 +313,13 @@ def _run_shard(
     workers: int,
     on_batch: Callable[[dict[str, Any]], None] | None,
     started: float,
+    scores_dir: str | None = None,
 ) -> None:
     """Evaluate the examples of ``shard`` not yet in ``state``, saving it after every batch.
 
     Videos are read and decoded in ``workers`` threads, up to PREFETCH_BATCHES batches ahead
-    of the devices.
+    of the devices. With ``scores_dir``, each batch's per-video scores are written there
+    before the state that counts them (``_save_score_chunk``).
     """
     devices = jax.local_device_count()
     host_batch = batch_size * devices
@@ -313,7 +342,9 @@ def _run_shard(
             loaded = [future.result() for future in pending.popleft()]
             submit_next()
             batch = _shard(_host_batch(loaded, host_batch, view_shape, len(heads)), devices)
-            sums, top = jax.device_get(step(device_params, batch))
+            sums, top, scores = jax.device_get(step(device_params, batch))
+            if scores_dir is not None:
+                _save_score_chunk(scores_dir, loaded, scores.reshape(host_batch, -1))
             _update_state(
                 state,
                 loaded,
@@ -339,6 +370,47 @@ def _run_shard(
         if bar is not None:
             bar.close()
     state["wall_s"] = wall_before + time.perf_counter() - started
+
+
+def _save_score_chunk(directory: str, loaded: Sequence[_Loaded], scores: np.ndarray) -> None:
+    """One batch's per-video scores, named by its first example: a resumed run that redoes
+    the batch writes the same file again."""
+    rows = [row for row, item in enumerate(loaded) if item.views is not None]
+    path = os.path.join(directory, f"{loaded[0].index:010d}.npz")
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(
+        tmp,
+        index=np.array([loaded[r].index for r in rows], np.int64),
+        video_id=np.array([loaded[r].video_id for r in rows], dtype=str),
+        labels=np.array([loaded[r].labels for r in rows], np.int64).reshape(len(rows), -1),
+        scores=scores[rows].astype(np.float32),
+    )
+    os.replace(tmp, path)
+
+
+def combine_scores(directory: str, path: str, heads: Sequence[Head]) -> None:
+    """The per-batch score files of ``directory`` as one ``.npz`` in dataset order:
+    ``index``, ``video_id``, ``labels`` ``[N, heads]``, ``scores`` ``[N, classes]`` (each
+    head's views combined as the metrics saw them), ``head_names`` and ``head_bounds``."""
+    parts = [np.load(os.path.join(directory, f)) for f in sorted(os.listdir(directory))]
+    parts = [p for p in parts if p["index"].size]
+    keys = ("index", "video_id", "labels", "scores")
+    merged = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
+    order = np.argsort(merged["index"], kind="stable")
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(
+        tmp,
+        **{k: v[order] for k, v in merged.items()},
+        head_names=np.array([name or "label" for name, _, _ in heads], dtype=str),
+        head_bounds=np.array([[start, stop] for _, start, stop in heads], np.int64),
+    )
+    os.replace(tmp, path)
+
+
+def scores_path_for(results_path: str) -> str:
+    """Where the per-video scores of ``results_path`` go: ``<stem>.scores.npz``."""
+    stem = results_path[:-5] if results_path.endswith(".json") else results_path
+    return stem + ".scores.npz"
 
 
 def resolve_preprocessing(
@@ -393,36 +465,45 @@ def view_metrics(
     heads: Sequence[Head],
     *,
     softmax_views: bool = False,
-) -> tuple[dict[str, jax.Array], list[jax.Array]]:
-    """Metric counts of one batch and each head's top-k classes.
+    ensemble: str = "sum",
+) -> tuple[dict[str, jax.Array], list[jax.Array], jax.Array]:
+    """Metric counts of one batch, each head's top-k classes and each video's scores.
 
     ``logits`` ``[B, V, C]`` (V views per video), ``labels`` ``[B, heads]``, ``mask`` ``[B]``
-    (1 = real). Each head's views are averaged (logits, or softmax probabilities with
-    ``softmax_views``) before its top-k. Returns ``(sums, top)``: integer counts keyed
-    ``count``, ``top1``, ``top5`` (multi-head: ``<head>_top1``, ``<head>_top5`` and
-    ``action_top1``), and per head ``[B, k]`` class indices, best first (ties: lower index).
+    (1 = real). Each head's views (logits, or softmax probabilities with ``softmax_views``)
+    are combined by ``ensemble``: ``sum`` (SlowFast's default; the same ranking as the mean)
+    or ``max`` (SlowFast's: the elementwise maximum over views and zero, as its meter starts
+    from zeros). Returns ``(sums, top, scores)``: integer counts keyed ``count``, ``top1``,
+    ``top5`` (multi-head: ``<head>_top1``, ``<head>_top5``, and ``action_top1`` /
+    ``action_top5``, where every head is right within its top-k, as SlowFast's multitask
+    accuracy), per head ``[B, k]`` class indices best first (ties: lower index), and the
+    combined scores ``[B, C]`` (views averaged for ``sum``).
     """
     real = mask > 0
     sums = {"count": real.sum(dtype=jnp.int32)}
-    top = []
-    all_right = real
+    top, combined = [], []
+    all_right = {1: real, TOP_K: real}
     for h, (name, start, stop) in enumerate(heads):
         scores = logits[..., start:stop].astype(jnp.float32)
         if softmax_views:
             scores = jax.nn.softmax(scores, axis=-1)
-        _, best = jax.lax.top_k(scores.mean(axis=1), min(TOP_K, stop - start))
+        if ensemble == "max":
+            scores = jnp.maximum(scores.max(axis=1), 0.0)
+        else:
+            scores = scores.mean(axis=1)
+        _, best = jax.lax.top_k(scores, min(TOP_K, stop - start))
         label = labels[:, h]
-        right = best[:, 0] == label
+        hits = {1: best[:, 0] == label, TOP_K: (best == label[:, None]).any(-1)}
         prefix = f"{name}_" if name else ""
-        sums[prefix + "top1"] = (right & real).sum(dtype=jnp.int32)
-        sums[prefix + f"top{TOP_K}"] = ((best == label[:, None]).any(-1) & real).sum(
-            dtype=jnp.int32
-        )
-        all_right = all_right & right
+        for k, hit in hits.items():
+            sums[f"{prefix}top{k}"] = (hit & real).sum(dtype=jnp.int32)
+            all_right[k] = all_right[k] & hit
         top.append(best)
+        combined.append(scores)
     if len(heads) > 1:
-        sums[_joint_name(heads)] = all_right.sum(dtype=jnp.int32)
-    return sums, top
+        for k in (1, TOP_K):
+            sums[_joint_name(heads, k)] = all_right[k].sum(dtype=jnp.int32)
+    return sums, top, jnp.concatenate(combined, axis=-1)
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -475,7 +556,7 @@ def _protocol_name(prep: dict[str, Any]) -> str:
     return protocol
 
 
-def _eval_step(params, batch, *, model, heads, softmax_views, seed):
+def _eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed):
     """One device's share of a step; sums are psum-ed, so each device holds the process's.
 
     Random modes get a fresh draw per device batch, keyed by the dataset index of its first
@@ -488,18 +569,20 @@ def _eval_step(params, batch, *, model, heads, softmax_views, seed):
     logits = model.apply(
         {"params": params}, videos.reshape((b * v,) + videos.shape[2:]), merge_rng=merge_rng
     )
-    sums, top = view_metrics(
+    sums, top, scores = view_metrics(
         logits.reshape(b, v, -1),
         batch["labels"],
         batch["batch_mask"],
         heads,
         softmax_views=softmax_views,
+        ensemble=ensemble,
     )
-    return jax.lax.psum(sums, axis_name="batch"), top
+    return jax.lax.psum(sums, axis_name="batch"), top, scores
 
 
-def _joint_name(heads: Sequence[Head]) -> str:
-    return "action_top1" if [h[0] for h in heads] == ["verb", "noun"] else "joint_top1"
+def _joint_name(heads: Sequence[Head], k: int = 1) -> str:
+    joint = "action" if [h[0] for h in heads] == ["verb", "noun"] else "joint"
+    return f"{joint}_top{k}"
 
 
 def _replicate(params: Any, devices: Sequence[jax.Device]) -> Any:
@@ -582,7 +665,7 @@ def _sum_names(heads: Sequence[Head]) -> list[str]:
         prefix = f"{name}_" if name else ""
         names += [prefix + "top1", prefix + f"top{TOP_K}"]
     if len(heads) > 1:
-        names.append(_joint_name(heads))
+        names += [_joint_name(heads, 1), _joint_name(heads, TOP_K)]
     return names
 
 

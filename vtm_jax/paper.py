@@ -114,6 +114,8 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
             "overwrite": False,
             "confusion_matrix": False,
             "predictions": False,
+            "ensemble": "sum",  # SlowFast's DATA.ENSEMBLE_METHOD over views: sum or max
+            "save_scores": False,  # per-video scores beside the results, as .scores.npz
             "workers": config_dict.placeholder(int),
         }
     )

@@ -132,6 +132,8 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
                 "overwrite": False,
                 "confusion_matrix": False,
                 "predictions": False,
+                "ensemble": "sum",
+                "save_scores": False,
                 "workers": config_dict.placeholder(int),
             }
         )

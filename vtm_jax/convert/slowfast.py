@@ -353,6 +353,9 @@ def _videomae(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overri
 # Preprocessing and the entry point
 
 
+_LOADERS = {"k400": "kinetics", "ssv2": "ssv2", "ek100": "epic_kitchens"}
+
+
 def _dataset(num_classes: int, splits: list[int] | None) -> str:
     """The paper's dataset a classifier was made for, by its classes (Kinetics otherwise)."""
     if splits == _EPIC_SPLITS:
@@ -384,6 +387,8 @@ def paper_preprocessing(
         "mean": [float(v) for v in data.get("MEAN", mean)],
         "std": [float(v) for v in data.get("STD", std)],
         "sampling": "segments" if dataset == "ssv2" else "stride",
+        "protocol": "paper",
+        "paper_loader": _LOADERS[dataset],
     }
     for name in ("mean", "std"):
         if len(prep[name]) != 3:
@@ -398,8 +403,10 @@ def _motionformer(
 
     cfg = motionformer.with_overrides(cfg, **over._asdict())
     converted = motionformer.motionformer_from_state(state, cfg)
-    if converted["model"]["num_classes"] == _SSV2_CLASSES:
-        converted["preprocessing"]["sampling"] = "segments"  # the paper's SSv2 loader
+    dataset = _dataset(converted["model"]["num_classes"], converted.get("class_splits"))
+    converted["preprocessing"].update(protocol="paper", paper_loader=_LOADERS[dataset])
+    if dataset == "ssv2":
+        converted["preprocessing"]["sampling"] = "segments"  # the `centred` protocol's
     return converted
 
 

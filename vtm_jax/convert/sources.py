@@ -37,6 +37,7 @@ def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
         "crop_size": image_size,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
+        "protocol": "scenic",  # DMVR's sampling, resize and crops (vtm_jax/data/protocols.py)
     }
 
 
