@@ -1,4 +1,33 @@
-"""The one exception type that the command line turns into a one-line message."""
+"""What counts as an expected failure, and the one line the command line prints for it.
+
+Two kinds of exception are expected: :class:`UserError` (bad input, said in words by the code
+that found it) and an ``OSError`` about a named file that the user's environment caused (a
+read-only directory, a path that is a directory where a file is wanted, a full disk). Both end
+``vtm-jax`` with ``vtm-jax: error: <one line>`` and exit status 2. Anything else is a bug in
+vtm-jax and keeps its traceback, so that it can be reported.
+"""
+
+from __future__ import annotations
+
+import errno
+
+# Failures of the file system that a user's paths or disks cause, not vtm-jax.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOENT,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+        errno.EFBIG,
+        errno.ELOOP,
+    }
+)
 
 
 class UserError(Exception):
@@ -7,3 +36,29 @@ class UserError(Exception):
     The command line prints ``vtm-jax: error: <message>`` and exits non-zero; library callers
     get an ordinary exception with the same message.
     """
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line: its lines joined, so no part of the message is lost."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def expected_failure(error: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (keep the traceback)."""
+    if isinstance(error, UserError):
+        return one_line(error) or type(error).__name__
+    if (
+        isinstance(error, OSError)
+        and error.errno in _ENVIRONMENT_ERRNOS
+        and getattr(error, "filename", None) is not None
+    ):
+        return os_error_message(error)
+    return None
+
+
+def os_error_message(error: OSError) -> str:
+    """``PATH: reason``, as coreutils say it, for a file-system error."""
+    path = error.filename
+    if getattr(error, "filename2", None) is not None and error.errno == errno.EEXIST:
+        path = error.filename2  # os.replace / os.rename: the target is what exists
+    return f"{path}: {error.strerror or type(error).__name__}"
