@@ -8,12 +8,16 @@ reduction settings, so a checkpoint alone says how to build and feed its model.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import sys
 from typing import Any
 
 import numpy as np
 
-from vtm_jax.errors import UserError
+from vtm_jax import integrity
+from vtm_jax.errors import UserError, one_line
 
 RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
@@ -21,19 +25,42 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None:
-    """Write ``params`` and ``record`` to a new checkpoint directory."""
+    """Write ``params`` and ``record`` to a new checkpoint directory.
+
+    The record gets the parameters' content digest (``params_digest``) and a SHA-256 per file
+    of ``params/`` (``params_files``), which :func:`load_checkpoint` verifies. Parameters
+    holding NaN or infinities are refused: such a checkpoint could only predict NaN.
+    """
     import orbax.checkpoint as ocp
+
+    from vtm_jax.outputs import write_json
 
     directory = os.path.abspath(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_dir):
-        raise UserError(f"{directory} already holds a checkpoint; choose a new --output")
+    check_new_checkpoint(directory, what="checkpoint directory")
+    params = _to_numpy(params)
+    integrity.check_finite_params(params, where=f"parameters for {directory}")
+    digest = integrity.params_digest(params)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
-    with open(os.path.join(directory, RECORD_FILE), "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, **record}, f, indent=2)
+    record = {
+        "format_version": FORMAT_VERSION,
+        **record,
+        "params_digest": digest,
+        "params_files": integrity.file_digests(params_dir),
+    }
+    write_json(os.path.join(directory, RECORD_FILE), record, indent=2)
+
+
+def check_new_checkpoint(directory: str, *, what: str) -> None:
+    """``directory`` can take a new checkpoint: writable, and not holding one already."""
+    from vtm_jax.outputs import check_output_dir
+
+    check_output_dir(directory, what=what)
+    if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+        raise UserError(f"{directory} already holds a checkpoint; choose a new {what}")
 
 
 def load_record(directory: str, *, scenic_record: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,29 +111,114 @@ def _check_record(record: Any, path: str) -> None:
     num_classes = record["model"].get("num_classes")
     if labels is not None and len(labels) != num_classes:
         raise UserError(f"{path}: {len(labels)} labels for {num_classes} classes")
+    for key in ("mean", "std"):
+        value = (record.get("preprocessing") or {}).get(key)
+        if value is not None:
+            check_normalisation(key, value, where=f"{path}: preprocessing")
+    digest = record.get("params_digest")
+    if digest is not None and not (
+        isinstance(digest, str) and digest.startswith(integrity.DIGEST_PREFIX)
+    ):
+        raise UserError(f"{path}: params_digest must be a string 'sha256:...', not {digest!r}")
+    files = record.get("params_files")
+    if files is not None and not (
+        isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+    ):
+        raise UserError(f"{path}: params_files must map file names to sha256 strings")
+
+
+def check_normalisation(key: str, values: Any, *, where: str) -> None:
+    """``mean`` or ``std`` must be 3 finite numbers, one per RGB channel (std > 0)."""
+    try:
+        ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
+        ok = ok and (key != "std" or min(float(v) for v in values) > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{where} {key} must be 3 finite numbers (std > 0), not {values!r}")
 
 
 def load_checkpoint(
-    directory: str, *, scenic_record: dict[str, Any] | None = None
+    directory: str, *, scenic_record: dict[str, Any] | None = None, verify: bool = True
 ) -> tuple[Any, dict[str, Any]]:
     """Read ``(params, record)`` from a checkpoint directory; params are numpy arrays.
 
+    ``verify``: check the files of ``params/`` against the SHA-256s the record keeps (naming a
+    damaged, missing or replaced file before anything parses it), the parameters against the
+    record's ``params_digest``, and that every parameter is finite. Checkpoints written before
+    digests existed are read without the digest checks. ``verify=False`` skips all of them.
+    The returned record's ``params_digest`` identifies the parameters by content (computed
+    when the record has none).
+
     ``scenic_record``: read a bare Scenic checkpoint as this record's model (see load_record).
     """
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(directory)
     if scenic_record is not None:
-        return _load_scenic(directory, load_record(directory, scenic_record=scenic_record))
+        return _load_scenic(
+            directory, load_record(directory, scenic_record=scenic_record), verify=verify
+        )
     record = load_record(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise UserError(f"{directory} has no {PARAMS_DIR}/ directory")
+    record_path = os.path.join(directory, RECORD_FILE)
+    if verify and record.get("params_files"):
+        integrity.check_files(
+            params_dir, record["params_files"], label=params_dir, record=record_path
+        )
+    params = _to_numpy(_restore(params_dir))
+    recorded = record.get("params_digest")
+    if verify:
+        integrity.check_finite_params(params, where=params_dir)
+        digest = integrity.params_digest(params)
+        if recorded is not None and digest != recorded:
+            raise UserError(
+                f"the parameters in {params_dir} are not the ones {record_path} was written "
+                f"with (params_digest {digest[:19]}... instead of {recorded[:19]}...): damaged, "
+                "or model.json belongs to another checkpoint"
+            )
+        record = {**record, "params_digest": digest}
+    elif recorded is None:
+        record = {**record, "params_digest": integrity.params_digest(params)}
+    return params, record
+
+
+def _restore(params_dir: str) -> Any:
+    """Orbax's restore of ``params_dir``, its failures as one line naming the file."""
+    import orbax.checkpoint as ocp
+
     try:
-        params = ocp.StandardCheckpointer().restore(params_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot restore {params_dir}: {str(e).splitlines()[0]}") from None
-    return _to_numpy(params), record
+        return ocp.StandardCheckpointer().restore(params_dir)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        _quiet_closed_event_loop()
+        text = str(e).split(" [tensorstore_spec=")[0]  # drop the pages of driver settings
+        # The innermost file named is the one that failed to decode (the others are the
+        # database directory it was read through).
+        files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
+        where = f" ({files[-1]} is damaged)" if files else ""
+        raise UserError(f"cannot restore {params_dir}{where}: {one_line(text)}") from None
+
+
+def _quiet_closed_event_loop() -> None:
+    """Silence tensorstore's late callbacks after a failed restore.
+
+    When one read fails, orbax closes its event loop while tensorstore's other reads are
+    still in flight; each then reports ``RuntimeError: Event loop is closed`` as an
+    unraisable exception, a screenful of tracebacks after the one-line error. Only that
+    exception is dropped; every other unraisable one still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_vtm_jax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._vtm_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -115,7 +227,9 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def _load_scenic(path: str, record: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _load_scenic(
+    path: str, record: dict[str, Any], *, verify: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """Params of a Scenic checkpoint, checked against the model its config describes."""
     from vtm_jax.convert.scenic import read_scenic_checkpoint
     from vtm_jax.models.registry import build_model, check_params_fit
@@ -130,4 +244,7 @@ def _load_scenic(path: str, record: dict[str, Any]) -> tuple[Any, dict[str, Any]
             f"{path} does not fit the config's model ({record['architecture']}: {fields}; "
             f"input {size['num_frames']}x{size['image_size']}x{size['image_size']}): {e}"
         ) from None
-    return params, record
+    if verify:
+        integrity.check_finite_params(params, where=path)
+    # A bare Scenic file records no digest: its content is its identity (evaluation resume).
+    return params, {**record, "params_digest": integrity.params_digest(params)}

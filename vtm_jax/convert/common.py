@@ -116,7 +116,7 @@ class TorchCheckpoint(NamedTuple):
     wrapper: str  # where the weights were: model_state, module, model, bare or safetensors
 
 
-def _unsafe_pickle_error(path: Path, error: Exception) -> UserError:
+def unsafe_pickle_error(path: Path, error: Exception) -> UserError:
     """One line for a file ``torch.load(weights_only=True)`` refuses."""
     text = str(error)
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
@@ -136,7 +136,7 @@ def _load_pickle(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... for bad files
-        raise _unsafe_pickle_error(path, error) from None
+        raise unsafe_pickle_error(path, error) from None
 
 
 def _load_safetensors_file(path: Path) -> dict[str, Any]:

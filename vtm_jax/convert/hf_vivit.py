@@ -29,6 +29,7 @@ from vtm_jax.convert.common import (
     to_flax,
     torch_shape,
     torch_to_numpy,
+    unsafe_pickle_error,
 )
 from vtm_jax.convert.scenic import (
     Params,
@@ -150,7 +151,8 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
-        raise UserError(f"cannot read {path}: {error}") from error
+        # One line naming what was refused; never torch's advice to unpickle unsafely.
+        raise unsafe_pickle_error(path, error) from None
     if not isinstance(state, Mapping):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
