@@ -34,7 +34,6 @@ import collections
 import concurrent.futures
 import functools
 import json
-import math
 import os
 import shutil
 import time
@@ -45,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.checkpoint import check_normalisation, load_checkpoint
 from vtm_jax.errors import UserError
+from vtm_jax.outputs import atomic_file, check_output_file, write_json
 from vtm_jax.reduction import ReductionSettings, is_random
 
 RESULTS_FORMAT = "vtm-jax-eval"
@@ -67,6 +67,8 @@ REQUIRED_PREPROCESSING = PREPROCESSING_KEYS[:7]
 TOP_K = 5
 ENSEMBLES = ("sum", "max")
 PREFETCH_BATCHES = 2
+NONFINITE_INPUT = "pixels are not finite after preprocessing"
+NONFINITE_OUTPUT = "the model's output is not finite (overflow in the input or the parameters)"
 
 Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
 
@@ -94,6 +96,7 @@ def evaluate(
     workers: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     scenic_record: dict[str, Any] | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Top-1 and top-5 (per head, plus action top-1) of a checkpoint on ``source``.
 
@@ -122,6 +125,9 @@ def evaluate(
       on_batch: called with the running state after each batch is saved.
       scenic_record: ``checkpoint_dir`` is a bare Scenic checkpoint and this record, from its
         Scenic config, describes the model (``vtm_jax.scenic_config.checkpoint_record``).
+      verify: check the checkpoint's digests on load (``checkpoint.load_checkpoint``). The
+        results name the parameters by their content digest either way, and a resume against
+        other parameters is refused.
 
     Returns:
       The results, the same on every process: ``metrics`` (fractions), ``sums`` (counts),
@@ -135,14 +141,18 @@ def evaluate(
     for name, value, low in (("batch_size", batch_size, 1), ("num_clips", num_clips, 1)):
         if not isinstance(value, int) or value < low:
             raise UserError(f"{name} must be an integer >= {low}, not {value!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise UserError(f"limit must be a non-negative integer, not {limit!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be a positive integer (or unset), not {limit!r}")
     if ensemble not in ENSEMBLES:
         raise UserError(f"unknown ensemble {ensemble!r}; valid: {', '.join(ENSEMBLES)}")
     if save_scores and results_path is None:
         raise UserError("save_scores needs a results_path (the scores go beside it)")
+    if results_path is not None:  # before anything is loaded or compiled
+        check_output_file(results_path, what="results_path")
+        if save_scores:
+            check_output_file(scores_path_for(results_path), what="scores file")
     start_time = time.perf_counter()
-    params, record = load_checkpoint(checkpoint_dir, scenic_record=scenic_record)
+    params, record = load_checkpoint(checkpoint_dir, scenic_record=scenic_record, verify=verify)
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     prep = resolve_preprocessing(record, preprocessing)
@@ -153,6 +163,8 @@ def evaluate(
     run = _jsonable(
         {
             "checkpoint": os.path.abspath(checkpoint_dir),
+            # The parameters by content: another checkpoint put at the same path is another run.
+            "params_digest": record["params_digest"],
             "architecture": record["architecture"],
             "dataset": dataset or _dataset_name(source),
             "num_examples": num_examples,
@@ -231,6 +243,8 @@ def evaluate(
         except CorruptVideo as e:
             return _Loaded(index, video_id, labels, None, str(getattr(e, "reason", e)))
         clip_views = np.asarray(clip_views, np.float32)
+        if not np.isfinite(clip_views).all():
+            return _Loaded(index, video_id, labels, None, NONFINITE_INPUT)
         if clip_views.shape != expected:
             raise UserError(
                 f"video {video_id}: preprocessing gave views of shape {clip_views.shape}, "
@@ -270,7 +284,14 @@ def evaluate(
             # (a shared file system).
             combine_scores(scores_dir, scores_path_for(results_path), heads)
             results["scores_path"] = scores_path_for(results_path)
-        _write_json(results_path, results)
+        write_json(results_path, results)
+    if results["sums"]["count"] == 0:
+        # Not a 0% accuracy: there is nothing to measure.
+        reasons = sorted({item["reason"] for item in results["skipped"]})
+        raise UserError(
+            f"no video was evaluated: {len(results['skipped'])} of {num_examples} skipped"
+            + (f" ({'; '.join(reasons[:3])})" if reasons else "")
+        )
     return results
 
 
@@ -342,15 +363,17 @@ def _run_shard(
             loaded = [future.result() for future in pending.popleft()]
             submit_next()
             batch = _shard(_host_batch(loaded, host_batch, view_shape, len(heads)), devices)
-            sums, top, scores = jax.device_get(step(device_params, batch))
+            sums, top, scores, finite = jax.device_get(step(device_params, batch))
+            finite = finite.reshape(host_batch)
             if scores_dir is not None:
-                _save_score_chunk(scores_dir, loaded, scores.reshape(host_batch, -1))
+                _save_score_chunk(scores_dir, loaded, scores.reshape(host_batch, -1), finite)
             _update_state(
                 state,
                 loaded,
                 {k: int(v[0]) for k, v in sums.items()},  # psum-ed: every device holds them
                 [t.reshape(host_batch, -1) for t in top],
                 heads,
+                finite,
             )
             clips = view_shape[0] * sum(1 for item in loaded if item.views is not None)
             session_clips += clips
@@ -358,7 +381,7 @@ def _run_shard(
             state["wall_s"] = wall_before + time.perf_counter() - started
             state["complete"] = state["done"] == len(shard)
             if state_path is not None:
-                _write_json(state_path, _with_metrics(state))
+                write_json(state_path, _with_metrics(state))
             if bar is not None:
                 bar.update(len(loaded))
                 rate = session_clips / max(time.perf_counter() - session_start, 1e-9)
@@ -372,39 +395,40 @@ def _run_shard(
     state["wall_s"] = wall_before + time.perf_counter() - started
 
 
-def _save_score_chunk(directory: str, loaded: Sequence[_Loaded], scores: np.ndarray) -> None:
+def _save_score_chunk(
+    directory: str, loaded: Sequence[_Loaded], scores: np.ndarray, finite: np.ndarray
+) -> None:
     """One batch's per-video scores, named by its first example: a resumed run that redoes
-    the batch writes the same file again."""
-    rows = [row for row, item in enumerate(loaded) if item.views is not None]
+    the batch writes the same file again. Skipped videos (corrupt, non-finite) are left out."""
+    rows = [row for row, item in enumerate(loaded) if item.views is not None and finite[row]]
     path = os.path.join(directory, f"{loaded[0].index:010d}.npz")
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(
-        tmp,
-        index=np.array([loaded[r].index for r in rows], np.int64),
-        video_id=np.array([loaded[r].video_id for r in rows], dtype=str),
-        labels=np.array([loaded[r].labels for r in rows], np.int64).reshape(len(rows), -1),
-        scores=scores[rows].astype(np.float32),
-    )
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        np.savez(
+            f,
+            index=np.array([loaded[r].index for r in rows], np.int64),
+            video_id=np.array([loaded[r].video_id for r in rows], dtype=str),
+            labels=np.array([loaded[r].labels for r in rows], np.int64).reshape(len(rows), -1),
+            scores=scores[rows].astype(np.float32),
+        )
 
 
 def combine_scores(directory: str, path: str, heads: Sequence[Head]) -> None:
     """The per-batch score files of ``directory`` as one ``.npz`` in dataset order:
     ``index``, ``video_id``, ``labels`` ``[N, heads]``, ``scores`` ``[N, classes]`` (each
     head's views combined as the metrics saw them), ``head_names`` and ``head_bounds``."""
-    parts = [np.load(os.path.join(directory, f)) for f in sorted(os.listdir(directory))]
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".npz"))  # not a leftover .tmp
+    parts = [np.load(os.path.join(directory, f)) for f in names]
     parts = [p for p in parts if p["index"].size]
     keys = ("index", "video_id", "labels", "scores")
     merged = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
     order = np.argsort(merged["index"], kind="stable")
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(
-        tmp,
-        **{k: v[order] for k, v in merged.items()},
-        head_names=np.array([name or "label" for name, _, _ in heads], dtype=str),
-        head_bounds=np.array([[start, stop] for _, start, stop in heads], np.int64),
-    )
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        np.savez(
+            f,
+            **{k: v[order] for k, v in merged.items()},
+            head_names=np.array([name or "label" for name, _, _ in heads], dtype=str),
+            head_bounds=np.array([[start, stop] for _, start, stop in heads], np.int64),
+        )
 
 
 def scores_path_for(results_path: str) -> str:
@@ -436,15 +460,7 @@ def resolve_preprocessing(
             f"the checkpoint records no preprocessing {', '.join(missing)}; give them explicitly"
         )
     for key in ("mean", "std"):
-        values = prep[key]
-        try:
-            ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or (key == "std" and min(float(v) for v in values) <= 0):
-            raise UserError(
-                f"preprocessing {key} must be 3 finite numbers (std > 0), not {values!r}"
-            )
+        check_normalisation(key, prep[key], where="preprocessing")
     for key in ("num_frames", "stride", "min_resize", "crop_size"):
         if not isinstance(prep[key], int) or prep[key] < 1:
             raise UserError(f"preprocessing {key} must be a positive integer, not {prep[key]!r}")
@@ -569,15 +585,18 @@ def _eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed):
     logits = model.apply(
         {"params": params}, videos.reshape((b * v,) + videos.shape[2:]), merge_rng=merge_rng
     )
+    logits = logits.reshape(b, v, -1)
+    # A video whose logits overflowed is skipped (and listed), not counted with NaN scores.
+    finite = jnp.isfinite(logits).all(axis=(1, 2))
     sums, top, scores = view_metrics(
-        logits.reshape(b, v, -1),
+        logits,
         batch["labels"],
-        batch["batch_mask"],
+        batch["batch_mask"] * finite,
         heads,
         softmax_views=softmax_views,
         ensemble=ensemble,
     )
-    return jax.lax.psum(sums, axis_name="batch"), top, scores
+    return jax.lax.psum(sums, axis_name="batch"), top, scores, finite
 
 
 def _joint_name(heads: Sequence[Head], k: int = 1) -> str:
@@ -732,6 +751,18 @@ def _read_results(path: str | None) -> dict[str, Any] | None:
 
 def _check_same_run(saved: dict[str, Any], run: dict[str, Any], path: str) -> None:
     old = saved.get("run") or {}
+    if old.get("params_digest") != run.get("params_digest"):
+        # Said on its own: the path may be the same while the parameters are not.
+        before = old.get("params_digest")
+        raise UserError(
+            f"{path} was computed with other parameters than {run['checkpoint']} holds now "
+            + (
+                f"(params_digest {str(before)[:19]}..., now {run['params_digest'][:19]}...)"
+                if before
+                else "(it records no params_digest: written by an older vtm-jax)"
+            )
+            + "; choose another results path or pass overwrite=True"
+        )
     differ = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
     if differ:
         raise UserError(
@@ -746,16 +777,24 @@ def _update_state(
     sums: dict[str, int],
     top: list[np.ndarray],
     heads: Sequence[Head],
+    finite: np.ndarray | None = None,
 ) -> None:
-    """Add one batch: its counts, ids, skipped videos, predictions and confusion counts."""
+    """Add one batch: its counts, ids, skipped videos, predictions and confusion counts.
+
+    ``finite[row]`` False: the model's output for that video was not finite; it is skipped
+    like a corrupt video.
+    """
     for key, value in sums.items():
         state["sums"][key] += value
     state["done"] += len(loaded)
     names = [name or "label" for name, _, _ in heads]
     for row, item in enumerate(loaded):
-        if item.views is None:
+        reason = item.reason
+        if item.views is not None and finite is not None and not finite[row]:
+            reason = NONFINITE_OUTPUT
+        if item.views is None or reason is not None:
             state["skipped"].append(
-                {"index": item.index, "video_id": item.video_id, "reason": item.reason}
+                {"index": item.index, "video_id": item.video_id, "reason": reason}
             )
             continue
         state["video_ids"].append(item.video_id)
@@ -810,16 +849,6 @@ def _with_metrics(state: dict[str, Any]) -> dict[str, Any]:
     metrics = {k: (v / count if count else 0.0) for k, v in sums.items() if k != "count"}
     clips_per_s = state["clips"] / state["wall_s"] if state["wall_s"] > 0 else 0.0
     return {**state, "metrics": metrics, "clips_per_s": clips_per_s}
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a resumed run) never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _allgather_json(value: Any) -> list[Any]:

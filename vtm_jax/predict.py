@@ -12,6 +12,7 @@ import numpy as np
 
 from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
+from vtm_jax.integrity import check_finite
 from vtm_jax.models.registry import build_model
 from vtm_jax.reduction import ReductionSettings
 
@@ -43,7 +44,12 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
                     f"{path}: a float array is taken as model-ready and must have shape "
                     f"{expected}, got {frames.shape}"
                 )
-            return frames.astype(np.float32)
+            check_finite(frames, what=path)
+            with np.errstate(over="ignore"):  # said below, in words
+                frames = frames.astype(np.float32)
+            # float64 values beyond float32's range have become infinities.
+            check_finite(frames, what=f"{path} (as float32)")
+            return frames
         if frames.dtype != np.uint8:
             raise UserError(
                 f"{path}: expected float (normalised) or uint8 pixels, got {frames.dtype}"
@@ -55,19 +61,62 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
     clip = eval_views(example, resolve_preprocessing(record))[0]
     if clip.shape != expected:
         raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
+    check_finite(clip, what=f"{path} after preprocessing")
     return clip
 
 
-def predict(
-    checkpoint: str, video: str, merging: ReductionSettings | None = None, attention: str = "auto"
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Logits ``[num_classes]`` of one clip, and the checkpoint record."""
-    from vtm_jax.attention import get_attention
+def load_model(
+    checkpoint: str,
+    merging: ReductionSettings | None = None,
+    attention: str = "auto",
+    *,
+    verify: bool = True,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, params, record)`` of a checkpoint, the parameters checked against the model.
 
-    params, record = load_checkpoint(checkpoint)
+    ``merging=None`` uses the record's stored settings; ``verify`` checks the checkpoint's
+    digests (:func:`vtm_jax.checkpoint.load_checkpoint`). Missing, extra or mis-shaped
+    parameters are a UserError naming them, before anything is compiled.
+    """
+    from vtm_jax.attention import get_attention
+    from vtm_jax.models.registry import check_params_fit
+
+    params, record = load_checkpoint(checkpoint, verify=verify)
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     model = build_model(record, merging, get_attention(attention))
+    try:
+        check_params_fit(model, params, record["input"])
+    except UserError as e:
+        raise UserError(f"{checkpoint}: {e} (model.json describes another model?)") from None
+    return model, params, record
+
+
+def check_logits(logits: Any, *, what: str) -> np.ndarray:
+    """``logits`` as numpy; a UserError when any is NaN or infinite (no NaN answers)."""
+    logits = np.asarray(logits)
+    if not np.isfinite(logits).all():
+        raise UserError(
+            f"the model's output for {what} is not finite: the input's values or the "
+            "parameters overflow float32"
+        )
+    return logits
+
+
+def predict(
+    checkpoint: str,
+    video: str,
+    merging: ReductionSettings | None = None,
+    attention: str = "auto",
+    *,
+    verify: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Logits ``[num_classes]`` of one clip, and the checkpoint record.
+
+    Non-finite input values, or a model output that overflows, are a UserError, never NaN
+    scores.
+    """
+    model, params, record = load_model(checkpoint, merging, attention, verify=verify)
     clip = load_clip(video, record)
     try:
         logits = jax.jit(model.apply)({"params": params}, jnp.asarray(clip)[None])
@@ -76,7 +125,7 @@ def predict(
         raise UserError(
             f"{checkpoint}: parameters do not fit model.json: {e}".splitlines()[0]
         ) from None
-    return np.asarray(logits[0]), record
+    return check_logits(logits[0], what=video), record
 
 
 def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:

@@ -32,6 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.errors import UserError
+from vtm_jax.outputs import atomic_file, write_json
 from vtm_jax.reduction import ReductionSettings
 
 OPTIMIZERS = ("momentum", "adamw")
@@ -122,13 +123,22 @@ class _Data:
         return len(self.labels)
 
 
+def _positive_int(value: Any, name: str) -> int:
+    """A count from a config: a positive integer (a float such as Scenic's 30.0 if whole)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
 def _steps(config: ml_collections.ConfigDict, num_examples: int, batch_size: int) -> int:
-    if config.get("num_training_steps"):
-        return int(config.num_training_steps)
+    if config.get("num_training_steps") is not None:
+        return _positive_int(config.num_training_steps, "num_training_steps")
     epochs = config.get("num_training_epochs")
-    if not epochs:
+    if epochs is None:
         raise UserError("train needs config.num_training_epochs or config.num_training_steps")
-    return int(epochs) * (num_examples // batch_size)
+    return _positive_int(epochs, "num_training_epochs") * (num_examples // batch_size)
 
 
 def train(
@@ -150,7 +160,12 @@ def train(
     from vtm_jax.config import record_from_config
     from vtm_jax.data.sources import open_split
     from vtm_jax.models.registry import build_model
+    from vtm_jax.outputs import check_output_dir
 
+    # Before the data is built or decoded: the workdir must take checkpoints and the model.
+    check_output_dir(workdir, what="--workdir")
+    _positive_int(config.get("batch_size"), "batch_size")
+    _steps(config, num_examples=1, batch_size=1)  # the run's length checked before any data
     record = record_from_config(config)
     data_config = config.dataset_configs
     preprocessing = preprocessing_from_config(data_config)
@@ -355,8 +370,7 @@ def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                 "use a new --workdir"
             )
         return
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2)
+    write_json(path, current, indent=2)
 
 
 def _trim_log(path: str, step: int) -> None:
@@ -365,5 +379,5 @@ def _trim_log(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+    with atomic_file(path) as f:
         f.writelines(lines)

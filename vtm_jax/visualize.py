@@ -347,24 +347,24 @@ def trace_groups(
     layers: int | Sequence[int],
     merging: ReductionSettings | None = None,
     attention: str = "auto",
+    verify: bool = True,
 ) -> GroupTrace:
     """Run a checkpoint on one clip once per layer and return the token groups after each.
 
-    ``merging=None`` uses the reduction settings stored in the checkpoint record.
+    ``merging=None`` uses the reduction settings stored in the checkpoint record; ``verify``
+    checks the checkpoint's digests.
     """
     import flax.errors
     import jax
     import jax.numpy as jnp
 
     from vtm_jax.attention import get_attention
-    from vtm_jax.checkpoint import load_checkpoint
     from vtm_jax.models.registry import build_model
-    from vtm_jax.predict import load_clip
+    from vtm_jax.predict import check_logits, load_clip, load_model
 
     layers = _check_layers(layers)
-    params, record = load_checkpoint(checkpoint_dir)
-    if merging is None:
-        merging = ReductionSettings.from_dict(record.get("token_merging"))
+    model, params, record = load_model(checkpoint_dir, merging, attention, verify=verify)
+    merging = model.merging
     attention_fn = get_attention(attention)
     base = build_model(record, dataclasses.replace(merging, trace_source="index"), attention_fn)
     geometry = group_layout(record, base)
@@ -379,14 +379,16 @@ def trace_groups(
         model = build_model(record, settings, attention_fn)
 
         def run(variables, video, model=model):
-            return model.apply(variables, video, mutable=["intermediates"])[1]
+            return model.apply(variables, video, mutable=["intermediates"])
 
         try:
-            state = jax.jit(run)({"params": params}, jnp.asarray(clip)[None])
+            logits, state = jax.jit(run)({"params": params}, jnp.asarray(clip)[None])
         except flax.errors.FlaxError as e:
             raise UserError(
                 f"{checkpoint_dir}: parameters do not fit model.json: {e}".splitlines()[0]
             ) from None
+        # Groups drawn from a forward pass that overflowed would be a picture of noise.
+        check_logits(logits, what=video_path)
         source = np.asarray(state["intermediates"]["source"][0])
         if geometry.per_group:
             labels[layer] = frame_group_labels(
@@ -407,6 +409,7 @@ def visualize(
     attention: str = "auto",
     ncols: int | None = None,
     fps: float = 4.0,
+    verify: bool = True,
 ) -> list[str]:
     """Write the merge pictures of one clip after each layer; returns the paths written.
 
@@ -415,8 +418,16 @@ def visualize(
     (input beside merged, animated). ``ncols`` defaults to ``min(8, frames)``, as the paper's
     grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12).
     """
+    from vtm_jax.outputs import check_output_dir
+
+    check_output_dir(out_dir, what="output directory")
     trace = trace_groups(
-        checkpoint_dir, video_path, layers=layers, merging=merging, attention=attention
+        checkpoint_dir,
+        video_path,
+        layers=layers,
+        merging=merging,
+        attention=attention,
+        verify=verify,
     )
     frames = trace.frames
     ncols = ncols or min(8, frames.shape[0])

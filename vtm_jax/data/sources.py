@@ -203,12 +203,17 @@ def open_split(
 
     if name in FRAME_DATASETS:
         return open_frame_split(name, split, manual_dir, config)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"data_dir {data_dir} is a file, not a directory")
     builder = make_builder(name, data_dir=data_dir, config=config)
     with _quiet_tfds():
         prepared = builder.is_prepared()
     if not prepared:
         if not build:
             raise UserError(f"{name} is not built in {data_dir}; build it first")
+        from vtm_jax.outputs import check_output_dir
+
+        check_output_dir(data_dir, what="data_dir")  # a built dataset may sit in a read-only one
         download_config = None
         if DATASETS[name][2]:
             if not manual_dir:
