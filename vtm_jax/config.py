@@ -7,24 +7,30 @@ big_vision.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.errors import UserError
+from vtm_jax.errors import UserError, one_line
 from vtm_jax.scenic_config import SCENIC_VIVIT_MODELS
 
 
-def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
+def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collections.ConfigDict:
     """Parse ``--config=FILE`` and ``--config.x=y`` arguments into a ConfigDict.
 
     The file is loaded first; vtm-jax's fields it lacks are added (a ``token_merging`` block,
     and for Scenic ViViT configs the checkpoint, data and eval fields, see
     :mod:`vtm_jax.scenic_config`), so overrides of them work on a Scenic config file as it is.
     Then the overrides are applied, and a Scenic config's fields are checked and translated;
-    the fields vtm-jax does not read are reported once, on stderr.
+    the fields ``command`` (``eval``, ``bench``, ``train``, ``demo``; default: evaluation's)
+    does not read are reported once, on stderr.
+
+    Every failure is a one-line UserError: a missing file, a ``get_config()`` that raises (its
+    exception and the config line it came from), an override naming no field, a value of the
+    wrong type.
     """
     import sys
 
@@ -37,6 +43,10 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     overrides = [a for a in args if not a.startswith("--config=")]
     if not files:
         raise UserError("no --config=FILE given")
+    path = files[-1][len("--config=") :]
+    file_path = path.split(":", 1)[0]  # absl's FILE:ARG passes ARG to get_config
+    if not os.path.isfile(file_path):
+        raise UserError(f"no config file {file_path}")
     file_flags = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", flag_values=file_flags, lock_config=False, sys_argv=["vtm-jax", files[-1]]
@@ -44,19 +54,35 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
     try:
         file_flags(["vtm-jax", files[-1]])
         config = file_flags.config  # absl loads the file lazily: errors surface here
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"bad config: {_first_line(e)}") from None
-    except (OSError, SyntaxError, ImportError) as e:
+    except ImportError as e:
         hint = ""
-        if isinstance(e, ImportError) and (e.name or "").split(".")[0] == "scenic":
+        if (e.name or "").split(".")[0] == "scenic":
             hint = ' (the config imports Scenic: pip install "vtm-jax[scenic]")'
-        raise UserError(f"cannot load config: {_first_line(e)}{hint}") from None
+        raise UserError(f"cannot load config {file_path}: {_cause(e)}{hint}") from None
+    except flags.Error as e:  # absl's wrapper: the cause is inside its message
+        raise UserError(f"cannot load config {file_path}: {_cause(e)}") from None
+    except Exception as e:  # the file is the user's code: whatever it raises is theirs
+        import traceback
+
+        here = os.path.abspath(file_path)
+        lines = [
+            frame.lineno
+            for frame in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(frame.filename) == here
+        ]
+        where = f" (line {lines[-1]})" if lines else ""
+        raise UserError(
+            f"cannot load config {file_path}: get_config() raised {type(e).__name__}: "
+            f"{_cause(e)}{where}"
+        ) from None
     if config is None:
         raise UserError("no --config=FILE given")
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config() must return a ConfigDict, not {type(config).__name__}")
     prepared = scenic_config.add_defaults(config)
     config.lock()
+    for arg in overrides:
+        _check_override_path(config, arg)
     override_flags = flags.FlagValues()
     try:
         config_flags.DEFINE_config_dict(
@@ -69,16 +95,53 @@ def load_config(args: Sequence[str]) -> ml_collections.ConfigDict:
         override_flags(["vtm-jax", *overrides])
         config = override_flags.config
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"bad config: {_first_line(e)}") from None
+        raise UserError(f"bad config override: {_cause(e)}") from None
     with config.unlocked():
-        ignored = scenic_config.finish(config, prepared, overrides)
+        ignored = scenic_config.finish(config, prepared, overrides, command=command)
     if ignored:
         print(f"vtm-jax: ignored Scenic fields: {', '.join(ignored)}", file=sys.stderr)
     return config
 
 
+def _check_override_path(config: ml_collections.ConfigDict, arg: str) -> None:
+    """An override must name a field the config has (absl says only ``"'name'"``)."""
+    if not arg.startswith("--config."):
+        raise UserError(f"bad config override {arg!r}: write --config.FIELD=VALUE")
+    dotted = arg[len("--config.") :].split("=", 1)[0]
+    node: Any = config
+    walked = []
+    for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)):
+            return  # below a leaf or a placeholder: absl's own message says what is wrong
+        if part not in node:
+            where = ".".join(walked) or "the config"
+            fields = ", ".join(sorted(node.keys())[:12])
+            raise UserError(
+                f"{arg}: {where} has no field {part!r}"
+                + (f" (its fields: {fields}{', ...' if len(node) > 12 else ''})" if fields else "")
+            )
+        walked.append(part)
+        node = node[part]
+
+
 def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _cause(error: BaseException) -> str:
+    """What went wrong, in one line: the exception at the bottom of any traceback text absl
+    embeds in its message (``Error whilst parsing config file: Traceback ...``), with the
+    config file line it came from."""
+    text = str(error).strip()
+    if "Traceback (most recent call last)" not in text:
+        if isinstance(error, KeyError) and len(error.args) == 1:
+            text = f"no field {error.args[0]!r}"
+        return one_line(text) or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    files = [line.strip() for line in lines if line.strip().startswith('File "')]
+    user = [f for f in files if "site-packages" not in f and "/ml_collections/" not in f]
+    where = f" ({user[-1].split(', in ')[0]})" if user else ""
+    return lines[-1].strip() + where
 
 
 def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -157,6 +220,10 @@ def token_merging_config(**values: Any) -> ml_collections.ConfigDict:
         value = settings[field.name]
         if value is None and field.name in placeholders:
             value = config_dict.placeholder(placeholders[field.name])
+        elif field.name == "r":
+            # r is an int, the paper's (r, inflection) or a per-layer list: an untyped field
+            # takes all three, in a config file and as --config.token_merging.r=[0, 8, 8].
+            value = config_dict.FieldReference(value, field_type=object)
         block[field.name] = value
     return block
 

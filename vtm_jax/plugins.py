@@ -8,7 +8,8 @@ works from a config or the command line without anything importing it beforehand
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from vtm_jax.errors import UserError
@@ -42,6 +43,29 @@ def load_object(path: str, *, what: str) -> Any:
                 f"{what} {path!r}: {module_name!r} has no attribute {attribute!r}"
             ) from None
     return obj
+
+
+def check_function(obj: Any, path: str, *, what: str, arguments: Sequence[str]) -> None:
+    """Refuse what a path names unless it is a function taking ``arguments``, before any call.
+
+    A path can name anything importable (``os:system``); only a Python function (or another
+    callable object that is not a class or a builtin) whose signature accepts the arguments
+    vtm-jax will pass is called.
+    """
+    shown = ", ".join(arguments)
+    if inspect.isclass(obj) or inspect.ismodule(obj) or not callable(obj):
+        kind = "module" if inspect.ismodule(obj) else type(obj).__name__
+        if inspect.isclass(obj):
+            kind = f"class {obj.__name__}"
+        raise UserError(f"{what} {path!r} names a {kind}, not a function ({shown})")
+    if inspect.isbuiltin(obj):
+        raise UserError(f"{what} {path!r} names a builtin, not a {what} function ({shown})")
+    try:
+        inspect.signature(obj).bind(*arguments)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{what} {path!r} does not take the arguments ({shown}) a {what} function gets"
+        ) from None
 
 
 def check_name(registry: Mapping[str, Any], name: str, value: Any, *, replace: bool) -> None:

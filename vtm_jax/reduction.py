@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -185,7 +186,14 @@ class ReductionSettings:
         if self.mode == "none":
             return [0] * num_layers
         if isinstance(self.r, PerLayerR):
-            return parse_r(num_layers, list(self.r))[:num_layers]
+            # The paper's parse_r pads a short list with zeros and never reads a long one's
+            # tail: either is more likely a mistake than a wish, so the count must match.
+            if len(self.r) != num_layers:
+                raise UserError(
+                    f"a per-layer r lists {len(self.r)} values, the model has {num_layers} "
+                    "layers; give one r per layer (0 where a layer keeps its tokens)"
+                )
+            return parse_r(num_layers, list(self.r))
         return apply_schedule(self.r_schedule, num_layers, self.r, float(self.schedule))
 
     def layer_steps(self, num_layers: int) -> list[tuple[int, int]]:
@@ -365,9 +373,11 @@ def get_rule(name: str) -> Rule | None:
         obj = plugins.load_object(name, what="mode")
         if isinstance(obj, Rule):
             return obj
-        if callable(obj):
-            return Rule(obj)
-        raise UserError(f"mode {name!r} names a {type(obj).__name__}, not a rule")
+        if inspect.ismodule(obj) or not callable(obj):
+            kind = "module" if inspect.ismodule(obj) else type(obj).__name__
+            raise UserError(f"mode {name!r} names a {kind}, not a rule")
+        plugins.check_function(obj, name, what="mode", arguments=("tokens", "metric", "r", "ctx"))
+        return Rule(obj)
     if name not in RULES:
         for module in BUNDLED_EXTENSIONS:
             importlib.import_module(module)
@@ -411,13 +421,15 @@ def reduce_tokens(
     out = rule.apply(tokens, metric, r, ReduceContext(settings, class_token, key, grid))
     # Checked here, at trace time, so a faulty extension fails at once with its name: the
     # static plan (schedule.plan_tokens) relies on exactly r tokens going.
+    if not isinstance(out, Tokens):
+        raise UserError(f"mode {settings.mode!r} returned a {type(out).__name__}, not Tokens")
     if out.x.shape[1] != tokens.x.shape[1] - r:
-        raise ValueError(
+        raise UserError(
             f"mode {settings.mode!r} returned {out.x.shape[1]} tokens, not "
             f"{tokens.x.shape[1]} - {r}"
         )
     if rule.needs_positions and out.pos is None:
-        raise ValueError(f"mode {settings.mode!r} needs positions but returned none")
+        raise UserError(f"mode {settings.mode!r} needs positions but returned none")
     return out
 
 

@@ -96,6 +96,25 @@ _DATA_USED = (
 )
 
 
+# Top-level fields that a command reads besides those above (which eval and bench read).
+_TRAIN_USED = (
+    "rng_seed",
+    "optimizer",
+    "optimizer_configs.",
+    "lr_configs.",
+    "batch_size",
+    "num_training_epochs",
+    "num_training_steps",
+    "max_grad_norm",
+    "label_smoothing",
+    "log_eval_steps",
+    "checkpoint_steps",
+    "training.",
+    "demo.",  # kept in the exported record, where `vtm-jax demo` reads it
+)
+COMMAND_USED: dict[str, tuple[str, ...]] = {"train": _TRAIN_USED, "demo": ("demo.",)}
+
+
 class Prepared(NamedTuple):
     """What :func:`add_defaults` did, for :func:`finish`."""
 
@@ -176,12 +195,18 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
 
 
 def finish(
-    config: ml_collections.ConfigDict, prepared: Prepared, overrides: Sequence[str]
+    config: ml_collections.ConfigDict,
+    prepared: Prepared,
+    overrides: Sequence[str],
+    *,
+    command: str | None = None,
 ) -> list[str]:
     """Check and translate ``config`` after the overrides; returns the ignored-field report.
 
     A ``token_merging`` block that vtm-jax added and no override touched is removed again, so
-    ``vtm-jax eval`` still uses the settings a checkpoint stores.
+    ``vtm-jax eval`` still uses the settings a checkpoint stores. ``command`` says which
+    fields are read (:data:`COMMAND_USED`): ``train`` reads the training fields that
+    evaluation ignores.
     """
     if prepared.added_token_merging and not any(
         arg.startswith(("--config.token_merging.", "--config.token_merging=")) for arg in overrides
@@ -202,7 +227,7 @@ def finish(
             data.std = (0.5,) * 3 if data.zero_centering else (1.0,) * 3
     elif data.get("mean") is None or data.get("std") is None:
         raise UserError("dataset_configs.mean and dataset_configs.std go together")
-    return [*prepared.notes, *ignored_fields(config)]
+    return [*prepared.notes, *ignored_fields(config, COMMAND_USED.get(command or "", ()))]
 
 
 def checkpoint_record(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -258,8 +283,11 @@ def check_model(config: ml_collections.ConfigDict) -> str:
     return ATTENTION_TYPES[kind]
 
 
-def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
-    """Fields of a Scenic ViViT config that vtm-jax does not read, whole blocks collapsed."""
+def ignored_fields(config: ml_collections.ConfigDict, also_used: Sequence[str] = ()) -> list[str]:
+    """Fields of a Scenic ViViT config that vtm-jax does not read, whole blocks collapsed.
+
+    ``also_used``: top-level fields the running command reads besides evaluation's.
+    """
     model = config.get("model", {})
     kind = (model.get("attention_config") or {}).get("type", "spacetime")
     if kind == "factorized_encoder":
@@ -271,7 +299,7 @@ def ignored_fields(config: ml_collections.ConfigDict) -> list[str]:
     else:
         sizes = ENCODER_FIELDS
     used = {
-        "": _TOP_USED,
+        "": _TOP_USED + tuple(also_used),
         "model.": _MODEL_USED + sizes,
         "dataset_configs.": _DATA_USED,
     }

@@ -85,8 +85,9 @@ def get_schedule(name: str) -> ScheduleFn:
         raise UserError(f"r_schedule must be a string, not {name!r}")
     if plugins.is_path(name):
         fn = plugins.load_object(name, what="r_schedule")
-        if not callable(fn):
-            raise UserError(f"r_schedule {name!r} names a {type(fn).__name__}, not a function")
+        plugins.check_function(
+            fn, name, what="r_schedule", arguments=("num_layers", "r", "schedule")
+        )
         return fn
     if name not in SCHEDULES:
         raise UserError(f"unknown r_schedule {name!r}; valid: {plugins.valid_names(SCHEDULES)}")
