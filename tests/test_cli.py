@@ -180,8 +180,8 @@ def test_bench_tiny(tmp_path, capsys):
     assert [r["mode"] for r in results] == ["none", "merge"]
     assert results[0]["speedup"] == 1.0 and results[1]["flop_limit"] > 1.0
     _bad([*args, "--config.token_merging.mode=tome"], capsys, "unknown mode 'tome'")
-    _bad([*args, "--config.nonexistent=1"], capsys, "bad config")
-    _bad(["bench", "--config=configs/nonexistent.py"], capsys, "config")
+    _bad([*args, "--config.nonexistent=1"], capsys, "the config has no field 'nonexistent'")
+    _bad(["bench", "--config=configs/nonexistent.py"], capsys, "no config file")
     _bad([*args, "--config.bench.batch_size=0"], capsys, "batch_size >= 1")
     _bad([*args, "--config.model.num_heads=5"], capsys, "not divisible by 5 heads")
     _bad([*args, "--config.token_merging.temporal_r=2"], capsys, "temporal_r applies only to")

@@ -128,7 +128,7 @@ def test_overrides_of_fields_the_file_lacks(tmp_path, capsys):
     assert tuple(config.dataset_configs.mean) == (0.0,) * 3
     assert tuple(config.dataset_configs.std) == (1.0,) * 3
     # A typo is still an error.
-    with pytest.raises(UserError, match="bad config"):
+    with pytest.raises(UserError, match="token_merging has no field 'rr'"):
         load_config([f"--config={path}", "--config.token_merging.rr=3"])
 
 
