@@ -85,10 +85,7 @@ def load_model(
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     model = build_model(record, merging, get_attention(attention))
-    try:
-        check_params_fit(model, params, record["input"])
-    except UserError as e:
-        raise UserError(f"{checkpoint}: {e} (model.json describes another model?)") from None
+    check_params_fit(model, params, record["input"], where=checkpoint)
     return model, params, record
 
 

@@ -67,8 +67,13 @@ def build_model(
         raise UserError(f"checkpoint model config does not fit {name}: {e}") from None
 
 
-def check_params_fit(model: nn.Module, params: Any, input_config: dict[str, int]) -> None:
-    """A UserError naming every missing, unexpected or mis-shaped parameter of ``model``."""
+def check_params_fit(
+    model: nn.Module, params: Any, input_config: dict[str, int], *, where: str | None = None
+) -> None:
+    """A UserError naming every missing, unexpected or mis-shaped parameter of ``model``.
+
+    ``where`` (e.g. a checkpoint path) leads the message of a mismatch.
+    """
     size = input_config["image_size"]
     video = jax.ShapeDtypeStruct((1, input_config["num_frames"], size, size, 3), jnp.float32)
     expected = _flat_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"])
@@ -92,7 +97,10 @@ def check_params_fit(model: nn.Module, params: Any, input_config: dict[str, int]
                 + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
             )
     if problems:
-        raise UserError(f"parameters do not fit {type(model).__name__}: {'; '.join(problems)}")
+        lead = f"{where}: " if where else ""
+        raise UserError(
+            f"{lead}parameters do not fit {type(model).__name__}: {'; '.join(problems)}"
+        )
 
 
 def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
