@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError
@@ -164,14 +165,26 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 
 def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
+    from vtm_jax.config import load_config
+
+    eval_config(load_config(config_args))
+
+
+def eval_config(
+    config: Any, *, sources: dict | None = None, progress: bool = True, report: bool = True
+) -> dict:
+    """``vtm-jax eval`` on a loaded config; returns the results.
+
+    ``sources``: a dict kept by the caller, in which opened dataset splits are cached, so a
+    sweep of many runs over the same data opens it once (single-process runs only).
+    ``progress``: show the progress bar; ``report``: print the results table.
+    """
     import jax
 
-    from vtm_jax.config import load_config
     from vtm_jax.data.sources import open_split
     from vtm_jax.evaluate import PREPROCESSING_KEYS, evaluate, format_results
     from vtm_jax.reduction import ReductionSettings
 
-    config = load_config(config_args)
     data = config.get("dataset_configs", {})
     options = config.get("eval", {})
     for field in ("checkpoint", "dataset_name"):
@@ -209,6 +222,11 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             open_split(config.dataset_name, split, **open_args)
         multihost_utils.sync_global_devices("vtm-jax eval: dataset built")
         source = open_split(config.dataset_name, split, build=False, **open_args)
+    elif sources is not None:
+        key = json.dumps([config.dataset_name, split, open_args], sort_keys=True, default=str)
+        if key not in sources:
+            sources[key] = open_split(config.dataset_name, split, **open_args)
+        source = sources[key]
     else:
         source = open_split(config.dataset_name, split, **open_args)
     merging = config.get("token_merging")
@@ -230,11 +248,14 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         predictions=options.get("predictions", False),
         workers=options.get("workers"),
         scenic_record=scenic_record,
+        position_embeddings=options.get("position_embeddings", "paper"),
+        progress=progress,
     )
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and report:
         print(format_results(results))
         if config.get("results_path"):
             print(f"\nresults written to {config.results_path}")
+    return results
 
 
 def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:

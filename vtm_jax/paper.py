@@ -109,6 +109,9 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
             "confusion_matrix": False,
             "predictions": False,
             "workers": config_dict.placeholder(int),
+            # A frame count other than the checkpoint's: what becomes of the learned temporal
+            # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
+            "position_embeddings": "paper",
         }
     )
     config.bench = bench_config()

@@ -131,6 +131,9 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
                 "confusion_matrix": False,
                 "predictions": False,
                 "workers": config_dict.placeholder(int),
+                # A frame count other than the checkpoint's: what becomes of the learned temporal
+                # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
+                "position_embeddings": "paper",
             }
         )
     if "bench" not in config:
