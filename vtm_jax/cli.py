@@ -1,4 +1,4 @@
-"""The ``vtm-jax`` command: convert, predict, eval, bench, train, visualize, demo.
+"""The ``vtm-jax`` command: convert, predict, eval, bench, train, visualize, demo, sweep.
 
 Bad input ends with one line ``vtm-jax: error: ...`` and exit status 2, never a traceback.
 """
@@ -311,6 +311,30 @@ def _visualize(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _sweep(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax import sweep
+
+    if args.list:
+        print(sweep.describe_families())
+        return
+    if any(a.startswith("--config=") for a in config_args):
+        raise UserError(
+            "sweep takes --config.field=value overrides for every run, not --config=FILE "
+            "(a pair's own config file goes in the runs file)"
+        )
+    sweep.get_families(args.families)  # an unknown name fails before anything is read
+    for name in ("runs", "workdir"):
+        if not getattr(args, name):
+            raise UserError(f"sweep needs --{name} (or --list)")
+    sweep.run_sweep(
+        args.runs,
+        args.workdir,
+        args.families,
+        overrides=config_args,
+        curve_steps=args.curve_steps,
+    )
+
+
 def _check_output_dir(path: str | None) -> None:
     """Fail before a long run, not after it, when a result file cannot be written."""
     parent = os.path.dirname(os.path.abspath(path)) if path else None
@@ -318,7 +342,7 @@ def _check_output_dir(path: str | None) -> None:
         raise UserError(f"cannot write {path}: no directory {parent}")
 
 
-CONFIG_COMMANDS = ("bench", "eval", "train", "demo")
+CONFIG_COMMANDS = ("bench", "eval", "train", "demo", "sweep")
 # Modes are checked by ReductionSettings, so registered rules and 'module:attr' paths work too.
 MODE_HELP = f"reduction mode: {', '.join(RULES)}, tube_merge, or a 'package.module:attribute' rule"
 
@@ -403,6 +427,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
     demo.add_argument("--out", default="out/demo", help="directory for results and pictures")
+    sw = sub.add_parser(
+        "sweep",
+        help="the paper's experiment families over your checkpoints, as its tables",
+        description="Runs named experiment families of the paper (--list shows them) over the "
+        "(model, dataset) pairs of a runs file; --config.field=value overrides apply to every "
+        "run (the family's own settings win).",
+    )
+    sw.add_argument(
+        "--runs",
+        help="JSON: model -> dataset -> {checkpoint, data_dir, manual_dir[, config, overrides]}",
+    )
+    sw.add_argument("--workdir", help="results of every run (resumed when rerun) and the tables")
+    sw.add_argument(
+        "--families",
+        nargs="+",
+        default=["table"],
+        help="family names (comma or space separated), 'table' or 'all' (default: table)",
+    )
+    sw.add_argument("--list", action="store_true", help="list the families and exit")
+    sw.add_argument(
+        "--curve-steps",
+        type=int,
+        default=16,
+        help="r values of the r-curve families: this many equal steps up to the largest r",
+    )
     for multi_host in (bench, evaluate):
         multi_host.add_argument(
             "--distributed", action="store_true", help="jax.distributed, auto-detected"
@@ -440,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _demo(args, config_args)
         elif args.command == "visualize":
             _visualize(args)
+        elif args.command == "sweep":
+            _sweep(args, config_args)
         else:
             _bench(args, config_args)
     except UserError as e:
