@@ -338,3 +338,66 @@ def test_paper_models_get_the_papers_r_values():
                 (0, 12),
                 (11, 12),
             }
+
+
+def test_paper_layout_from_results(tmp_path):
+    """The headline table of the paper's models on K400, SSv2 and EPIC-KITCHENS (verb and noun
+    heads), from results files written here: method.md §8's columns, FPS from K400."""
+    from vtm_jax.sweep import format_markdown, headline_rows, headline_table
+
+    pairs = [
+        Pair(m, d, "ckpt", "data", None, "config.py", ())
+        for m in ("vivit", "videomae")
+        for d in ALL
+    ]
+    records = {
+        (p.model, p.dataset): record_from_config(get_paper_config(p.model, p.dataset))
+        for p in pairs
+    }
+    accuracy, time = headline_rows(pairs, records)
+    paths = {}
+    for i, run in enumerate({run for row in accuracy + time for run in row.runs.values()}):
+        path = tmp_path / f"{i}.json"
+        r = run.settings["r"]
+        if run.kind == "time":  # r=0: 100 frames/s; the reduced settings 2.5x that
+            path.write_text(json.dumps({"result": {"frames_per_s": 250.0 if r else 100.0}}))
+        elif run.pair.dataset == "ek100":
+            metrics = {"action_top1": 0.3, "verb_top1": 0.6, "noun_top1": 0.4, "top1": 0.0}
+            path.write_text(json.dumps({"run": {}, "metrics": metrics}))
+        else:
+            top1 = {"k400": 0.6, "ssv2": 0.5}[run.pair.dataset] - r / 10000
+            path.write_text(json.dumps({"run": {}, "metrics": {"top1": top1}}))
+        paths[run] = str(path)
+    table = headline_table(accuracy, time, paths, str(tmp_path))
+    md = format_markdown(table).splitlines()
+    assert md[2] == (
+        "| Model | r | Reduction | K400 | SSv2 | EK-100 Action | EK-100 Verb | EK-100 Noun "
+        "| FPS | Speedup |"
+    )
+    assert md[4:10] == [
+        "| ViViT | 0 | - (baseline) | 60.00 | 50.00 | 30.00 | 60.00 | 40.00 | 100.00 | 1.00 |",
+        "| ViViT | 300 | random drop | 57.00 | 47.00 | 30.00 | 60.00 | 40.00 | 250.00 | 2.50 |",
+        "| ViViT | 300 | drop | 57.00 | 47.00 | 30.00 | 60.00 | 40.00 | 250.00 | 2.50 |",
+        "| ViViT | 300 | random merge | 57.00 | 47.00 | 30.00 | 60.00 | 40.00 | 250.00 | 2.50 |",
+        "| ViViT | 300 | merge | 57.00 | 47.00 | 30.00 | 60.00 | 40.00 | 250.00 | 2.50 |",
+        "| ViViT | 300 | hybrid (threshold 0.4) | 57.00 | 47.00 | 30.00 | 60.00 | 40.00 | - | - |",
+    ]
+    assert md[10].startswith("| VideoMAE | 0 | - (baseline) | 60.00 |")
+    assert md[15] == (
+        "| VideoMAE | 150 | hybrid (threshold 0.8) | 58.50 | 48.50 | 30.00 | 60.00 | 40.00 | - | - |"
+    )
+    assert all(row["timed_on"] in ("k400", None) for row in table["rows"])
+
+
+def test_a_failing_run_names_itself(tmp_path, tiny_checkpoint, capsys):
+    """A run that eval refuses stops the sweep with one line naming the run; nothing is
+    written for it."""
+    runs = synthetic_runs(tmp_path, {"vivit": tiny_checkpoint("vivit")})
+    args = ["sweep", "--runs", runs, "--workdir", str(tmp_path / "out"), "--families", "baseline"]
+    assert main([*args, "--config.eval.workers=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "vtm-jax: error: vivit/synthetic accuracy-none-r0: eval.workers must be at least 1, not 0"
+    )
+    assert not list((tmp_path / "out").rglob("*.json"))

@@ -703,6 +703,15 @@ class Runner:
             self.skipped.append(path)
             return path
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            self._execute(run, config, path, name)
+        except UserError as e:
+            raise UserError(f"{run.pair.model}/{run.pair.dataset} {run.slug()}: {e}") from None
+        self.ran.append(path)
+        return path
+
+    def _execute(self, run: Run, config, path: str, name: str) -> None:
+        """Evaluate (eval resumes a half-written file itself) or time ``run`` into ``path``."""
         if run.kind == "accuracy":
             from vtm_jax.cli import eval_config
 
@@ -716,8 +725,6 @@ class Runner:
             result = self._time(run, config)
             _write_json(path, {"format": TIME_FORMAT, "complete": True, **result})
             self.say(f"{name}: {result['result']['frames_per_s']:.4g} frames/s")
-        self.ran.append(path)
-        return path
 
     def _time(self, run: Run, config) -> dict[str, Any]:
         """Bench's timing of the checkpoint's architecture (random weights, as vtm-jax bench)."""
