@@ -4,7 +4,8 @@ Values from method.md: the paper's r per model (§3.5), the hybrid thresholds (�
 test data settings of §3.8 (frames, sampling stride per dataset, normalisation), evaluated
 single-view (1 clip x 1 centre crop) at 224 px. Each family of experiments in method.md §6 is
 an override of these configs, e.g. ``--config.token_merging.mode=random_drop``,
-``--config.token_merging.schedule=-1``, ``--config.token_merging.duplicate="(11, 12)"``.
+``--config.token_merging.schedule=-1``, ``--config.token_merging.duplicate="(11, 12)"``;
+``vtm-jax sweep`` (:mod:`vtm_jax.sweep`) runs them by name and writes their tables.
 """
 
 from __future__ import annotations

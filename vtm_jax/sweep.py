@@ -17,6 +17,13 @@ tokens, the paper's r is the same fraction of ``r_max`` as in the paper (300/156
 150/784 for VideoMAE, 18/98 for the others) and the r curves take 16 equal steps up to
 ``r_max``. For the paper's models these are exactly the numbers of experiments.sh; for other
 sizes they scale (never below 1).
+
+Every run evaluates at the checkpoint's own frame count (family 34 alone changes it), VideoMAE
+without proportional attention. Time runs time the checkpoint's architecture with random
+weights at the paper's protocol (4 clips per device, 5 warm-up and 100 timed passes; any
+``--config.bench.*`` override changes it), and a speedup is the ratio to the r=0 time run of the
+same model and dataset. The headline table (``table``) also needs merging at the paper's r for
+ViViT on SSv2, which the table reports but family 7 does not run; it is run for the table.
 """
 
 from __future__ import annotations
