@@ -94,6 +94,7 @@ def evaluate(
     workers: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     scenic_record: dict[str, Any] | None = None,
+    position_embeddings: str = "paper",
 ) -> dict[str, Any]:
     """Top-1 and top-5 (per head, plus action top-1) of a checkpoint on ``source``.
 
@@ -122,6 +123,9 @@ def evaluate(
       on_batch: called with the running state after each batch is saved.
       scenic_record: ``checkpoint_dir`` is a bare Scenic checkpoint and this record, from its
         Scenic config, describes the model (``vtm_jax.scenic_config.checkpoint_record``).
+      position_embeddings: when ``preprocessing`` asks for another frame count than the
+        checkpoint's, what becomes of the learned temporal positions that no longer fit:
+        ``paper`` (zeros, as the paper's loader) or ``interpolate`` (see :mod:`vtm_jax.frames`).
 
     Returns:
       The results, the same on every process: ``metrics`` (fractions), ``sums`` (counts),
@@ -146,6 +150,24 @@ def evaluate(
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     prep = resolve_preprocessing(record, preprocessing)
+    frames = None
+    if prep["num_frames"] != record["input"]["num_frames"]:
+        from vtm_jax.frames import change_frames
+
+        frames = {
+            "checkpoint": record["input"]["num_frames"],
+            "evaluated": prep["num_frames"],
+            "position_embeddings": position_embeddings,
+        }
+        params, record = change_frames(params, record, prep["num_frames"], position_embeddings)
+        if progress and jax.process_index() == 0:  # never silent: accuracy changes with it
+            import sys
+
+            print(
+                f"vtm-jax: evaluating a {frames['checkpoint']}-frame checkpoint on "
+                f"{frames['evaluated']} frames; position embeddings: {position_embeddings}",
+                file=sys.stderr,
+            )
     heads = record_heads(record)
     _check_source_classes(source, record, heads)
     num_examples = len(source) if limit is None else min(limit, len(source))
@@ -170,6 +192,8 @@ def evaluate(
             "batch_size_per_device": batch_size if is_random(merging) else None,
             # Where the data came from, so a rebuilt or different dataset is not resumed.
             "source": _source_fingerprint(source),
+            # Only present when the frame count differs, so older results files still resume.
+            **({"frames": frames} if frames else {}),
         }
     )
     process, processes = jax.process_index(), jax.process_count()
