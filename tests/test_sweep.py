@@ -81,8 +81,10 @@ def test_every_family_writes_its_table(swept):
         table, md = read_table(out, name)
         family = next(f for f in FAMILIES if f.name == name)
         rows = table["rows"]
-        assert rows[0]["r"] == 0 and rows[0]["reduction"].startswith("- (baseline"), name
-        assert sorted({row["r"] for row in rows[1:]}) == tiny_r(name), name
+        baselines = len(family.views)  # an r=0 row per view count
+        assert all(row["r"] == 0 for row in rows[:baselines]), name
+        assert all(row["reduction"].startswith("- (baseline") for row in rows[:baselines]), name
+        assert sorted({row["r"] for row in rows[baselines:]}) == tiny_r(name), name
         if family.kind == "accuracy":
             assert table["columns"] == ["synthetic"]
             assert "| Model | r | Reduction | synthetic |" in md
@@ -122,6 +124,10 @@ def test_family_settings_reach_the_runs(swept):
         r["run"]["frames"] == {"checkpoint": 16, "evaluated": 8, "position_embeddings": "paper"}
         for r in frames
     )
+    views = merging("views")
+    counts = [(r["run"]["num_clips"], r["run"]["three_crops"]) for r in views]
+    assert counts == [(1, False), (1, True), (2, True), (4, True), (10, True)] * 2
+    assert [r["run"]["token_merging"]["mode"] for r in views] == ["none"] * 5 + ["merge"] * 5
     confusion, md = read_table(out, "confusion")
     for row in confusion["rows"]:
         matrix = row["confusion_matrix"]["synthetic"]["label"]
@@ -215,7 +221,8 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys):
 def test_list_names_every_family(capsys):
     assert main(["sweep", "--list"]) == 0
     listed = capsys.readouterr().out
-    assert [f.paper for f in FAMILIES] == [str(i) for i in range(1, 36)]  # method.md §6
+    paper = [f.paper for f in FAMILIES if f.paper != "-"]  # "-": vtm-jax's own (views)
+    assert paper == [str(i) for i in range(1, 36)]  # method.md §6
     for name in [*family_names(), "table", "all"]:
         assert f"\n{name} " in listed
 
@@ -287,6 +294,8 @@ for _mode, _first in [("random_drop", 14), ("drop", 18), ("random_merge", 22)]:
     for _suffix, _schedule in [("", 0), ("_decreasing", -1), ("_increasing", 1)]:
         PAPER_TABLE[_mode + _suffix] = (FOUR, PAPER_R, {"mode": _mode, "schedule": _schedule})
     PAPER_TABLE[f"time_{_mode}"] = (FOUR, PAPER_R, {"mode": _mode, "schedule": 0})
+# Not the paper's: the view-count family, every model and dataset at the paper's r.
+PAPER_TABLE["views"] = (FOUR, PAPER_R, {"mode": "merge", "schedule": 0})
 for _suffix, _schedule in [("", 0), ("_decreasing", -1), ("_increasing", 1)]:
     for _kind in ("", "_time"):
         PAPER_TABLE[f"curve{_kind}{_suffix}"] = (

@@ -93,6 +93,8 @@ class Family:
       frames: model -> factor of the checkpoint's frame count (family 34).
       confusion: keep confusion matrices (family 35).
       plot: draw the metric against r.
+      views: the ``(clips, three crops)`` test views of each variant (SlowFast's
+        ``NUM_ENSEMBLE_VIEWS`` x ``NUM_SPATIAL_CROPS``; the paper's families use 1 x 1).
     """
 
     name: str
@@ -105,6 +107,7 @@ class Family:
     frames: Mapping[str, Fraction] = dataclasses.field(default_factory=dict)
     confusion: bool = False
     plot: bool = False
+    views: tuple[tuple[int, bool], ...] = ((1, False),)
 
 
 def _schedules(
@@ -265,6 +268,17 @@ FAMILIES: tuple[Family, ...] = (
         EK_ONLY,
         ("paper", "4/3 paper"),
         confusion=True,
+    ),
+    # Not in experiments.sh (the paper tests 1 view): how accuracy at r=0 and at the paper's
+    # r moves with SlowFast's multi-view test, up to its default of 10 clips x 3 crops.
+    Family(
+        "views",
+        "-",
+        "View count: temporal clips x spatial crops",
+        "accuracy",
+        EVERY_MODEL,
+        ("paper",),
+        views=((1, False), (1, True), (2, True), (4, True), (10, True)),
     ),
 )
 
@@ -496,6 +510,7 @@ class Run:
     frames: int | None = None  # evaluated frame count, where the family changes it
     confusion: bool = False
     checkpoint_frames: int = 0  # the checkpoint's own frame count
+    views: tuple[int, bool] = (1, False)  # temporal clips, three spatial crops
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -508,6 +523,10 @@ class Run:
         args.append(f"--config.dataset_configs.num_frames={self.frames or self.checkpoint_frames}")
         if self.confusion:
             args.append("--config.eval.confusion_matrix=True")
+        if self.views != (1, False):
+            clips, three = self.views
+            args.append(f"--config.dataset_configs.num_test_clips={clips}")
+            args.append(f"--config.dataset_configs.do_three_spatial_crops={three}")
         return args
 
     def slug(self) -> str:
@@ -525,6 +544,8 @@ class Run:
             parts.append(f"f{self.frames}")
         if self.confusion:
             parts.append("cm")
+        if self.views != (1, False):
+            parts.append(f"v{self.views[0]}x{3 if self.views[1] else 1}")
         return "-".join(parts)
 
 
@@ -597,26 +618,32 @@ def family_rows(
             for variant in family.settings
             for r in r_values(family.r, pair.model, r_max, curve_steps)
         ]
-        for variant, r in entries:
-            merging = merging_fields(variant, pair.model, record, r)
-            if merging is None:
-                continue
-            run = Run(
-                pair,
-                family.kind,
-                merging,
-                frames,
-                family.confusion,
-                record["input"]["num_frames"],
-            )
-            label = reduction_label(run.settings, frames)
-            key = (pair.model, r, label)
-            rows.setdefault(key, Row(pair.model, r, label, {})).runs[pair.dataset] = run
+        for views in family.views:
+            for variant, r in entries:
+                merging = merging_fields(variant, pair.model, record, r)
+                if merging is None:
+                    continue
+                run = Run(
+                    pair,
+                    family.kind,
+                    merging,
+                    frames,
+                    family.confusion,
+                    record["input"]["num_frames"],
+                    views,
+                )
+                label = reduction_label(run.settings, frames, views)
+                key = (pair.model, r, label)
+                rows.setdefault(key, Row(pair.model, r, label, {})).runs[pair.dataset] = run
     order = {m: i for i, m in enumerate(MODELS)}
     return sorted(rows.values(), key=lambda row: (order[row.model], row.r > 0, row.r))
 
 
-def reduction_label(settings: Mapping[str, Any], frames: int | None = None) -> str:
+def reduction_label(
+    settings: Mapping[str, Any],
+    frames: int | None = None,
+    views: tuple[int, bool] = (1, False),
+) -> str:
     """How the paper's table names a reduction, with the family's qualifiers."""
     extra = []
     if settings.get("schedule", 0) < 0:
@@ -631,6 +658,8 @@ def reduction_label(settings: Mapping[str, Any], frames: int | None = None) -> s
         extra.append(f"threshold {settings['threshold']:g}")
     if frames is not None:
         extra.append(f"{frames} frames")
+    if views != (1, False):
+        extra.append(f"{views[0]} x {3 if views[1] else 1} views")
     if settings["mode"] == "none":
         return "- (baseline" + "".join(f", {e}" for e in extra) + ")"
     label = settings["mode"].replace("_", " ")
