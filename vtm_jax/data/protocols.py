@@ -171,7 +171,10 @@ def render(reader: Reader, plan: Plan, spec: ViewSpec) -> np.ndarray:
             where = [v for v, (c, _) in enumerate(plan.views) if c == clip]
             if not where:
                 continue
-            clip_frames = frames[np.searchsorted(positions, plan.clips[clip])]
+            rows = np.searchsorted(positions, plan.clips[clip])
+            # One clip of distinct frames (the usual single view) needs no gathered copy.
+            same = rows.size == len(frames) and np.array_equal(rows, np.arange(rows.size))
+            clip_frames = frames if same else frames[rows]
             corners = [
                 spatial.crop_offsets(*resized, size, plan.views[v][1], plan.centre) for v in where
             ]
