@@ -73,60 +73,6 @@ def test_eval_synthetic_from_config(tmp_path, capsys):
         assert message in err and "\n" not in err, err
 
 
-def test_paper_table_script(tmp_path):
-    """scripts/paper_table.py on the synthetic data: one row per mode, numbers from the runs."""
-    import subprocess
-    import sys
-
-    kwargs = dict(
-        num_classes=8, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8)
-    )
-    params = ViViT(**kwargs).init(jax.random.PRNGKey(0), np.zeros((1, 16, 32, 32, 3), np.float32))[
-        "params"
-    ]
-    params = jax.tree.map(
-        lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params
-    )
-    prep = {
-        "num_frames": 16,
-        "stride": 1,
-        "min_resize": 32,
-        "crop_size": 32,
-        "mean": [0.5] * 3,
-        "std": [0.5] * 3,
-    }
-    record = {
-        "architecture": "vivit",
-        "model": {**kwargs, "patch_size": [2, 8, 8]},
-        "input": {"num_frames": 16, "image_size": 32},
-        "preprocessing": prep,
-    }
-    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
-    runs = {
-        "vivit": {
-            "synthetic": {
-                "checkpoint": str(tmp_path / "ckpt"),
-                "data_dir": str(tmp_path / "data"),
-                "r": 4,
-            }
-        }
-    }
-    (tmp_path / "runs.json").write_text(json.dumps(runs))
-    out = tmp_path / "table.md"
-    cmd = [sys.executable, f"{REPO}/scripts/paper_table.py", "--runs", str(tmp_path / "runs.json")]
-    cmd += ["--out", str(out), "--limit", "8", "--modes", "none,merge,hybrid"]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = out.read_text().splitlines()
-    assert lines[0] == "| Model | r | Reduction | Synthetic |"
-    assert [line.split("|")[3].strip() for line in lines[2:]] == ["- (baseline)", "merge", "hybrid"]
-    merge = json.loads((tmp_path / "paper_runs" / "vivit_synthetic_merge.json").read_text())
-    assert f"{100 * merge['metrics']['top1']:.2f}" == lines[3].split("|")[4].strip()
-    assert lines[3].split("|")[2].strip() == "4"
-
-
 def test_eval_cli_same_metrics_on_eight_devices(tmp_path):
     """The synthetic config through `vtm-jax eval` on 1 and on 8 forced CPU devices."""
     import subprocess

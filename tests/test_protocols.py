@@ -404,3 +404,30 @@ def test_tf_bilinear_kernel_is_bit_exact():
             frames, (out_h, out_w), 0, 0, min(out_h, out_w), truncate=True, style="tf"
         )
         np.testing.assert_array_equal(ours, expected[:, : min(out_h, out_w), : min(out_h, out_w)])
+
+
+def test_eval_paper_config_on_frame_folders(ssv2_root, tiny_checkpoint, tmp_path):
+    """`vtm-jax eval` with a paper config reads SSv2 frame folders in place, under the paper
+    protocol, and its results say which protocol and loader ran."""
+    from vtm_jax.cli import main
+
+    results = tmp_path / "ssv2.json"
+    args = [
+        "eval",
+        f"--config={os.path.dirname(os.path.dirname(__file__))}/configs/vivit_b_ssv2.py",
+        f"--config.checkpoint={tiny_checkpoint(num_classes=2)}",
+        f"--config.dataset_configs.manual_dir={ssv2_root}",
+        "--config.dataset_configs.num_classes=2",
+        "--config.dataset_configs.num_frames=16",
+        f"--config.dataset_configs.min_resize={CROP}",
+        f"--config.dataset_configs.crop_size={CROP}",
+        "--config.dataset_configs.mean=(0.5, 0.5, 0.5)",
+        "--config.dataset_configs.std=(0.5, 0.5, 0.5)",
+        "--config.token_merging.r=8",
+        f"--config.results_path={results}",
+    ]
+    assert main(args) == 0
+    out = json.loads(results.read_text())
+    prep = out["run"]["preprocessing"]
+    assert (prep["protocol"], prep["paper_loader"]) == ("paper", "ssv2")
+    assert out["sums"]["count"] == 3 and out["missing"] == ["14"]

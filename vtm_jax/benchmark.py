@@ -81,6 +81,17 @@ def _global_video(batch_per_device: int, num_frames: int, size: int, mesh: Mesh)
     return jax.make_array_from_process_local_data(sharding, rows)
 
 
+def random_params(record: dict[str, Any], attention: str = "auto") -> Any:
+    """Random weights of the record's model, replicated on every device (timing does not
+    depend on the weights), to pass to :func:`bench_settings` for several calls."""
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    model = build_model(record, None, get_attention(attention))
+    size = record["input"]["image_size"]
+    clip = np.zeros((1, record["input"]["num_frames"], size, size, 3), np.float32)
+    init = jax.jit(model.init, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return init(jax.random.PRNGKey(1), clip)["params"]
+
+
 def bench_settings(
     record: dict[str, Any],
     settings: Sequence[ReductionSettings],
@@ -101,9 +112,7 @@ def bench_settings(
     video = _global_video(batch_size, num_frames, size, mesh)
     global_batch = video.shape[0]
     if params is None:
-        model = build_model(record, None, attention_fn)
-        init = jax.jit(model.init, out_shardings=NamedSharding(mesh, PartitionSpec()))
-        params = init(jax.random.PRNGKey(1), video[:1])["params"]
+        params = random_params(record, attention)
     results = []
     for merging in settings:
         model = build_model(record, merging, attention_fn)

@@ -1,4 +1,4 @@
-"""The ``vtm-jax`` command: convert, predict, eval, bench, train, visualize, demo.
+"""The ``vtm-jax`` command: convert, predict, eval, bench, train, visualize, demo, sweep.
 
 Bad input ends with one line ``vtm-jax: error: ...`` and exit status 2, never a traceback:
 :func:`main` turns every expected failure (``vtm_jax.errors.expected_failure``) into that
@@ -8,6 +8,7 @@ line, and each command checks its output locations (``vtm_jax.outputs``) before 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -213,14 +214,32 @@ def _bench_stem(output: str) -> str:
 
 def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
+    from vtm_jax.config import load_config
+
+    eval_config(load_config(config_args, command="eval"), verify=args.verify)
+
+
+def eval_config(
+    config: Any,
+    *,
+    sources: dict | None = None,
+    progress: bool = True,
+    report: bool = True,
+    verify: bool = True,
+) -> dict:
+    """``vtm-jax eval`` on a loaded config; returns the results.
+
+    ``sources``: a dict kept by the caller, in which opened dataset splits are cached, so a
+    sweep of many runs over the same data opens it once (single-process runs only).
+    ``progress``: show the progress bar; ``report``: print the results table; ``verify``:
+    check the checkpoint's digests on load.
+    """
     import jax
 
-    from vtm_jax.config import load_config
     from vtm_jax.data.sources import open_split
     from vtm_jax.evaluate import PREPROCESSING_KEYS, evaluate, format_results
     from vtm_jax.reduction import ReductionSettings
 
-    config = load_config(config_args, command="eval")
     data = config.get("dataset_configs", {})
     options = config.get("eval", {})
     for field in ("checkpoint", "dataset_name"):
@@ -271,6 +290,11 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             open_split(config.dataset_name, split, **open_args)
         multihost_utils.sync_global_devices("vtm-jax eval: dataset built")
         source = open_split(config.dataset_name, split, build=False, **open_args)
+    elif sources is not None:
+        key = json.dumps([config.dataset_name, split, open_args], sort_keys=True, default=str)
+        if key not in sources:
+            sources[key] = open_split(config.dataset_name, split, **open_args)
+        source = sources[key]
     else:
         source = open_split(config.dataset_name, split, **open_args)
     merging = config.get("token_merging")
@@ -294,12 +318,15 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         save_scores=options.get("save_scores", False),
         workers=options.get("workers"),
         scenic_record=scenic_record,
-        verify=args.verify,
+        position_embeddings=options.get("position_embeddings", "paper"),
+        progress=progress,
+        verify=verify,
     )
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and report:
         print(format_results(results))
         if config.get("results_path"):
             print(f"\nresults written to {config.results_path}")
+    return results
 
 
 def _eval_preprocessing(data: Any, dataset: str, split: str, keys: Sequence[str]) -> dict:
@@ -370,7 +397,32 @@ def _visualize(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-CONFIG_COMMANDS = ("bench", "eval", "train", "demo")
+def _sweep(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax import sweep
+
+    if args.list:
+        print(sweep.describe_families())
+        return
+    if any(a.startswith("--config=") for a in config_args):
+        raise UserError(
+            "sweep takes --config.field=value overrides for every run, not --config=FILE "
+            "(a pair's own config file goes in the runs file)"
+        )
+    sweep.get_families(args.families)  # an unknown name fails before anything is read
+    for name in ("runs", "workdir"):
+        if not getattr(args, name):
+            raise UserError(f"sweep needs --{name} (or --list)")
+    check_output_dir(args.workdir, what="--workdir")
+    sweep.run_sweep(
+        args.runs,
+        args.workdir,
+        args.families,
+        overrides=config_args,
+        curve_steps=args.curve_steps,
+    )
+
+
+CONFIG_COMMANDS = ("bench", "eval", "train", "demo", "sweep")
 # Modes are checked by ReductionSettings, so registered rules and 'module:attr' paths work too.
 MODE_HELP = f"reduction mode: {', '.join(RULES)}, tube_merge, or a 'package.module:attribute' rule"
 
@@ -469,6 +521,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
     demo.add_argument("--out", default="out/demo", help="directory for results and pictures")
+    sw = sub.add_parser(
+        "sweep",
+        help="the paper's experiment families over your checkpoints, as its tables",
+        description="Runs named experiment families of the paper (--list shows them) over the "
+        "(model, dataset) pairs of a runs file; --config.field=value overrides apply to every "
+        "run (the family's own settings win).",
+    )
+    sw.add_argument(
+        "--runs",
+        help="JSON: model -> dataset -> {checkpoint, data_dir, manual_dir[, config, overrides]}",
+    )
+    sw.add_argument("--workdir", help="results of every run (resumed when rerun) and the tables")
+    sw.add_argument(
+        "--families",
+        nargs="+",
+        default=["table"],
+        help="family names (comma or space separated), 'table' or 'all' (default: table)",
+    )
+    sw.add_argument("--list", action="store_true", help="list the families and exit")
+    sw.add_argument(
+        "--curve-steps",
+        type=int,
+        default=16,
+        help="r values of the r-curve families: this many equal steps up to the largest r",
+    )
     for loads_checkpoint in (pred, evaluate, vis):
         loads_checkpoint.add_argument(
             "--no-verify",
@@ -513,6 +590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _demo(args, config_args)
         elif args.command == "visualize":
             _visualize(args)
+        elif args.command == "sweep":
+            _sweep(args, config_args)
         else:
             _bench(args, config_args)
     except KeyboardInterrupt:

@@ -97,6 +97,7 @@ def evaluate(
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     scenic_record: dict[str, Any] | None = None,
     verify: bool = True,
+    position_embeddings: str = "paper",
 ) -> dict[str, Any]:
     """Top-1 and top-5 (per head, plus action top-1) of a checkpoint on ``source``.
 
@@ -128,6 +129,9 @@ def evaluate(
       verify: check the checkpoint's digests on load (``checkpoint.load_checkpoint``). The
         results name the parameters by their content digest either way, and a resume against
         other parameters is refused.
+      position_embeddings: when ``preprocessing`` asks for another frame count than the
+        checkpoint's, what becomes of the learned temporal positions that no longer fit:
+        ``paper`` (zeros, as the paper's loader) or ``interpolate`` (see :mod:`vtm_jax.frames`).
 
     Returns:
       The results, the same on every process: ``metrics`` (fractions), ``sums`` (counts),
@@ -156,6 +160,24 @@ def evaluate(
     if merging is None:
         merging = ReductionSettings.from_dict(record.get("token_merging"))
     prep = resolve_preprocessing(record, preprocessing)
+    frames = None
+    if prep["num_frames"] != record["input"]["num_frames"]:
+        from vtm_jax.frames import change_frames
+
+        frames = {
+            "checkpoint": record["input"]["num_frames"],
+            "evaluated": prep["num_frames"],
+            "position_embeddings": position_embeddings,
+        }
+        params, record = change_frames(params, record, prep["num_frames"], position_embeddings)
+        if progress and jax.process_index() == 0:  # never silent: accuracy changes with it
+            import sys
+
+            print(
+                f"vtm-jax: evaluating a {frames['checkpoint']}-frame checkpoint on "
+                f"{frames['evaluated']} frames; position embeddings: {position_embeddings}",
+                file=sys.stderr,
+            )
     heads = record_heads(record)
     _check_source_classes(source, record, heads)
     num_examples = len(source) if limit is None else min(limit, len(source))
@@ -182,6 +204,8 @@ def evaluate(
             "batch_size_per_device": batch_size if is_random(merging) else None,
             # Where the data came from, so a rebuilt or different dataset is not resumed.
             "source": _source_fingerprint(source),
+            # Only present when the frame count differs, so older results files still resume.
+            **({"frames": frames} if frames else {}),
         }
     )
     process, processes = jax.process_index(), jax.process_count()

@@ -4,7 +4,8 @@ Values from method.md: the paper's r per model (§3.5), the hybrid thresholds (�
 test data settings of §3.8 (frames, sampling stride per dataset, normalisation), evaluated
 single-view (1 clip x 1 centre crop) at 224 px. Each family of experiments in method.md §6 is
 an override of these configs, e.g. ``--config.token_merging.mode=random_drop``,
-``--config.token_merging.schedule=-1``, ``--config.token_merging.duplicate="(11, 12)"``.
+``--config.token_merging.schedule=-1``, ``--config.token_merging.duplicate="(11, 12)"``;
+``vtm-jax sweep`` (:mod:`vtm_jax.sweep`) runs them by name and writes their tables.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
             "ensemble": "sum",  # SlowFast's DATA.ENSEMBLE_METHOD over views: sum or max
             "save_scores": False,  # per-video scores beside the results, as .scores.npz
             "workers": config_dict.placeholder(int),
+            # A frame count other than the checkpoint's: what becomes of the learned temporal
+            # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
+            "position_embeddings": "paper",
         }
     )
     config.bench = bench_config()

@@ -154,6 +154,9 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
                 "ensemble": "sum",
                 "save_scores": False,
                 "workers": config_dict.placeholder(int),
+                # A frame count other than the checkpoint's: what becomes of the learned temporal
+                # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
+                "position_embeddings": "paper",
             }
         )
     if "bench" not in config:

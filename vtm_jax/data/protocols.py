@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -147,30 +148,44 @@ def plan_views(reader: Reader, example: Mapping[str, Any], spec: ViewSpec) -> Pl
 
 
 def render(reader: Reader, plan: Plan, spec: ViewSpec) -> np.ndarray:
-    """Decode the planned frames once, then resize, crop and normalise every view."""
+    """Decode the planned frames once, then resize, crop and normalise every view.
+
+    A clip with one crop resizes only the pixels of that crop; a clip with three resizes the
+    window they span once and slices it.
+    """
     positions = np.unique(plan.clips)
     frames = reader.frames(positions)
     h, w = frames.shape[1:3]
     resized = spatial.short_side_size(h, w, plan.short_side, plan.long_side)
     size = spec.crop_size
     views = np.empty((len(plan.views), spec.num_frames, size, size, 3), np.float32)
-    clip_frames = {}
+    pixels = functools.partial(
+        spatial.crop_pixels,
+        mean=spec.mean,
+        std=spec.std,
+        truncate=plan.uint8_resize,
+        style="tf" if plan.uint8_resize else "torch",
+    )
     with _on_host():
-        for v, (clip, crop) in enumerate(plan.views):
-            if clip not in clip_frames:
-                clip_frames[clip] = frames[np.searchsorted(positions, plan.clips[clip])]
-            top, left = spatial.crop_offsets(*resized, size, crop, plan.centre)
-            views[v] = spatial.crop_pixels(
-                clip_frames[clip],
-                resized,
-                top,
-                left,
-                size,
-                mean=spec.mean,
-                std=spec.std,
-                truncate=plan.uint8_resize,
-                style="tf" if plan.uint8_resize else "torch",
-            )
+        for clip in range(len(plan.clips)):
+            where = [v for v, (c, _) in enumerate(plan.views) if c == clip]
+            if not where:
+                continue
+            rows = np.searchsorted(positions, plan.clips[clip])
+            # One clip of distinct frames (the usual single view) needs no gathered copy.
+            same = rows.size == len(frames) and np.array_equal(rows, np.arange(rows.size))
+            clip_frames = frames if same else frames[rows]
+            corners = [
+                spatial.crop_offsets(*resized, size, plan.views[v][1], plan.centre) for v in where
+            ]
+            if len(where) == 1:
+                views[where[0]] = pixels(clip_frames, resized, *corners[0], size)
+                continue
+            top, left = (min(c[i] for c in corners) for i in (0, 1))
+            bottom, right = (max(c[i] for c in corners) + size for i in (0, 1))
+            window = pixels(clip_frames, resized, top, left, (bottom - top, right - left))
+            for v, (y, x) in zip(where, corners, strict=True):
+                views[v] = window[:, y - top : y - top + size, x - left : x - left + size]
     return views
 
 

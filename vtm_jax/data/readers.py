@@ -170,7 +170,11 @@ class VideoBytes:
         missing = [p for p in wanted if p not in decoded]
         if missing:
             raise CorruptVideo(self.video_id, f"frame {missing[0]} could not be decoded")
-        return np.stack([decoded[int(p)] for p in positions])
+        first = decoded[wanted[0]]
+        out = np.empty((len(positions), *first.shape), first.dtype)
+        for i, p in enumerate(positions):
+            out[i] = decoded[int(p)]
+        return out
 
     def _decode_run(self, positions: list[int]) -> dict[int, np.ndarray]:
         wanted = {int(self.pts[p]): p for p in positions}

@@ -71,15 +71,16 @@ def crop_pixels(
     resized: tuple[int, int],
     top: int,
     left: int,
-    size: int,
+    size: int | tuple[int, int],
     *,
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1 / 255, 1 / 255, 1 / 255),
     truncate: bool = False,
     style: str = "torch",
 ) -> np.ndarray:
-    """Frames ``[T, H, W, 3]`` resized to ``resized`` (h, w), the ``size`` square at (``top``,
-    ``left``) of the result, normalised to ``(x / 255 - mean) / std``; float32.
+    """Frames ``[T, H, W, 3]`` resized to ``resized`` (h, w), the ``size`` square (or
+    ``(height, width)`` window) at (``top``, ``left``) of the result, normalised to
+    ``(x / 255 - mean) / std``; float32.
 
     Only the pixels inside the crop are computed. ``truncate`` rounds the resized pixels down
     to integers before normalising, as DMVR's cast back to uint8 does; the interpolation then
@@ -90,31 +91,26 @@ def crop_pixels(
     """
     h, w = frames.shape[1:3]
     new_h, new_w = resized
-    if top < 0 or left < 0 or top + size > new_h or left + size > new_w:
+    height, width = (size, size) if isinstance(size, int) else size
+    if top < 0 or left < 0 or top + height > new_h or left + width > new_w:
         raise UserError(f"crop {size} at ({top}, {left}) does not fit frames {new_h}x{new_w}")
     if (new_h, new_w) == (h, w):
-        frames = frames[:, top : top + size, left : left + size]
+        frames = frames[:, top : top + height, left : left + width]
         top = left = 0
-        h = w = new_h = new_w = size
-    y0, y1, wy = (a[top : top + size] for a in bilinear_taps(h, new_h, style))
-    x0, x1, wx = (a[left : left + size] for a in bilinear_taps(w, new_w, style))
+        h, w = new_h, new_w = height, width
+    y0, y1, wy = (a[top : top + height] for a in bilinear_taps(h, new_h, style))
+    x0, x1, wx = (a[left : left + width] for a in bilinear_taps(w, new_w, style))
     scale = np.float32(1 / 255) / np.asarray(std, np.float32)
     shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-    if not truncate:
-        return np.asarray(_crop_kernel(frames, y0, y1, wy, x0, x1, wx, scale, shift))
-    # Before a truncation every product must be rounded on its own, as in TensorFlow's
-    # kernel: XLA fuses a product and the sum after it into one multiply-add whenever they
-    # are compiled together (an optimization barrier does not stop it), so the two sums
-    # run in separate programs.
-    left, step = _lerp_step_across(frames, x0, x1, wx)
-    top, step = _lerp_step_down(left, step, y0, y1, wy)
-    return np.asarray(_truncate_normalise(top, step, scale, shift))
+    kernel = _crop_kernel_truncated if truncate else _crop_kernel
+    return np.asarray(kernel(frames, y0, y1, wy, x0, x1, wx, scale, shift, np.float32(1)))
 
 
 @jax.jit
-def _crop_kernel(frames, y0, y1, wy, x0, x1, wx, scale, shift):
+def _crop_kernel(frames, y0, y1, wy, x0, x1, wx, scale, shift, one):
     # Compiled once per frame size: numpy's gathers cost ten times as much, and this runs
     # once per view in every evaluation.
+    del one
     pixels = frames.astype(jnp.float32)
     left, right = pixels[:, :, x0], pixels[:, :, x1]
     across = left + (right - left) * wx[None, None, :, None]
@@ -123,22 +119,16 @@ def _crop_kernel(frames, y0, y1, wy, x0, x1, wx, scale, shift):
 
 
 @jax.jit
-def _lerp_step_across(frames, x0, x1, wx):
+def _crop_kernel_truncated(frames, y0, y1, wy, x0, x1, wx, scale, shift, one):
+    # Before the truncation every product must be rounded on its own, as in TensorFlow's
+    # kernel, but XLA fuses a product and the sum after it into one multiply-add (an
+    # optimization barrier does not stop it). Multiplying the rounded product by a runtime
+    # 1 makes any fused multiply-add exact: fma(p, 1, a) rounds a + p once, as TensorFlow.
     pixels = frames.astype(jnp.float32)
     left, right = pixels[:, :, x0], pixels[:, :, x1]
-    return left, (right - left) * wx[None, None, :, None]
-
-
-@jax.jit
-def _lerp_step_down(left, step, y0, y1, wy):
-    across = left + step
+    across = left + ((right - left) * wx[None, None, :, None]) * one
     top, bottom = across[:, y0], across[:, y1]
-    return top, (bottom - top) * wy[:, None, None]
-
-
-@jax.jit
-def _truncate_normalise(top, step, scale, shift):
-    return jnp.floor(top + step) * scale - shift
+    return jnp.floor(top + ((bottom - top) * wy[:, None, None]) * one) * scale - shift
 
 
 def crop_offsets(height: int, width: int, size: int, position: int, centre: str) -> tuple[int, int]:
