@@ -9,5 +9,5 @@ extras="${1:-}"
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 .venv/bin/python -m pip install --quiet --upgrade pip
-# torch is pinned to 2.13.0 in the convert extra: other versions pull a multi-GB CUDA build.
-.venv/bin/python -m pip install --quiet -e "$spec"
+# scripts/constraints.txt pins torch to the 2.13.0 CPU build: others pull a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e "$spec"

@@ -223,3 +223,20 @@ def test_predict_short_clip_is_sampled_like_eval(converted, tmp_path):
     args = ["predict", "--checkpoint", str(root / "ckpt"), "--video", str(tmp_path / "short.npy")]
     assert main([*args, "--save-logits", str(out)]) == 0
     assert np.isfinite(np.load(out)).all()
+
+
+def test_version_and_module_entry_point():
+    import subprocess
+    import sys
+
+    import vtm_jax
+    from vtm_jax.errors import UserError
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vtm_jax", "--version"], capture_output=True, text=True, check=True
+    )
+    assert (
+        out.stdout.strip() == f"vtm-jax {vtm_jax.__version__}"
+        and vtm_jax.__version__ != "0+unknown"
+    )
+    assert issubclass(UserError, ValueError)  # library callers catch the ordinary kind

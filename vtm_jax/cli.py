@@ -428,7 +428,10 @@ MODE_HELP = f"reduction mode: {', '.join(RULES)}, tube_merge, or a 'package.modu
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vtm_jax import __version__
+
     parser = argparse.ArgumentParser(prog="vtm-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vtm-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")

@@ -30,11 +30,11 @@ _ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: a wrong shape, an unknown mode, a missing or mismatched key.
 
     The command line prints ``vtm-jax: error: <message>`` and exits non-zero; library callers
-    get an ordinary exception with the same message.
+    get an ordinary ``ValueError`` with the same message.
     """
 
 

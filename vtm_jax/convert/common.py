@@ -194,13 +194,15 @@ def read_torch_checkpoint(path: str | Path) -> TorchCheckpoint:
 
 
 def parse_cfg_yaml(text: str | None) -> dict[str, Any]:
-    """A SlowFast ``cfg`` (YAML text) as a dict; ``{}`` when absent or PyYAML is missing."""
+    """A SlowFast ``cfg`` (YAML text) as a dict; ``{}`` when absent."""
     if not text:
         return {}
     try:
         import yaml
-    except ImportError:  # PyYAML comes with ml_collections; without it, use the defaults
-        return {}
+    except ImportError:
+        raise UserError(
+            "reading a SlowFast checkpoint's cfg needs PyYAML: pip install 'vtm-jax[convert]'"
+        ) from None
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as error:
