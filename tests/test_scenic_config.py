@@ -18,7 +18,7 @@ from vtm_jax.convert.sources import load_source
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.scenic_config import checkpoint_record
+from vtm_jax.scenic.checkpoint import checkpoint_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vtm_jax.cli import main
-from vtm_jax.config import token_merging_config
+from vtm_jax.config_blocks import token_merging_config
 from vtm_jax.errors import UserError
 from vtm_jax.train import batch_indices, learning_rate_schedule, make_optimizer, train
 

@@ -68,7 +68,7 @@ def load_record(directory: str, *, scenic_record: dict[str, Any] | None = None) 
 
     ``scenic_record``: ``directory`` is a bare Scenic msgpack checkpoint (a file, or a directory
     of ``checkpoint_<step>`` files), which holds no record; this one, from the Scenic config
-    that names it, says what the model is (``vtm_jax.scenic_config.checkpoint_record``).
+    that names it, says what the model is (``vtm_jax.scenic.checkpoint.checkpoint_record``).
     """
     if scenic_record is not None:
         return {**scenic_record, "scenic_checkpoint": directory}

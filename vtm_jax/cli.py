@@ -250,7 +250,7 @@ def eval_config(
     if not data.get("data_dir") and config.dataset_name not in FRAME_DATASETS:
         raise UserError("eval needs config.dataset_configs.data_dir")
     from vtm_jax.checkpoint import load_record
-    from vtm_jax.scenic_config import checkpoint_record
+    from vtm_jax.scenic.checkpoint import checkpoint_record
 
     scenic_record = checkpoint_record(config)  # a bare Scenic checkpoint: the config describes it
     load_record(config.checkpoint, scenic_record=scenic_record)  # fails before any dataset build

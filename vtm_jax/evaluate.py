@@ -125,7 +125,7 @@ def evaluate(
       workers: threads that read and decode videos ahead of the devices.
       on_batch: called with the running state after each batch is saved.
       scenic_record: ``checkpoint_dir`` is a bare Scenic checkpoint and this record, from its
-        Scenic config, describes the model (``vtm_jax.scenic_config.checkpoint_record``).
+        Scenic config, describes the model (``vtm_jax.scenic.checkpoint.checkpoint_record``).
       verify: check the checkpoint's digests on load (``checkpoint.load_checkpoint``). The
         results name the parameters by their content digest either way, and a resume against
         other parameters is refused.

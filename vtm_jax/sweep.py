@@ -711,7 +711,7 @@ class Runner:
     def record(self, pair: Pair) -> dict[str, Any]:
         """The pair's checkpoint record (a bare Scenic checkpoint: from its Scenic config)."""
         from vtm_jax.checkpoint import load_record
-        from vtm_jax.scenic_config import checkpoint_record
+        from vtm_jax.scenic.checkpoint import checkpoint_record
 
         config = self.load_config(pair)
         try:
@@ -767,7 +767,7 @@ class Runner:
         from vtm_jax.benchmark import bench_settings, random_params, run_info
         from vtm_jax.checkpoint import load_record
         from vtm_jax.reduction import ReductionSettings
-        from vtm_jax.scenic_config import checkpoint_record
+        from vtm_jax.scenic.checkpoint import checkpoint_record
 
         record = load_record(run.pair.checkpoint, scenic_record=checkpoint_record(config))
         bench = config.get("bench", {})
