@@ -99,6 +99,6 @@ def test_table_format():
             "gmacs_per_clip": 1.0,
         },
     ]
-    table = format_demo_table(rows, {"architecture": "vivit"}).splitlines()
+    table = format_demo_table(rows, "vivit").splitlines()
     assert table[2] == "| vivit | 0 | - (baseline) | 50.00 | 10.0 | 1.00x | 2.000 |"
     assert table[3] == "| vivit | 8 | hybrid (threshold 0.4) | 25.00 | 20.0 | 2.00x | 1.000 |"

@@ -20,12 +20,14 @@ import ml_collections
 
 from vtm_jax.config_blocks import bench_config, evaluation_config, token_merging_config
 from vtm_jax.errors import UserError, one_line
+from vtm_jax.record import ModelRecord
 from vtm_jax.scenic import config as scenic_config
 
 __all__ = [
     "bench_config",
     "evaluation_config",
     "load_config",
+    "preprocessing_from_config",
     "record_from_config",
     "token_merging_config",
 ]
@@ -167,7 +169,7 @@ def _cause(error: BaseException) -> str:
     return lines[-1].strip() + where
 
 
-def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def record_from_config(config: ml_collections.ConfigDict) -> ModelRecord:
     """The record (architecture, model kwargs, input) a config describes.
 
     Scenic ViViT configs (``model_name`` ``vivit_classification``) are read in Scenic's schema
@@ -185,10 +187,25 @@ def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
             valid = ", ".join([*scenic_config.SCENIC_VIVIT_MODELS, *ARCHITECTURES])
             raise UserError(f"unknown model_name {name!r}; valid: {valid}")
         data = config.dataset_configs
-        return {
-            "architecture": name,
-            "model": {**config.model.to_dict(), "num_classes": data.num_classes},
-            "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
-        }
+        return ModelRecord(
+            architecture=name,
+            model={**config.model.to_dict(), "num_classes": data.num_classes},
+            num_frames=data.num_frames,
+            image_size=data.crop_size,
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"config does not describe a model: {_first_line(e)}") from None
+
+
+def preprocessing_from_config(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A checkpoint record's ``preprocessing`` from a config's ``dataset_configs``."""
+    mean = data.get("mean", (0.5, 0.5, 0.5))
+    std = data.get("std", (0.5, 0.5, 0.5))
+    return {
+        "num_frames": int(data.num_frames),
+        "stride": int(data.get("stride", 1)),
+        "min_resize": int(data.get("min_resize", data.crop_size)),
+        "crop_size": int(data.crop_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+    }

@@ -8,11 +8,12 @@ fed: :func:`checkpoint_record` builds that record, and ``vtm_jax.checkpoint.load
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
 
 import ml_collections
 
+from vtm_jax.record import ModelRecord
 from vtm_jax.scenic.config import is_scenic_vivit, vivit_record
 
 # The preprocessing fields a Scenic ViViT config's dataset_configs holds once read
@@ -29,7 +30,7 @@ _PREPROCESSING_FIELDS = (
 )
 
 
-def checkpoint_record(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def checkpoint_record(config: ml_collections.ConfigDict) -> ModelRecord | None:
     """The record of ``config.checkpoint`` when it is a bare Scenic checkpoint of a Scenic ViViT
     config (its model and data fields describe it), else None: pass it to
     ``load_record`` / ``load_checkpoint`` / ``evaluate`` as ``scenic_record``."""
@@ -54,23 +55,21 @@ def is_scenic_checkpoint(path: str) -> bool:
     )
 
 
-def scenic_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def scenic_record(config: ml_collections.ConfigDict) -> ModelRecord:
     """The checkpoint record a Scenic ViViT config describes: model, input, preprocessing."""
     from vtm_jax.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
 
     record = vivit_record(config)
-    record["model"].update(
-        layer_norm_eps=SCENIC_LAYER_NORM_EPS, gelu_approximate=SCENIC_GELU_APPROXIMATE
-    )
     data = config.dataset_configs
-    preprocessing = {key: data.get(key) for key in _PREPROCESSING_FIELDS}
     splits = data.get("class_splits")
-    return {
-        **record,
-        "preprocessing": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()
+    return dataclasses.replace(
+        record,
+        model={
+            **record.model,
+            "layer_norm_eps": SCENIC_LAYER_NORM_EPS,
+            "gelu_approximate": SCENIC_GELU_APPROXIMATE,
         },
-        "labels": None,
-        "class_splits": list(splits) if splits else None,
-        "token_merging": {"mode": "none"},
-    }
+        preprocessing={key: data.get(key) for key in _PREPROCESSING_FIELDS},
+        class_splits=list(splits) if splits else None,
+        token_merging={"mode": "none"},
+    )

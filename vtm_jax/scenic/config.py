@@ -31,6 +31,7 @@ from ml_collections import config_dict
 
 from vtm_jax.config_blocks import bench_config, evaluation_config
 from vtm_jax.errors import UserError
+from vtm_jax.record import ModelRecord
 
 SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
 ATTENTION_TYPES = {"spacetime": "vivit", "factorized_encoder": "vivit_factorised_encoder"}
@@ -269,7 +270,7 @@ def check_no_dropout(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def vivit_record(config: ml_collections.ConfigDict) -> ModelRecord:
     """The record (architecture, model kwargs, input) of a Scenic ViViT config.
 
     The class count comes from ``dataset_configs.num_classes``; an unsupported setting or a
@@ -300,11 +301,12 @@ def vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 for part in ("spatial", "temporal")
                 for field in ("num_layers", "num_heads", "mlp_dim")
             }
-        return {
-            "architecture": architecture,
-            "model": {**common, **sizes},
-            "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
-        }
+        return ModelRecord(
+            architecture=architecture,
+            model={**common, **sizes},
+            num_frames=data.num_frames,
+            image_size=data.crop_size,
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # As vtm_jax.config.record_from_config says it for vtm-jax's own schema.
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

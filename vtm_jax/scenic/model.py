@@ -94,11 +94,10 @@ def flax_model_from_config(
             config.dataset_configs.num_classes = num_classes
     record = vivit_record(config)
     merging = ReductionSettings.from_dict(config.get("token_merging"))
-    check_settings_apply(record["architecture"], merging)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()}
-    module = ScenicViViT if record["architecture"] == "vivit" else ScenicFactorisedEncoderViViT
+    check_settings_apply(record.architecture, merging)
+    module = ScenicViViT if record.architecture == "vivit" else ScenicFactorisedEncoderViViT
     return module(
-        **kwargs,
+        **record.model_kwargs(),
         layer_norm_eps=SCENIC_LAYER_NORM_EPS,
         gelu_approximate=SCENIC_GELU_APPROXIMATE,
         merging=merging,
