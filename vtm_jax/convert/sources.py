@@ -32,14 +32,11 @@ _TAKES_OVERRIDES = {
 
 
 def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
-    """Scenic's ViViT input: zero-centred pixels, 256/224 short-side resize, stride 2."""
+    """Scenic's ViViT input, read as Scenic's DMVR pipeline reads it."""
+    from vtm_jax.convert.scenic import vivit_preprocessing
+
     return {
-        "num_frames": num_frames,
-        "stride": 2,
-        "min_resize": round(image_size * 256 / 224),
-        "crop_size": image_size,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
+        **vivit_preprocessing(num_frames, image_size),
         "protocol": "scenic",  # DMVR's sampling, resize and crops (vtm_jax/data/protocols.py)
     }
 
