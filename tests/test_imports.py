@@ -159,6 +159,10 @@ def test_the_scenic_package_is_imported_only_by_front_ends():
     assert importers and importers <= front_ends, importers - front_ends
 
 
+def test_the_config_blocks_import_nothing_above_the_reduction_settings():
+    assert import_graph()["vtm_jax.config_blocks"] <= {"vtm_jax.reduction"}
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="cycles outside this change remain: cli <-> sweep (sweep runs cli.eval_config), "
