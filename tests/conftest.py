@@ -35,6 +35,7 @@ def tiny_checkpoint(tmp_path_factory):
 
         from vtm_jax.checkpoint import save_checkpoint
         from vtm_jax.models.registry import ARCHITECTURES
+        from vtm_jax.record import ModelRecord
 
         kwargs = {**TINY_MODELS[architecture], "num_classes": num_classes}
         video = np.zeros((1, frames, size, size, 3), np.float32)
@@ -58,7 +59,7 @@ def tiny_checkpoint(tmp_path_factory):
             "token_merging": {"mode": "none"},
         }
         path = str(tmp_path_factory.mktemp(f"{architecture}_{frames}f") / "ckpt")
-        save_checkpoint(path, jax.device_get(params), record)
+        save_checkpoint(path, jax.device_get(params), ModelRecord.from_json(record))
         made[key] = path
         return path
 

@@ -96,8 +96,8 @@ def test_every_config_describes_its_backbone():
     for name, (architecture, first, last) in expected.items():
         config = load_config([f"--config={REPO}/configs/{name}.py"])
         record = record_from_config(config)
-        assert record["architecture"] == architecture
+        assert record.architecture == architecture
         merging = ReductionSettings.from_dict(config.token_merging)
         model = build_model(record, merging)
-        plan = model.token_plan(record["input"]["num_frames"], record["input"]["image_size"])
+        plan = model.token_plan(record.num_frames, record.image_size)
         assert [p.tokens_out for p in plan[:2]] == first and plan[-1].tokens_out == last, name

@@ -255,7 +255,7 @@ def convert(tmp_path, source, path, *flags):
         == 0
     )
     params, record = load_checkpoint(str(out))
-    assert record["converted_from"] == {"source": source, "path": str(path)}
+    assert record.converted_from == {"source": source, "path": str(path)}
     return params, record
 
 
@@ -290,10 +290,10 @@ def test_paper_vivit(tmp_path):
     cfg |= {"MODEL": {"MODEL_NAME": "ViViT"}, "VIVIT": {"CONFIG_PATH": "tome_vivit.json"}}
     path = save_slowfast(tmp_path / "vivit.pyth", on_disk(model, tmp_path), cfg)
     params, record = convert(tmp_path, "slowfast", path, "--num-heads", "4")
-    assert record["architecture"] == "vivit"
-    assert record["input"] == {"num_frames": FRAMES, "image_size": SIZE}
-    assert record["model"]["num_heads"] == 4 and record["model"]["gelu_approximate"] is True
-    assert record["preprocessing"] == {
+    assert record.architecture == "vivit"
+    assert record.input == {"num_frames": FRAMES, "image_size": SIZE}
+    assert record.model["num_heads"] == 4 and record.model["gelu_approximate"] is True
+    assert record.preprocessing == {
         "num_frames": FRAMES,
         "stride": 1,
         "min_resize": 36,
@@ -304,7 +304,7 @@ def test_paper_vivit(tmp_path):
         "protocol": "paper",  # the paper's Kinetics test loader, read as it reads videos
         "paper_loader": "kinetics",
     }
-    assert record["class_splits"] is None and record["labels"] is None
+    assert record.class_splits is None and record.labels is None
     clip = video(seed=1)
     np.testing.assert_allclose(our_logits(params, record, clip), hf_logits(model, clip), atol=1e-4)
 
@@ -316,9 +316,9 @@ def test_paper_vivit_epic_two_heads(tmp_path):
     state = split_classifier(model.state_dict(), ["verb_classifier", "noun_classifier"], EPIC)
     path = save_slowfast(tmp_path / "vivit_ek.pyth", state, data_cfg())
     params, record = convert(tmp_path, "slowfast", path, "--num-heads", "4")
-    assert record["class_splits"] == EPIC
-    assert record["model"]["num_classes"] == sum(EPIC)
-    prep = record["preprocessing"]
+    assert record.class_splits == EPIC
+    assert record.model["num_classes"] == sum(EPIC)
+    prep = record.preprocessing
     assert (prep["stride"], prep["mean"], prep["std"]) == (2, [0.45] * 3, [0.225] * 3)
     assert prep["min_resize"] == round(SIZE * 256 / 224)
     clip = video(seed=2)
@@ -334,7 +334,7 @@ def test_flags_override_the_cfg_and_bare_state_dicts_load(tmp_path):
     torch.save(checkpoint, cfg_path)
     flags = ["--num-heads", "4", "--num-frames", str(FRAMES), "--image-size", str(SIZE)]
     params, record = convert(tmp_path, "slowfast", cfg_path, *flags)
-    assert record["input"] == {"num_frames": FRAMES, "image_size": SIZE}
+    assert record.input == {"num_frames": FRAMES, "image_size": SIZE}
     bare = tmp_path / "pytorch_model.bin"
     torch.save(model.state_dict(), bare)
     params_bare, _ = convert(tmp_path / "b", "slowfast", bare, *flags)
@@ -356,10 +356,10 @@ def test_timesformer_release(tmp_path):
         tmp_path / "TimeSformer_divST_8x32_224_K400.pyth", original_timesformer(model), cfg
     )
     params, record = convert(tmp_path, "slowfast", path)
-    assert record["architecture"] == "timesformer"
-    assert record["model"]["num_heads"] == 2 and record["model"]["gelu_approximate"] is False
-    assert record["input"] == {"num_frames": FRAMES, "image_size": SIZE}
-    prep = record["preprocessing"]
+    assert record.architecture == "timesformer"
+    assert record.model["num_heads"] == 2 and record.model["gelu_approximate"] is False
+    assert record.input == {"num_frames": FRAMES, "image_size": SIZE}
+    prep = record.preprocessing
     assert (prep["stride"], prep["min_resize"], prep["mean"]) == (32, 40, [0.45] * 3)
     clip = video(seed=4)
     np.testing.assert_allclose(our_logits(params, record, clip), hf_logits(model, clip), atol=1e-4)
@@ -372,7 +372,7 @@ def test_timesformer_epic_two_heads(tmp_path):
     )
     path = save_slowfast(tmp_path / "ts_ek.pyth", state, data_cfg())
     params, record = convert(tmp_path, "slowfast", path)
-    assert record["class_splits"] == [3, 5]
+    assert record.class_splits == [3, 5]
     clip = video(seed=5)
     np.testing.assert_allclose(our_logits(params, record, clip), hf_logits(model, clip), atol=1e-4)
 
@@ -394,10 +394,10 @@ def test_mcg_nju_videomae(tmp_path, videomae, wrapper):
     torch.save(state if wrapper == "bare" else {wrapper: state}, path)
     flags = ["--num-frames", str(FRAMES), "--image-size", str(SIZE)]  # no pos_embed, no cfg
     params, record = convert(tmp_path, "videomae", path, *flags)
-    assert record["architecture"] == "videomae"
-    assert record["model"]["fc_norm_eps"] == 1e-6 and record["model"]["layer_norm_eps"] == 1e-6
-    assert record["token_merging"]["prop_attn"] is False  # as every VideoMAE run of the paper
-    prep = record["preprocessing"]
+    assert record.architecture == "videomae"
+    assert record.model["fc_norm_eps"] == 1e-6 and record.model["layer_norm_eps"] == 1e-6
+    assert record.token_merging["prop_attn"] is False  # as every VideoMAE run of the paper
+    prep = record.preprocessing
     assert (prep["stride"], prep["mean"], prep["std"]) == (
         1,
         [0.485, 0.456, 0.406],
@@ -416,9 +416,9 @@ def test_paper_videomae_epic_two_heads(tmp_path):
         tmp_path / "videomae_ek.pyth", state, cfg | {"VIDEOMAE": {"TUBELET_SIZE": 2}}
     )
     params, record = convert(tmp_path, "slowfast", path)
-    assert record["class_splits"] == [3, 5]
-    assert record["input"] == {"num_frames": FRAMES, "image_size": SIZE}  # from the cfg
-    assert record["preprocessing"]["stride"] == 2
+    assert record.class_splits == [3, 5]
+    assert record.input == {"num_frames": FRAMES, "image_size": SIZE}  # from the cfg
+    assert record.preprocessing["stride"] == 2
     clip = video(seed=7)
     np.testing.assert_allclose(our_logits(params, record, clip), hf_logits(model, clip), atol=1e-4)
 
@@ -446,8 +446,8 @@ def test_paper_motionformer_epic_two_heads(tmp_path, source):
     else:
         torch.save(model.state_dict(), path)
         params, record = convert(tmp_path, source, path, "--num-heads", "4")
-    assert record["architecture"] == "motionformer" and record["class_splits"] == [3, 5]
-    assert record["model"]["num_heads"] == 4
+    assert record.architecture == "motionformer" and record.class_splits == [3, 5]
+    assert record.model["num_heads"] == 4
     clip = video(seed=8)
     with torch.no_grad():
         expected = model.logits(clip.permute(0, 2, 1, 3, 4)).numpy()  # [B, C, T, H, W]

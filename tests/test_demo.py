@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.test_train import tiny_config
-from vtm_jax.config import bench_config
+from vtm_jax.config_blocks import bench_config
 from vtm_jax.demo import demo_config, format_demo_table, run_demo
 from vtm_jax.train import train
 
@@ -99,6 +99,6 @@ def test_table_format():
             "gmacs_per_clip": 1.0,
         },
     ]
-    table = format_demo_table(rows, {"architecture": "vivit"}).splitlines()
+    table = format_demo_table(rows, "vivit").splitlines()
     assert table[2] == "| vivit | 0 | - (baseline) | 50.00 | 10.0 | 1.00x | 2.000 |"
     assert table[3] == "| vivit | 8 | hybrid (threshold 0.4) | 25.00 | 20.0 | 2.00x | 1.000 |"

@@ -36,7 +36,7 @@ def _top1(checkpoint, source, merging, batch=64):
 
 def test_the_shipped_checkpoint_has_its_recorded_accuracy(shipped):
     checkpoint, _, source = shipped
-    trained = load_record(checkpoint)["trained"]
+    trained = load_record(checkpoint).trained
     assert trained["test_examples"] == len(source) == 256
     # Recorded by `vtm-jax train` with its own batch of 32; argmax ties aside, the same clips.
     accuracy = _top1(checkpoint, source, ReductionSettings())

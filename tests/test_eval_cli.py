@@ -9,6 +9,7 @@ import numpy as np
 from vtm_jax.checkpoint import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.models.vivit import ViViT
+from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +38,7 @@ def test_eval_synthetic_from_config(tmp_path, capsys):
         "labels": None,
         "token_merging": {"mode": "none"},
     }
-    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
+    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), ModelRecord.from_json(record))
     results = tmp_path / "results.json"
     args = [
         "eval",
@@ -92,7 +93,7 @@ def test_eval_cli_same_metrics_on_eight_devices(tmp_path):
         "model": {**kwargs, "patch_size": [2, 8, 8]},
         "input": {"num_frames": 16, "image_size": 32},
     }
-    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), record)
+    save_checkpoint(str(tmp_path / "ckpt"), jax.device_get(params), ModelRecord.from_json(record))
     metrics = {}
     for devices in (1, 8):
         results = tmp_path / f"results{devices}.json"

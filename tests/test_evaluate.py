@@ -15,6 +15,7 @@ from vtm_jax.checkpoint import save_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.evaluate import evaluate, format_results, view_metrics
 from vtm_jax.models.vivit import ViViT
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,7 @@ def make_checkpoint(path, num_classes, class_splits=None):
         "class_splits": class_splits,
         "token_merging": {"mode": "merge", "r": 4},
     }
-    save_checkpoint(str(path), params, record)
+    save_checkpoint(str(path), params, ModelRecord.from_json(record))
     return str(path)
 
 
@@ -102,7 +103,7 @@ def reference_scores(checkpoint, source):
     from vtm_jax.models.registry import build_model
 
     params, record = load_checkpoint(checkpoint)
-    model = build_model(record, ReductionSettings.from_dict(record["token_merging"]))
+    model = build_model(record, ReductionSettings.from_dict(record.token_merging))
     apply = jax.jit(model.apply)
     scores = []
     for i in range(len(source)):

@@ -1,6 +1,7 @@
 """Another frame count than the checkpoint's: the position-embedding choices, every backbone's
 temporal tables, and `vtm-jax eval` with dataset_configs.num_frames changed."""
 
+import dataclasses
 import json
 import os
 
@@ -13,6 +14,7 @@ from vtm_jax.cli import main
 from vtm_jax.errors import UserError
 from vtm_jax.frames import change_frames, resample_linear
 from vtm_jax.models.registry import build_model, check_params_fit
+from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = ("Transformer", "posembed_input", "pos_embedding")
@@ -32,7 +34,7 @@ def test_paper_zeroes_the_vivit_positions(tiny_checkpoint):
     # 8 frames: 4 tubelet slots x 16 patches, plus the class token's entry, all zeros.
     assert table(new).shape == (1, 1 + 4 * 16, 32)
     assert not table(new).any()
-    assert new_record["input"]["num_frames"] == 8 and record["input"]["num_frames"] == 16
+    assert new_record.num_frames == 8 and record.num_frames == 16
     np.testing.assert_array_equal(table(params), before)  # the caller's tree is untouched
     # Everything else is the checkpoint's own.
     flat_old = jax.tree_util.tree_leaves_with_path(params)
@@ -41,7 +43,7 @@ def test_paper_zeroes_the_vivit_positions(tiny_checkpoint):
         if "posembed_input" not in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(flat_new[path], value)
     model = build_model(new_record)
-    check_params_fit(model, new, new_record["input"])
+    check_params_fit(model, new, new_record.input)
     logits = model.apply({"params": new}, np.zeros((1, 8, 32, 32, 3), np.float32))
     assert logits.shape == (1, 8) and np.isfinite(logits).all()
 
@@ -58,10 +60,10 @@ def test_interpolate_resamples_the_temporal_positions(tiny_checkpoint):
     want = (slots[:, 0::2] + slots[:, 1::2]) / 2
     np.testing.assert_allclose(got[:, 1:].reshape(1, 4, 16, 32), want, rtol=1e-6, atol=1e-7)
     double, rec = change_frames(params, record, 32, "interpolate")
-    assert table(double).shape == (1, 1 + 16 * 16, 32) and rec["input"]["num_frames"] == 32
+    assert table(double).shape == (1, 1 + 16 * 16, 32) and rec.num_frames == 32
     same, _ = change_frames(params, record, 16, "interpolate")
     np.testing.assert_array_equal(table(same), old)
-    check_params_fit(build_model(rec), double, rec["input"])
+    check_params_fit(build_model(rec), double, rec.input)
 
 
 def test_resample_linear():
@@ -93,11 +95,13 @@ def test_resample_linear():
     ],
 )
 def test_other_backbones_temporal_tables(architecture, model, path, old, new):
-    record = {
-        "architecture": architecture,
-        "model": model,
-        "input": {"num_frames": 8, "image_size": 224},
-    }
+    record = ModelRecord.from_json(
+        {
+            "architecture": architecture,
+            "model": {**model, "num_classes": 1},  # a record names its classes
+            "input": {"num_frames": 8, "image_size": 224},
+        }
+    )
     params = {"other": np.ones(3)}
     node = params
     for key in path[:-1]:
@@ -105,7 +109,7 @@ def test_other_backbones_temporal_tables(architecture, model, path, old, new):
     node[path[-1]] = np.random.default_rng(0).normal(size=old).astype(np.float32)
     for positions in ("paper", "interpolate"):
         got, rec = change_frames(params, record, 16, positions)
-        assert table(got, path).shape == new and rec["input"]["num_frames"] == 16
+        assert table(got, path).shape == new and rec.num_frames == 16
         assert (not table(got, path).any()) is (positions == "paper")
         assert got["other"] is params["other"]
 
@@ -115,7 +119,7 @@ def test_videomae_needs_no_table(tiny_checkpoint):
     for positions in ("paper", "interpolate"):
         new, rec = change_frames(params, record, 16, positions)
         assert jax.tree.all(jax.tree.map(lambda a, b: a is b, new, params))
-        check_params_fit(build_model(rec), new, rec["input"])
+        check_params_fit(build_model(rec), new, rec.input)
 
 
 def test_bad_frame_counts(tiny_checkpoint):
@@ -126,7 +130,7 @@ def test_bad_frame_counts(tiny_checkpoint):
     with pytest.raises(UserError, match="valid: paper, interpolate"):
         change_frames(params, record, 8, "nearest")
     with pytest.raises(UserError, match="cannot change its frame count"):
-        change_frames(params, {**record, "architecture": "resnet"}, 8)
+        change_frames(params, dataclasses.replace(record, architecture="resnet"), 8)
 
 
 def test_eval_at_half_the_frames(tmp_path, tiny_checkpoint, capsys):

@@ -25,6 +25,7 @@ from vtm_jax.errors import UserError
 from vtm_jax.evaluate import NONFINITE_OUTPUT, evaluate
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.outputs import atomic_file
+from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE, CLASSES = 4, 16, 4
@@ -60,7 +61,9 @@ def tiny_params(seed: int = 0) -> dict:
 
 def make_checkpoint(path, seed: int = 0, params=None, **record) -> str:
     save_checkpoint(
-        str(path), tiny_params(seed) if params is None else params, {**RECORD, **record}
+        str(path),
+        tiny_params(seed) if params is None else params,
+        ModelRecord.from_json({**RECORD, **record}),
     )
     return str(path)
 
@@ -164,7 +167,7 @@ def test_damaged_replaced_or_non_finite_checkpoints_are_named_on_load(ckpt, tmp_
     record = json.loads(open(os.path.join(ckpt, "model.json")).read())
     assert record["params_digest"].startswith("sha256:") and record["params_files"]
     params, loaded = load_checkpoint(ckpt)
-    assert loaded["params_digest"] == record["params_digest"]
+    assert loaded.params_digest == record["params_digest"]
 
     # 16 flipped bytes in a parameter file: that file is named, before orbax parses it.
     damaged = shutil.copytree(ckpt, tmp_path / "damaged")
@@ -196,7 +199,7 @@ def test_damaged_replaced_or_non_finite_checkpoints_are_named_on_load(ckpt, tmp_
     with pytest.raises(UserError, match="not the ones .* was written with"):
         load_checkpoint(str(edited))
     assert (
-        load_checkpoint(str(edited), verify=False)[1]["params_digest"]
+        load_checkpoint(str(edited), verify=False)[1].params_digest
         == (
             other_record["params_digest"]  # skipped on request: the record is taken at its word
         )
@@ -205,7 +208,7 @@ def test_damaged_replaced_or_non_finite_checkpoints_are_named_on_load(ckpt, tmp_
     # Written before digests existed: loads, and is identified by its content all the same.
     legacy = shutil.copytree(ckpt, tmp_path / "legacy")
     (legacy / "model.json").write_text(json.dumps(RECORD))
-    assert load_checkpoint(str(legacy))[1]["params_digest"] == record["params_digest"]
+    assert load_checkpoint(str(legacy))[1].params_digest == record["params_digest"]
 
     # Infinite parameters: never written, and refused on load where an old file holds them.
     bad = tiny_params()
@@ -225,7 +228,7 @@ def test_damaged_replaced_or_non_finite_checkpoints_are_named_on_load(ckpt, tmp_
     # The shipped checkpoint carries digests, and they hold.
     from vtm_jax.demo import shipped_checkpoint
 
-    assert load_checkpoint(shipped_checkpoint())[1]["params_digest"].startswith("sha256:")
+    assert load_checkpoint(shipped_checkpoint())[1].params_digest.startswith("sha256:")
 
 
 # --- 3. eval resume against other parameters ------------------------------------------------

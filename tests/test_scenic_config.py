@@ -18,7 +18,8 @@ from vtm_jax.convert.sources import load_source
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.scenic_config import checkpoint_record
+from vtm_jax.record import ModelRecord
+from vtm_jax.scenic.checkpoint import checkpoint_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,9 +65,9 @@ def _ignored(err: str) -> set[str]:
 
 def test_k400_model1_config(tmp_path, capsys):
     config = load_config([f"--config={write_scenic_config(tmp_path, 1)}"])
-    assert record_from_config(config) == {
-        "architecture": "vivit",
-        "model": {
+    assert record_from_config(config) == ModelRecord(
+        architecture="vivit",
+        model={
             "num_classes": 400,
             "hidden_size": 768,
             "patch_size": [2, 16, 16],  # Scenic's (16, 16, 2) is (h, w, t)
@@ -76,8 +77,9 @@ def test_k400_model1_config(tmp_path, capsys):
             "mlp_dim": 3072,
             "num_layers": 12,
         },
-        "input": {"num_frames": 32, "image_size": 224},
-    }
+        num_frames=32,
+        image_size=224,
+    )
     data = config.dataset_configs
     assert (data.num_frames, data.stride, data.min_resize, data.crop_size) == (32, 2, 256, 224)
     assert tuple(data.mean) == tuple(data.std) == (0.5, 0.5, 0.5)  # zero_centering
@@ -89,8 +91,8 @@ def test_k400_model1_config(tmp_path, capsys):
 def test_k400_model2_config(tmp_path, capsys):
     config = load_config([f"--config={write_scenic_config(tmp_path, 2)}"])
     record = record_from_config(config)
-    assert record["architecture"] == "vivit_factorised_encoder"
-    assert record["model"] == {
+    assert record.architecture == "vivit_factorised_encoder"
+    assert record.model == {
         "num_classes": 400,
         "hidden_size": 768,
         "patch_size": [2, 16, 16],
@@ -124,7 +126,7 @@ def test_overrides_of_fields_the_file_lacks(tmp_path, capsys):
     assert (config.token_merging.mode, config.token_merging.r) == ("merge", 300)
     assert config.token_merging.threshold == 0.4 and config.token_merging.schedule == 0
     assert config.checkpoint == "/some/checkpoint" and config.eval.limit == 3
-    assert record_from_config(config)["model"]["representation_size"] == 768
+    assert record_from_config(config).model["representation_size"] == 768
     assert tuple(config.dataset_configs.mean) == (0.0,) * 3
     assert tuple(config.dataset_configs.std) == (1.0,) * 3
     # A typo is still an error.
@@ -216,9 +218,9 @@ def test_scenic_checkpoint_layouts(tmp_path, model, layout):
     ckpt = tmp_path / "checkpoint_7"
     _write_msgpack(ckpt, params, layout)
     # `vtm-jax convert --source scenic` reads it, pre-logits included ...
-    converted = load_source("scenic", str(ckpt), num_frames=4, image_size=32)
-    assert converted["model"]["representation_size"] == 8
-    assert converted["input"] == {"num_frames": 4, "image_size": 32}
+    _, converted = load_source("scenic", str(ckpt), num_frames=4, image_size=32)
+    assert converted.model["representation_size"] == 8
+    assert converted.input == {"num_frames": 4, "image_size": 32}
     # ... and so does `vtm-jax eval` with the Scenic config as the model's description (a
     # workdir of checkpoint_<step> files or the file itself).
     tiny = TINY_MODEL1 if model == 1 else TINY_MODEL2
@@ -238,10 +240,10 @@ def test_scenic_checkpoint_layouts(tmp_path, model, layout):
             ]
         )
         described = checkpoint_record(config)
-        assert load_record(config.checkpoint, scenic_record=described)["model"]
+        assert load_record(config.checkpoint, scenic_record=described).model
         loaded, record = load_checkpoint(config.checkpoint, scenic_record=described)
-        assert record["architecture"] == ("vivit" if model == 1 else "vivit_factorised_encoder")
-        assert record["preprocessing"]["mean"] == [0.5] * 3
+        assert record.architecture == ("vivit" if model == 1 else "vivit_factorised_encoder")
+        assert record.preprocessing["mean"] == [0.5] * 3
         got, want = _flat(loaded), _flat(params)
         assert got.keys() == want.keys() and "pre_logits/kernel" in got
         for key in want:

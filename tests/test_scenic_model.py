@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from tests.scenic_fixtures import TINY_MODEL1, TINY_MODEL2, write_scenic_config
-from vtm_jax import scenic_model
 from vtm_jax.config import load_config
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.reduction import ReductionSettings
+from vtm_jax.scenic import model as scenic_model
 
 SMALL_INPUT = [
     "--config.model.patches.size=(8, 8, 2)",

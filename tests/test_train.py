@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vtm_jax.cli import main
-from vtm_jax.config import token_merging_config
+from vtm_jax.config_blocks import token_merging_config
 from vtm_jax.errors import UserError
 from vtm_jax.train import batch_indices, learning_rate_schedule, make_optimizer, train
 
@@ -126,12 +126,12 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     assert [e["step"] for e in log if "test_accuracy" in e] == [12, 24, 30]
     assert log[-1]["loss"] < log[0]["loss"]
     params, record = _params(str(tmp_path / "run"))
-    assert record["architecture"] == "vivit"
-    assert record["trained"]["steps"] == 30
-    assert record["trained"]["test_accuracy"] == summary["test_accuracy"]
-    assert record["labels"][0] == "left_slow"
-    assert record["token_merging"]["mode"] == "merge"  # the config's eval setting
-    assert record["preprocessing"]["crop_size"] == 16
+    assert record.architecture == "vivit"
+    assert record.trained["steps"] == 30
+    assert record.trained["test_accuracy"] == summary["test_accuracy"]
+    assert record.labels[0] == "left_slow"
+    assert record.token_merging["mode"] == "merge"  # the config's eval setting
+    assert record.preprocessing["crop_size"] == 16
     # The exported checkpoint evaluates to the accuracy the run recorded.
     from vtm_jax.data.sources import open_split
     from vtm_jax.evaluate import evaluate

@@ -18,6 +18,7 @@ from vtm_jax.models.registry import build_model
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 from vtm_jax.visualize import (
     BORDER,
@@ -202,13 +203,15 @@ def _save(path, module_cls, arch, kwargs, merging):
     params = jax.tree.map(
         lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params
     )
-    record = {
-        "architecture": arch,
-        "model": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
-        "input": {"num_frames": 4, "image_size": 32},
-        "preprocessing": PREP,
-        "token_merging": merging,
-    }
+    record = ModelRecord.from_json(
+        {
+            "architecture": arch,
+            "model": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+            "input": {"num_frames": 4, "image_size": 32},
+            "preprocessing": PREP,
+            "token_merging": merging,
+        }
+    )
     save_checkpoint(str(path), jax.device_get(params), record)
     return str(path), record
 

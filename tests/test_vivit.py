@@ -9,6 +9,7 @@ import torch
 from tests.hf_models import random_hf_vivit
 from tests.reference.torch_tome_vivit import tome_vivit_forward
 from vtm_jax.convert.hf_vivit import load_hf_vivit
+from vtm_jax.convert.sources import record_from_converted
 from vtm_jax.models.registry import build_model
 from vtm_jax.models.vivit import EncoderBlock, ViViT
 from vtm_jax.reduction import ReductionSettings, layer_key
@@ -92,7 +93,7 @@ def hf_video(seed=0, batch=2):
 def ours_logits(converted, merging, video, attention="xla"):
     from vtm_jax.attention import get_attention
 
-    record = {"architecture": "vivit", **converted}
+    record = record_from_converted({"architecture": "vivit", **converted})
     model = build_model(record, merging, get_attention(attention))
     nthwc = jnp.asarray(video.numpy().transpose(0, 1, 3, 4, 2))
     return np.asarray(model.apply({"params": converted["params"]}, nthwc)), model
@@ -163,7 +164,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
 
 def test_shapes_follow_plan_and_one_compile_per_schedule(hf_vivit):
     _, converted, _ = hf_vivit
-    record = {"architecture": "vivit", **converted}
+    record = record_from_converted({"architecture": "vivit", **converted})
     model = build_model(record, ReductionSettings(mode="merge", r=10, schedule=-1.0))
     params = converted["params"]
     video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
@@ -184,7 +185,7 @@ def test_shapes_follow_plan_and_one_compile_per_schedule(hf_vivit):
 
 def test_trace_source_dense_and_index_agree(hf_vivit):
     _, converted, _ = hf_vivit
-    record = {"architecture": "vivit", **converted}
+    record = record_from_converted({"architecture": "vivit", **converted})
     video = jnp.asarray(hf_video(seed=2).numpy().transpose(0, 1, 3, 4, 2))
     sources = {}
     for form in ("dense", "index"):

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vtm_jax.attention import get_attention
 from vtm_jax.errors import UserError
 from vtm_jax.models.registry import build_model
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 
@@ -81,19 +82,19 @@ def _global_video(batch_per_device: int, num_frames: int, size: int, mesh: Mesh)
     return jax.make_array_from_process_local_data(sharding, rows)
 
 
-def random_params(record: dict[str, Any], attention: str = "auto") -> Any:
+def random_params(record: ModelRecord, attention: str = "auto") -> Any:
     """Random weights of the record's model, replicated on every device (timing does not
     depend on the weights), to pass to :func:`bench_settings` for several calls."""
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     model = build_model(record, None, get_attention(attention))
-    size = record["input"]["image_size"]
-    clip = np.zeros((1, record["input"]["num_frames"], size, size, 3), np.float32)
+    size = record.image_size
+    clip = np.zeros((1, record.num_frames, size, size, 3), np.float32)
     init = jax.jit(model.init, out_shardings=NamedSharding(mesh, PartitionSpec()))
     return init(jax.random.PRNGKey(1), clip)["params"]
 
 
 def bench_settings(
-    record: dict[str, Any],
+    record: ModelRecord,
     settings: Sequence[ReductionSettings],
     *,
     batch_size: int = 1,
@@ -106,7 +107,7 @@ def bench_settings(
     """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline."""
     if batch_size < 1 or iterations < 1 or warmup < 0:
         raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
-    num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
+    num_frames, size = record.num_frames, record.image_size
     attention_fn = get_attention(attention)
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     video = _global_video(batch_size, num_frames, size, mesh)

@@ -2,13 +2,13 @@
 
 A directory holds ``params/`` (an orbax checkpoint) and ``model.json``: the architecture, the
 model's constructor arguments, the input size, preprocessing, class labels and the stored
-reduction settings, so a checkpoint alone says how to build and feed its model.
+reduction settings (a :class:`vtm_jax.record.ModelRecord`), so a checkpoint alone says how to
+build and feed its model.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import os
 import re
 import sys
@@ -18,13 +18,14 @@ import numpy as np
 
 from vtm_jax import integrity
 from vtm_jax.errors import UserError, one_line
+from vtm_jax.record import ModelRecord, read_record, write_record
 
 RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None:
+def save_checkpoint(directory: str, params: Any, record: ModelRecord) -> None:
     """Write ``params`` and ``record`` to a new checkpoint directory.
 
     The record gets the parameters' content digest (``params_digest``) and a SHA-256 per file
@@ -32,8 +33,6 @@ def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None
     holding NaN or infinities are refused: such a checkpoint could only predict NaN.
     """
     import orbax.checkpoint as ocp
-
-    from vtm_jax.outputs import write_json
 
     directory = os.path.abspath(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
@@ -45,13 +44,13 @@ def save_checkpoint(directory: str, params: Any, record: dict[str, Any]) -> None
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
-    record = {
-        "format_version": FORMAT_VERSION,
-        **record,
-        "params_digest": digest,
-        "params_files": integrity.file_digests(params_dir),
-    }
-    write_json(os.path.join(directory, RECORD_FILE), record, indent=2)
+    record = dataclasses.replace(
+        record,
+        format_version=FORMAT_VERSION,
+        params_digest=digest,
+        params_files=integrity.file_digests(params_dir),
+    )
+    write_record(os.path.join(directory, RECORD_FILE), record)
 
 
 def check_new_checkpoint(directory: str, *, what: str) -> None:
@@ -63,15 +62,15 @@ def check_new_checkpoint(directory: str, *, what: str) -> None:
         raise UserError(f"{directory} already holds a checkpoint; choose a new {what}")
 
 
-def load_record(directory: str, *, scenic_record: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_record(directory: str, *, scenic_record: ModelRecord | None = None) -> ModelRecord:
     """The record of a checkpoint directory.
 
     ``scenic_record``: ``directory`` is a bare Scenic msgpack checkpoint (a file, or a directory
     of ``checkpoint_<step>`` files), which holds no record; this one, from the Scenic config
-    that names it, says what the model is (``vtm_jax.scenic_config.checkpoint_record``).
+    that names it, says what the model is (``vtm_jax.scenic.checkpoint.checkpoint_record``).
     """
     if scenic_record is not None:
-        return {**scenic_record, "scenic_checkpoint": directory}
+        return dataclasses.replace(scenic_record, scenic_checkpoint=directory)
     path = os.path.join(directory, RECORD_FILE)
     if not os.path.isfile(path):
         raise UserError(
@@ -79,68 +78,12 @@ def load_record(directory: str, *, scenic_record: dict[str, Any] | None = None) 
             "checkpoint is read with a Scenic ViViT config, or converted with "
             "`vtm-jax convert --source scenic`"
         )
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    _check_record(record, path)
-    return record
-
-
-def _check_record(record: Any, path: str) -> None:
-    """The fields every reader relies on, with the types they need."""
-    if not isinstance(record, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    expected = {"architecture": str, "model": dict, "input": dict}
-    optional = {"preprocessing": dict, "token_merging": dict, "labels": list}
-    for key, kind in [*expected.items(), *optional.items()]:
-        if key not in record and key in expected:
-            raise UserError(f"{path} has no {key!r} entry")
-        if record.get(key) is not None and not isinstance(record[key], kind):
-            raise UserError(f"{path}: {key!r} must be a JSON {kind.__name__}")
-    for key in ("num_frames", "image_size"):
-        if not isinstance(record["input"].get(key), int):
-            raise UserError(f"{path}: input.{key} must be an integer")
-    splits = record.get("class_splits")
-    if splits is not None and (
-        not isinstance(splits, list) or sum(splits) != record["model"].get("num_classes")
-    ):
-        raise UserError(f"{path}: class_splits must be a list adding up to num_classes")
-    labels = record.get("labels")
-    num_classes = record["model"].get("num_classes")
-    if labels is not None and len(labels) != num_classes:
-        raise UserError(f"{path}: {len(labels)} labels for {num_classes} classes")
-    for key in ("mean", "std"):
-        value = (record.get("preprocessing") or {}).get(key)
-        if value is not None:
-            check_normalisation(key, value, where=f"{path}: preprocessing")
-    digest = record.get("params_digest")
-    if digest is not None and not (
-        isinstance(digest, str) and digest.startswith(integrity.DIGEST_PREFIX)
-    ):
-        raise UserError(f"{path}: params_digest must be a string 'sha256:...', not {digest!r}")
-    files = record.get("params_files")
-    if files is not None and not (
-        isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
-    ):
-        raise UserError(f"{path}: params_files must map file names to sha256 strings")
-
-
-def check_normalisation(key: str, values: Any, *, where: str) -> None:
-    """``mean`` or ``std`` must be 3 finite numbers, one per RGB channel (std > 0)."""
-    try:
-        ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
-        ok = ok and (key != "std" or min(float(v) for v in values) > 0)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError(f"{where} {key} must be 3 finite numbers (std > 0), not {values!r}")
+    return read_record(path)
 
 
 def load_checkpoint(
-    directory: str, *, scenic_record: dict[str, Any] | None = None, verify: bool = True
-) -> tuple[Any, dict[str, Any]]:
+    directory: str, *, scenic_record: ModelRecord | None = None, verify: bool = True
+) -> tuple[Any, ModelRecord]:
     """Read ``(params, record)`` from a checkpoint directory; params are numpy arrays.
 
     ``verify``: check the files of ``params/`` against the SHA-256s the record keeps (naming a
@@ -162,12 +105,10 @@ def load_checkpoint(
     if not os.path.isdir(params_dir):
         raise UserError(f"{directory} has no {PARAMS_DIR}/ directory")
     record_path = os.path.join(directory, RECORD_FILE)
-    if verify and record.get("params_files"):
-        integrity.check_files(
-            params_dir, record["params_files"], label=params_dir, record=record_path
-        )
+    if verify and record.params_files:
+        integrity.check_files(params_dir, record.params_files, label=params_dir, record=record_path)
     params = _to_numpy(_restore(params_dir))
-    recorded = record.get("params_digest")
+    recorded = record.params_digest
     if verify:
         integrity.check_finite_params(params, where=params_dir)
         digest = integrity.params_digest(params)
@@ -177,9 +118,9 @@ def load_checkpoint(
                 f"with (params_digest {digest[:19]}... instead of {recorded[:19]}...): damaged, "
                 "or model.json belongs to another checkpoint"
             )
-        record = {**record, "params_digest": digest}
+        record = dataclasses.replace(record, params_digest=digest)
     elif recorded is None:
-        record = {**record, "params_digest": integrity.params_digest(params)}
+        record = dataclasses.replace(record, params_digest=integrity.params_digest(params))
     return params, record
 
 
@@ -227,24 +168,21 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def _load_scenic(
-    path: str, record: dict[str, Any], *, verify: bool = True
-) -> tuple[Any, dict[str, Any]]:
+def _load_scenic(path: str, record: ModelRecord, *, verify: bool = True) -> tuple[Any, ModelRecord]:
     """Params of a Scenic checkpoint, checked against the model its config describes."""
     from vtm_jax.convert.scenic import read_scenic_checkpoint
     from vtm_jax.models.registry import build_model, check_params_fit
 
     params = read_scenic_checkpoint(path)
-    fields = ", ".join(f"{k}={v}" for k, v in record["model"].items())
-    size = record["input"]
+    fields = ", ".join(f"{k}={v}" for k, v in record.model.items())
     try:
-        check_params_fit(build_model(record), params, size)
+        check_params_fit(build_model(record), params, record.input)
     except UserError as e:
         raise UserError(
-            f"{path} does not fit the config's model ({record['architecture']}: {fields}; "
-            f"input {size['num_frames']}x{size['image_size']}x{size['image_size']}): {e}"
+            f"{path} does not fit the config's model ({record.architecture}: {fields}; "
+            f"input {record.num_frames}x{record.image_size}x{record.image_size}): {e}"
         ) from None
     if verify:
         integrity.check_finite_params(params, where=path)
     # A bare Scenic file records no digest: its content is its identity (evaluation resume).
-    return params, {**record, "params_digest": integrity.params_digest(params)}
+    return params, dataclasses.replace(record, params_digest=integrity.params_digest(params))

@@ -8,6 +8,7 @@ line, and each command checks its output locations (``vtm_jax.outputs``) before 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,14 +26,14 @@ def _convert(args: argparse.Namespace) -> None:
     from vtm_jax.convert.sources import load_source
 
     check_new_checkpoint(args.output, what="--output")  # before the weights are read
-    converted = load_source(
+    params, record = load_source(
         args.source,
         args.input,
         num_frames=args.num_frames,
         image_size=args.image_size,
         num_heads=args.num_heads,
     )
-    splits = converted["class_splits"]
+    splits = record.class_splits
     if args.class_splits:
         try:
             splits = [int(v) for v in args.class_splits.split(",")]
@@ -40,23 +41,18 @@ def _convert(args: argparse.Namespace) -> None:
             raise UserError(
                 f"--class-splits must be integers like 97,300, not {args.class_splits!r}"
             ) from None
-        if sum(splits) != converted["model"]["num_classes"]:
+        if sum(splits) != record.num_classes:
             raise UserError(
                 f"--class-splits add up to {sum(splits)}, the classifier has "
-                f"{converted['model']['num_classes']} classes"
+                f"{record.num_classes} classes"
             )
-    record = {
-        "architecture": converted["architecture"],
-        "model": converted["model"],
-        "input": converted["input"],
-        "preprocessing": converted["preprocessing"],
-        "labels": converted["labels"],
-        "class_splits": splits,
-        "token_merging": converted.get("token_merging", {"mode": "none"}),
-        "converted_from": {"source": args.source, "path": os.path.abspath(args.input)},
-    }
-    save_checkpoint(args.output, converted["params"], record)
-    print(f"wrote {args.output} ({record['architecture']})")
+    record = dataclasses.replace(
+        record,
+        class_splits=splits,
+        converted_from={"source": args.source, "path": os.path.abspath(args.input)},
+    )
+    save_checkpoint(args.output, params, record)
+    print(f"wrote {args.output} ({record.architecture})")
 
 
 def _merging_from_args(args: argparse.Namespace, stored: dict | None):
@@ -90,15 +86,15 @@ def _predict(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vtm_jax.checkpoint import load_record
-    from vtm_jax.predict import heads, predict, top_k
+    from vtm_jax.predict import predict, top_k
 
-    merging = _merging_from_args(args, load_record(args.checkpoint).get("token_merging"))
+    merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
     logits, record = predict(
         args.checkpoint, args.video, merging, args.attention, verify=args.verify
     )
     print(f"mode={merging.mode} r={merging.r} schedule={merging.schedule}")
-    for name, start, stop in heads(record):
-        labels = record.get("labels")
+    for name, start, stop in record.heads():
+        labels = record.labels
         if name:
             print(f"{name}:")
         for rank, (index, label, prob) in enumerate(
@@ -169,11 +165,10 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     info = run_info(batch)
     lead = jax.process_index() == 0
     say = print if lead else (lambda *_: None)
-    clip = record["input"]
-    fields = ", ".join(f"{k}={v}" for k, v in record["model"].items() if v is not None)
+    fields = ", ".join(f"{k}={v}" for k, v in record.model.items() if v is not None)
     say(
-        f"{config.get('experiment_name', 'model')}: {record['architecture']} ({fields}), input "
-        f"{clip['num_frames']}x{clip['image_size']}x{clip['image_size']}, random weights; "
+        f"{config.get('experiment_name', 'model')}: {record.architecture} ({fields}), input "
+        f"{record.num_frames}x{record.image_size}x{record.image_size}, random weights; "
         f"{info['devices']} {info['device_kind']} device(s) in {info['processes']} process(es), "
         f"batch {batch} per device"
     )
@@ -203,7 +198,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         )
         with atomic_file(stem + ".md") as f:
             f.write(table + "\n")
-        plot_speed(results, stem + ".png", f"{record['architecture']} on {info['device_kind']}")
+        plot_speed(results, stem + ".png", f"{record.architecture} on {info['device_kind']}")
         print(f"\nresults written to {stem}.json, {stem}.md and {stem}.png")
 
 
@@ -237,7 +232,8 @@ def eval_config(
     import jax
 
     from vtm_jax.data.sources import open_split
-    from vtm_jax.evaluate import PREPROCESSING_KEYS, evaluate, format_results
+    from vtm_jax.evaluate import evaluate, format_results
+    from vtm_jax.record import PREPROCESSING_KEYS
     from vtm_jax.reduction import ReductionSettings
 
     data = config.get("dataset_configs", {})
@@ -250,7 +246,7 @@ def eval_config(
     if not data.get("data_dir") and config.dataset_name not in FRAME_DATASETS:
         raise UserError("eval needs config.dataset_configs.data_dir")
     from vtm_jax.checkpoint import load_record
-    from vtm_jax.scenic_config import checkpoint_record
+    from vtm_jax.scenic.checkpoint import checkpoint_record
 
     scenic_record = checkpoint_record(config)  # a bare Scenic checkpoint: the config describes it
     load_record(config.checkpoint, scenic_record=scenic_record)  # fails before any dataset build
@@ -376,12 +372,12 @@ def _visualize(args: argparse.Namespace) -> None:
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
         from vtm_jax.checkpoint import load_record
 
-        merging = _merging_from_args(args, load_record(args.checkpoint).get("token_merging"))
+        merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
     layers = args.layers
     if layers is None:  # a third, two thirds and all of the way through, as the paper's figure
         from vtm_jax.checkpoint import load_record
 
-        model = load_record(args.checkpoint)["model"]
+        model = load_record(args.checkpoint).model
         n = int(model.get("num_layers") or model.get("spatial_num_layers") or 12)
         layers = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
     written = visualize(

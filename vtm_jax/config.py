@@ -3,6 +3,11 @@
 ``--config=path/to/file.py`` names a file whose ``get_config()`` returns a ConfigDict, and
 ``--config.some.field=value`` overrides a field, exactly as absl's config flags do in Scenic and
 big_vision.
+
+This is the front end for config files of either schema: Scenic ViViT configs are read by
+:mod:`vtm_jax.scenic.config`, vtm-jax's own here. The blocks config files build
+(``token_merging``, ``eval``, ``bench``) are in :mod:`vtm_jax.config_blocks`; they are
+imported here too, for config files that import them from this module.
 """
 
 from __future__ import annotations
@@ -12,10 +17,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
 
+from vtm_jax.config_blocks import bench_config, evaluation_config, token_merging_config
 from vtm_jax.errors import UserError, one_line
-from vtm_jax.scenic_config import SCENIC_VIVIT_MODELS
+from vtm_jax.record import ModelRecord
+from vtm_jax.scenic import config as scenic_config
+
+__all__ = [
+    "bench_config",
+    "evaluation_config",
+    "load_config",
+    "preprocessing_from_config",
+    "record_from_config",
+    "token_merging_config",
+]
 
 
 def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collections.ConfigDict:
@@ -23,7 +38,9 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
 
     The file is loaded first; vtm-jax's fields it lacks are added (a ``token_merging`` block,
     and for Scenic ViViT configs the checkpoint, data and eval fields, see
-    :mod:`vtm_jax.scenic_config`), so overrides of them work on a Scenic config file as it is.
+    :mod:`vtm_jax.scenic.config`), so overrides of them work on a Scenic config file as it is.
+    A ``token_merging`` block added here that no override touches is removed again, so
+    ``vtm-jax eval`` still uses the settings a checkpoint stores.
     Then the overrides are applied, and a Scenic config's fields are checked and translated;
     the fields ``command`` (``eval``, ``bench``, ``train``, ``demo``; default: evaluation's)
     does not read are reported once, on stderr.
@@ -36,8 +53,6 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
 
     from absl import flags
     from ml_collections import config_flags
-
-    from vtm_jax import scenic_config
 
     files = [a for a in args if a.startswith("--config=")]
     overrides = [a for a in args if not a.startswith("--config=")]
@@ -79,7 +94,10 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
         raise UserError("no --config=FILE given")
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config() must return a ConfigDict, not {type(config).__name__}")
-    prepared = scenic_config.add_defaults(config)
+    added_token_merging = "token_merging" not in config
+    if added_token_merging:
+        config.token_merging = token_merging_config()
+    notes = scenic_config.add_defaults(config) if scenic_config.is_scenic_vivit(config) else ()
     config.lock()
     for arg in overrides:
         _check_override_path(config, arg)
@@ -96,8 +114,15 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
         config = override_flags.config
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"bad config override: {_cause(e)}") from None
+    ignored = []
     with config.unlocked():
-        ignored = scenic_config.finish(config, prepared, overrides, command=command)
+        if added_token_merging and not any(
+            arg.startswith(("--config.token_merging.", "--config.token_merging="))
+            for arg in overrides
+        ):
+            del config["token_merging"]
+        if scenic_config.is_scenic_vivit(config):
+            ignored = scenic_config.finish(config, notes, command=command)
     if ignored:
         print(f"vtm-jax: ignored Scenic fields: {', '.join(ignored)}", file=sys.stderr)
     return config
@@ -144,97 +169,43 @@ def _cause(error: BaseException) -> str:
     return lines[-1].strip() + where
 
 
-def record_from_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def record_from_config(config: ml_collections.ConfigDict) -> ModelRecord:
     """The record (architecture, model kwargs, input) a config describes.
 
-    Scenic ViViT configs (``model_name`` ``vivit_classification``) are read in Scenic's schema;
-    for vtm-jax's other backbones ``model_name`` is the architecture and ``model.*`` holds its
-    constructor arguments. The class count comes from ``dataset_configs.num_classes``.
+    Scenic ViViT configs (``model_name`` ``vivit_classification``) are read in Scenic's schema
+    (:func:`vtm_jax.scenic.config.vivit_record`); for vtm-jax's other backbones ``model_name``
+    is the architecture and ``model.*`` holds its constructor arguments. The class count comes
+    from ``dataset_configs.num_classes``.
     """
     from vtm_jax.models.registry import ARCHITECTURES
 
+    if scenic_config.is_scenic_vivit(config):
+        return scenic_config.vivit_record(config)
     try:
-        name = config.get("model_name", "vivit_classification")
-        if name in SCENIC_VIVIT_MODELS:
-            return _vivit_record(config)
+        name = config.get("model_name")
         if name not in ARCHITECTURES:
-            valid = ", ".join([*SCENIC_VIVIT_MODELS, *ARCHITECTURES])
+            valid = ", ".join([*scenic_config.SCENIC_VIVIT_MODELS, *ARCHITECTURES])
             raise UserError(f"unknown model_name {name!r}; valid: {valid}")
         data = config.dataset_configs
-        return {
-            "architecture": name,
-            "model": {**config.model.to_dict(), "num_classes": data.num_classes},
-            "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
-        }
+        return ModelRecord(
+            architecture=name,
+            model={**config.model.to_dict(), "num_classes": data.num_classes},
+            num_frames=data.num_frames,
+            image_size=data.crop_size,
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"config does not describe a model: {_first_line(e)}") from None
 
 
-def _vivit_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    from vtm_jax.scenic_config import check_model
-
-    architecture = check_model(config)
-    model = config.model
-    h, w, t = model.patches.size  # Scenic orders patch sizes (h, w, t)
-    data = config.dataset_configs
-    common = {
-        "num_classes": data.num_classes,
-        "hidden_size": model.hidden_size,
-        "patch_size": [t, h, w],
-        "classifier": model.get("classifier", "token"),
-        "representation_size": model.get("representation_size"),
-    }
-    if architecture == "vivit":
-        sizes = {
-            "num_heads": model.num_heads,
-            "mlp_dim": model.mlp_dim,
-            "num_layers": model.num_layers,
-        }
-    else:
-        sizes = {
-            f"{part}_{field}": model[f"{part}_transformer"][field]
-            for part in ("spatial", "temporal")
-            for field in ("num_layers", "num_heads", "mlp_dim")
-        }
+def preprocessing_from_config(data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A checkpoint record's ``preprocessing`` from a config's ``dataset_configs``."""
+    mean = data.get("mean", (0.5, 0.5, 0.5))
+    std = data.get("std", (0.5, 0.5, 0.5))
     return {
-        "architecture": architecture,
-        "model": {**common, **sizes},
-        "input": {"num_frames": data.num_frames, "image_size": data.crop_size},
+        "num_frames": int(data.num_frames),
+        "stride": int(data.get("stride", 1)),
+        "min_resize": int(data.get("min_resize", data.crop_size)),
+        "crop_size": int(data.crop_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
     }
-
-
-def token_merging_config(**values: Any) -> ml_collections.ConfigDict:
-    """A ``token_merging`` block holding every ReductionSettings field.
-
-    Fields not given take the settings' defaults; optional ones (threshold, duplicate) are typed
-    placeholders, so ``--config.token_merging.threshold=0.4`` works from the command line.
-    """
-    import dataclasses
-
-    from vtm_jax.reduction import ReductionSettings
-
-    settings = ReductionSettings(**values).to_dict()  # validates the values
-    placeholders = {"threshold": float, "duplicate": tuple}
-    block = ml_collections.ConfigDict()
-    for field in dataclasses.fields(ReductionSettings):
-        value = settings[field.name]
-        if value is None and field.name in placeholders:
-            value = config_dict.placeholder(placeholders[field.name])
-        elif field.name == "r":
-            # r is an int, the paper's (r, inflection) or a per-layer list: an untyped field
-            # takes all three, in a config file and as --config.token_merging.r=[0, 8, 8].
-            value = config_dict.FieldReference(value, field_type=object)
-        block[field.name] = value
-    return block
-
-
-def bench_config(**values: Any) -> ml_collections.ConfigDict:
-    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, and
-    sweeps over modes, r values and schedules (None: just the token_merging block)."""
-    block = ml_collections.ConfigDict(
-        {"batch_size": 1, "warmup": 1, "iterations": 3, "attention": "auto"}
-    )
-    for name in ("modes", "r_values", "schedules"):
-        block[name] = config_dict.placeholder(tuple)
-    block.update(values)
-    return block

@@ -36,7 +36,7 @@ def demo_config(checkpoint: str) -> ml_collections.ConfigDict:
     """The config a checkpoint was trained with (its record keeps it)."""
     from vtm_jax.checkpoint import load_record
 
-    trained = load_record(checkpoint).get("trained")
+    trained = load_record(checkpoint).trained
     if not trained or "config" not in trained:
         raise UserError(f"{checkpoint} records no training config; give --config=FILE")
     return ml_collections.ConfigDict(trained["config"])
@@ -135,10 +135,10 @@ def run_demo(
         for s, acc, t in zip(everything, accuracy, speed, strict=True)
     ]
     table_rows = rows[: len(main)]
-    table = format_demo_table(table_rows, record)
+    table = format_demo_table(table_rows, record.architecture)
     say("\n" + table)
     stem = os.path.join(out_dir, "demo")
-    plot_accuracy_speed(rows, stem + ".png", title=f"{record['architecture']} on synthetic")
+    plot_accuracy_speed(rows, stem + ".png", title=f"{record.architecture} on synthetic")
     pictures = _visualise(checkpoint, source, config, out_dir)
     summary = {
         "checkpoint": os.path.abspath(checkpoint),
@@ -159,9 +159,8 @@ def run_demo(
     return summary
 
 
-def format_demo_table(rows: Sequence[dict[str, Any]], record: dict[str, Any]) -> str:
+def format_demo_table(rows: Sequence[dict[str, Any]], architecture: str) -> str:
     """The paper's table: accuracy, throughput, speedup over r=0, and multiply-adds."""
-    name = record["architecture"]
     lines = [
         "| model | r | reduction | top-1 | clips/s | speedup | GMACs/clip |",
         "|---|---|---|---|---|---|---|",
@@ -172,7 +171,7 @@ def format_demo_table(rows: Sequence[dict[str, Any]], record: dict[str, Any]) ->
             mode += f" (threshold {row['threshold']:g})"
         r = 0 if row["mode"] == "none" else row["r"]
         lines.append(
-            f"| {name} | {r} | {mode} | {100 * row['top1']:.2f} | {row['clips_per_s']:.1f} | "
+            f"| {architecture} | {r} | {mode} | {100 * row['top1']:.2f} | {row['clips_per_s']:.1f} | "
             f"{row['speedup']:.2f}x | {row['gmacs_per_clip']:.3f} |"
         )
     return "\n".join(lines)

@@ -44,33 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtm_jax.checkpoint import check_normalisation, load_checkpoint
+from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.outputs import atomic_file, check_output_file, write_json
+from vtm_jax.record import Head, ModelRecord
 from vtm_jax.reduction import ReductionSettings, is_random
 
 RESULTS_FORMAT = "vtm-jax-eval"
 RESULTS_VERSION = 1
-PREPROCESSING_KEYS = (
-    "num_frames",
-    "stride",
-    "min_resize",
-    "crop_size",
-    "mean",
-    "std",
-    "sampling",
-    "protocol",
-    "paper_loader",
-    "is_test_split",
-)
-REQUIRED_PREPROCESSING = PREPROCESSING_KEYS[:7]
 TOP_K = 5
 ENSEMBLES = ("sum", "max")
 PREFETCH_BATCHES = 2
 NONFINITE_INPUT = "pixels are not finite after preprocessing"
 NONFINITE_OUTPUT = "the model's output is not finite (overflow in the input or the parameters)"
-
-Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
 
 
 def evaluate(
@@ -95,7 +81,7 @@ def evaluate(
     save_scores: bool = False,
     workers: int | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
-    scenic_record: dict[str, Any] | None = None,
+    scenic_record: ModelRecord | None = None,
     verify: bool = True,
     position_embeddings: str = "paper",
 ) -> dict[str, Any]:
@@ -125,7 +111,7 @@ def evaluate(
       workers: threads that read and decode videos ahead of the devices.
       on_batch: called with the running state after each batch is saved.
       scenic_record: ``checkpoint_dir`` is a bare Scenic checkpoint and this record, from its
-        Scenic config, describes the model (``vtm_jax.scenic_config.checkpoint_record``).
+        Scenic config, describes the model (``vtm_jax.scenic.checkpoint.checkpoint_record``).
       verify: check the checkpoint's digests on load (``checkpoint.load_checkpoint``). The
         results name the parameters by their content digest either way, and a resume against
         other parameters is refused.
@@ -140,7 +126,6 @@ def evaluate(
     from vtm_jax.attention import get_attention
     from vtm_jax.data.pipeline import CorruptVideo, eval_views, shard_indices
     from vtm_jax.models.registry import build_model, check_params_fit
-    from vtm_jax.predict import heads as record_heads
 
     for name, value, low in (("batch_size", batch_size, 1), ("num_clips", num_clips, 1)):
         if not isinstance(value, int) or value < low:
@@ -158,14 +143,14 @@ def evaluate(
     start_time = time.perf_counter()
     params, record = load_checkpoint(checkpoint_dir, scenic_record=scenic_record, verify=verify)
     if merging is None:
-        merging = ReductionSettings.from_dict(record.get("token_merging"))
-    prep = resolve_preprocessing(record, preprocessing)
+        merging = ReductionSettings.from_dict(record.token_merging)
+    prep = record.resolve_preprocessing(preprocessing)
     frames = None
-    if prep["num_frames"] != record["input"]["num_frames"]:
+    if prep["num_frames"] != record.num_frames:
         from vtm_jax.frames import change_frames
 
         frames = {
-            "checkpoint": record["input"]["num_frames"],
+            "checkpoint": record.num_frames,
             "evaluated": prep["num_frames"],
             "position_embeddings": position_embeddings,
         }
@@ -178,7 +163,7 @@ def evaluate(
                 f"{frames['evaluated']} frames; position embeddings: {position_embeddings}",
                 file=sys.stderr,
             )
-    heads = record_heads(record)
+    heads = record.heads()
     _check_source_classes(source, record, heads)
     num_examples = len(source) if limit is None else min(limit, len(source))
     views = num_clips * (3 if three_crops else 1)
@@ -186,8 +171,8 @@ def evaluate(
         {
             "checkpoint": os.path.abspath(checkpoint_dir),
             # The parameters by content: another checkpoint put at the same path is another run.
-            "params_digest": record["params_digest"],
-            "architecture": record["architecture"],
+            "params_digest": record.params_digest,
+            "architecture": record.architecture,
             "dataset": dataset or _dataset_name(source),
             "num_examples": num_examples,
             "preprocessing": prep,
@@ -213,8 +198,8 @@ def evaluate(
     shard = list(shard_indices(num_examples, process, processes))
     info = {
         "checkpoint": run["checkpoint"],
-        "architecture": record["architecture"],
-        "model": record["model"],
+        "architecture": record.architecture,
+        "model": record.model,
         "platform": local_devices[0].platform,
         "device_kind": local_devices[0].device_kind,
         "devices": jax.device_count(),
@@ -242,7 +227,7 @@ def evaluate(
             raise UserError(message if i == process else f"process {i}: {message}")
 
     model = build_model(record, merging, get_attention(attention))
-    check_params_fit(model, params, record["input"])
+    check_params_fit(model, params, record.input)
     step = jax.pmap(
         functools.partial(
             _eval_step,
@@ -255,8 +240,7 @@ def evaluate(
         axis_name="batch",
         devices=local_devices,
     )
-    size = record["input"]["image_size"]
-    expected = (views, record["input"]["num_frames"], size, size, 3)
+    expected = (views, record.num_frames, record.image_size, record.image_size, 3)
 
     def load(index: int) -> _Loaded:
         example = source[index]
@@ -459,43 +443,6 @@ def scores_path_for(results_path: str) -> str:
     """Where the per-video scores of ``results_path`` go: ``<stem>.scores.npz``."""
     stem = results_path[:-5] if results_path.endswith(".json") else results_path
     return stem + ".scores.npz"
-
-
-def resolve_preprocessing(
-    record: dict[str, Any], override: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The checkpoint's preprocessing with ``override``'s entries replacing its own."""
-    prep = dict(record.get("preprocessing") or {})
-    prep.setdefault("num_frames", record["input"]["num_frames"])
-    prep.setdefault("crop_size", record["input"]["image_size"])
-    prep.setdefault("sampling", "stride")  # frames `stride` apart; "segments" for SSv2
-    # The input protocol (vtm_jax.data.protocols); checkpoints written before protocols
-    # existed were measured with vtm-jax 0.1's own, `centred`.
-    prep.setdefault("protocol", "centred")
-    unknown = sorted(set(override or {}) - set(PREPROCESSING_KEYS))
-    if unknown:
-        raise UserError(
-            f"unknown preprocessing entries {', '.join(unknown)}; valid: {', '.join(PREPROCESSING_KEYS)}"
-        )
-    prep.update({k: v for k, v in (override or {}).items() if v is not None})
-    missing = [k for k in REQUIRED_PREPROCESSING if prep.get(k) is None]
-    if missing:
-        raise UserError(
-            f"the checkpoint records no preprocessing {', '.join(missing)}; give them explicitly"
-        )
-    for key in ("mean", "std"):
-        check_normalisation(key, prep[key], where="preprocessing")
-    for key in ("num_frames", "stride", "min_resize", "crop_size"):
-        if not isinstance(prep[key], int) or prep[key] < 1:
-            raise UserError(f"preprocessing {key} must be a positive integer, not {prep[key]!r}")
-    from vtm_jax.data.protocols import ViewSpec
-
-    ViewSpec.from_preprocessing(prep)  # unknown protocols and loaders fail here, not per video
-    if prep["protocol"] != "paper":
-        prep.pop("paper_loader", None)
-    if prep["protocol"] != "scenic":
-        prep.pop("is_test_split", None)
-    return _jsonable(prep)
 
 
 def view_metrics(
@@ -894,7 +841,7 @@ def _progress_bar(total: int, done: int):
     return tqdm(total=total, initial=done, unit="video", dynamic_ncols=True, desc="eval")
 
 
-def _check_source_classes(source: Any, record: dict[str, Any], heads: Sequence[Head]) -> None:
+def _check_source_classes(source: Any, record: ModelRecord, heads: Sequence[Head]) -> None:
     """A source that says its class count must agree with the checkpoint's classifier."""
     ours = [stop - start for _, start, stop in heads]
     theirs = getattr(source, "class_splits", None)
@@ -906,7 +853,7 @@ def _check_source_classes(source: Any, record: dict[str, Any], heads: Sequence[H
     if theirs != ours:
         raise UserError(
             f"the dataset has classes {theirs}, the checkpoint's classifier {ours}"
-            + (f" (class_splits {record['class_splits']})" if record.get("class_splits") else "")
+            + (f" (class_splits {record.class_splits})" if record.class_splits else "")
         )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vtm_jax.errors import UserError
+from vtm_jax.record import ModelRecord
 
 POSITION_CHOICES = ("paper", "interpolate")
 
@@ -44,10 +45,9 @@ class TemporalTable:
     per_slot: int
 
 
-def temporal_tables(record: dict[str, Any]) -> list[TemporalTable]:
+def temporal_tables(record: ModelRecord) -> list[TemporalTable]:
     """The learned tables of a record's model that depend on its frame count."""
-    arch, model = record["architecture"], record["model"]
-    size = record["input"]["image_size"]
+    arch, model, size = record.architecture, record.model, record.image_size
     if arch == "vivit":
         _, h, w = model.get("patch_size", (2, 16, 16))
         cls = int(model.get("classifier", "token") == "token")
@@ -65,15 +65,15 @@ def temporal_tables(record: dict[str, Any]) -> list[TemporalTable]:
     raise UserError(f"{arch} cannot change its frame count (no rule for its position tables)")
 
 
-def tubelet(record: dict[str, Any]) -> int:
+def tubelet(record: ModelRecord) -> int:
     """Frames per temporal slot (the tubelet length; 1 for per-frame patches)."""
-    patch = record["model"].get("patch_size", (2, 16, 16))
+    patch = record.model.get("patch_size", (2, 16, 16))
     return int(patch[0]) if len(patch) == 3 else 1
 
 
 def change_frames(
-    params: dict[str, Any], record: dict[str, Any], num_frames: int, positions: str = "paper"
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    params: dict[str, Any], record: ModelRecord, num_frames: int, positions: str = "paper"
+) -> tuple[dict[str, Any], ModelRecord]:
     """``(params, record)`` for running the model on ``num_frames``-frame clips.
 
     Only the learned temporal tables change (see the module docstring for ``positions``);
@@ -84,15 +84,15 @@ def change_frames(
         raise UserError(
             f"unknown position_embeddings {positions!r}; valid: {', '.join(POSITION_CHOICES)}"
         )
-    old = int(record["input"]["num_frames"])
+    old = record.num_frames
     t = tubelet(record)
     if not isinstance(num_frames, int) or num_frames < t or num_frames % t:
         raise UserError(
-            f"{record['architecture']} cannot run {num_frames} frames: not a positive multiple "
+            f"{record.architecture} cannot run {num_frames} frames: not a positive multiple "
             f"of its tubelet length {t}"
         )
     tables = temporal_tables(record)
-    new_record = {**record, "input": {**record["input"], "num_frames": num_frames}}
+    new_record = dataclasses.replace(record, num_frames=num_frames)
     if num_frames == old:
         return params, new_record
     params = _copy_path_dicts(params, [table.path for table in tables])

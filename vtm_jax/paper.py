@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.config import bench_config, token_merging_config
+from vtm_jax.config_blocks import bench_config, evaluation_config, token_merging_config
 from vtm_jax.errors import UserError
 
 MODELS = ("vivit", "videomae", "timesformer", "motionformer")
@@ -108,20 +108,6 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
         prop_attn=model != "videomae",
         threshold=HYBRID_THRESHOLD.get(model),
     )
-    config.eval = ml_collections.ConfigDict(
-        {
-            "attention": "auto",
-            "limit": config_dict.placeholder(int),
-            "overwrite": False,
-            "confusion_matrix": False,
-            "predictions": False,
-            "ensemble": "sum",  # SlowFast's DATA.ENSEMBLE_METHOD over views: sum or max
-            "save_scores": False,  # per-video scores beside the results, as .scores.npz
-            "workers": config_dict.placeholder(int),
-            # A frame count other than the checkpoint's: what becomes of the learned temporal
-            # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
-            "position_embeddings": "paper",
-        }
-    )
+    config.eval = evaluation_config()
     config.bench = bench_config()
     return config

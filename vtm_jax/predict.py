@@ -14,10 +14,11 @@ from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.integrity import check_finite
 from vtm_jax.models.registry import build_model
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 
-def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
+def load_clip(path: str, record: ModelRecord) -> np.ndarray:
     """A model-ready float32 clip ``[T, S, S, 3]`` from a ``.npy`` array or a video file.
 
     A float array is taken as already normalised and must have the model's exact input shape;
@@ -25,10 +26,8 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
     protocol (``vtm_jax.data.protocols``; ``centred`` for records that name none).
     """
     from vtm_jax.data.pipeline import eval_views
-    from vtm_jax.evaluate import resolve_preprocessing
 
-    num_frames, size = record["input"]["num_frames"], record["input"]["image_size"]
-    expected = (num_frames, size, size, 3)
+    expected = (record.num_frames, record.image_size, record.image_size, 3)
     if not os.path.isfile(path):
         raise UserError(f"no such file: {path}")
     if path.endswith(".npy"):
@@ -58,7 +57,7 @@ def load_clip(path: str, record: dict[str, Any]) -> np.ndarray:
     else:
         with open(path, "rb") as f:
             example = {"video": np.frombuffer(f.read(), np.uint8), "video_id": path}
-    clip = eval_views(example, resolve_preprocessing(record))[0]
+    clip = eval_views(example, record.resolve_preprocessing())[0]
     if clip.shape != expected:
         raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
     check_finite(clip, what=f"{path} after preprocessing")
@@ -71,7 +70,7 @@ def load_model(
     attention: str = "auto",
     *,
     verify: bool = True,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any, ModelRecord]:
     """``(model, params, record)`` of a checkpoint, the parameters checked against the model.
 
     ``merging=None`` uses the record's stored settings; ``verify`` checks the checkpoint's
@@ -83,9 +82,9 @@ def load_model(
 
     params, record = load_checkpoint(checkpoint, verify=verify)
     if merging is None:
-        merging = ReductionSettings.from_dict(record.get("token_merging"))
+        merging = ReductionSettings.from_dict(record.token_merging)
     model = build_model(record, merging, get_attention(attention))
-    check_params_fit(model, params, record["input"], where=checkpoint)
+    check_params_fit(model, params, record.input, where=checkpoint)
     return model, params, record
 
 
@@ -107,7 +106,7 @@ def predict(
     attention: str = "auto",
     *,
     verify: bool = True,
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, ModelRecord]:
     """Logits ``[num_classes]`` of one clip, and the checkpoint record.
 
     Non-finite input values, or a model output that overflows, are a UserError, never NaN
@@ -130,19 +129,3 @@ def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tupl
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
     best = np.argsort(-probs, kind="stable")[:k]
     return [(int(i), labels[i] if labels else str(i), float(probs[i])) for i in best]
-
-
-def heads(record: dict[str, Any]) -> list[tuple[str | None, int, int]]:
-    """``(name, start, stop)`` of each classifier head in the logits.
-
-    Multi-head models (EPIC-KITCHENS verb and noun) store one concatenated output layer and
-    its ``class_splits``; each head gets its own softmax.
-    """
-    splits = record.get("class_splits")
-    if not splits:
-        return [(None, 0, record["model"]["num_classes"])]
-    names = record.get("split_names") or (
-        ["verb", "noun"] if list(splits) == [97, 300] else [f"head_{i}" for i in range(len(splits))]
-    )
-    bounds = np.cumsum([0, *splits])
-    return [(names[i], int(bounds[i]), int(bounds[i + 1])) for i in range(len(splits))]

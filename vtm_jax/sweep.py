@@ -38,6 +38,7 @@ from typing import Any
 
 from vtm_jax.errors import UserError
 from vtm_jax.paper import HYBRID_THRESHOLD, MAX_R, MODELS, PAPER_R
+from vtm_jax.record import ModelRecord
 
 PAPER_DATASETS = ("k400", "ssv2", "ek100")
 DATASET_LABELS = {"k400": "K400", "ssv2": "SSv2", "ek100": "EK-100"}
@@ -378,18 +379,18 @@ def r_values(
     return list(dict.fromkeys(values))
 
 
-def first_step_max_r(record: dict[str, Any], num_frames: int | None = None) -> int:
+def first_step_max_r(record: ModelRecord, num_frames: int | None = None) -> int:
     """The most tokens the model's first merge step can remove (its own clamp)."""
     from vtm_jax.models.registry import build_model
     from vtm_jax.reduction import ReductionSettings
 
-    frames = num_frames or record["input"]["num_frames"]
+    frames = num_frames or record.num_frames
     model = build_model(record, ReductionSettings(mode="merge", r=10**9))
-    return model.token_plan(frames, record["input"]["image_size"])[0].r
+    return model.token_plan(frames, record.image_size)[0].r
 
 
-def num_layers(record: dict[str, Any]) -> int:
-    model = record["model"]
+def num_layers(record: ModelRecord) -> int:
+    model = record.model
     return int(model.get("num_layers") or model.get("spatial_num_layers") or 12)
 
 
@@ -560,7 +561,7 @@ class Row:
 
 
 def merging_fields(
-    variant: Mapping[str, Any], model: str, record: dict[str, Any], r: int
+    variant: Mapping[str, Any], model: str, record: ModelRecord, r: int
 ) -> tuple[tuple[str, Any], ...] | None:
     """The token_merging fields a run sets: the family's variant resolved for the model
     (None: the variant does not apply to the model)."""
@@ -593,7 +594,7 @@ def merging_fields(
 def family_rows(
     family: Family,
     pairs: Sequence[Pair],
-    records: Mapping[tuple[str, str], dict[str, Any]],
+    records: Mapping[tuple[str, str], ModelRecord],
     curve_steps: int = CURVE_STEPS,
 ) -> list[Row]:
     """The rows of a family over the pairs it covers: an r=0 reference row, then each r of
@@ -606,11 +607,11 @@ def family_rows(
         frames = None
         if pair.model in family.frames:
             factor = family.frames[pair.model]
-            frames = int(record["input"]["num_frames"] * factor)
-            if frames < 1 or frames != record["input"]["num_frames"] * factor:
+            frames = int(record.num_frames * factor)
+            if frames < 1 or frames != record.num_frames * factor:
                 raise UserError(
                     f"{family.name}: {pair.model}/{pair.dataset} has "
-                    f"{record['input']['num_frames']} frames; x{factor} is not a frame count"
+                    f"{record.num_frames} frames; x{factor} is not a frame count"
                 )
         r_max = first_step_max_r(record, frames)
         entries = [({}, 0)] + [
@@ -629,7 +630,7 @@ def family_rows(
                     merging,
                     frames,
                     family.confusion,
-                    record["input"]["num_frames"],
+                    record.num_frames,
                     views,
                 )
                 label = reduction_label(run.settings, frames, views)
@@ -708,10 +709,10 @@ class Runner:
         except UserError as e:
             raise UserError(f"{pair.model}/{pair.dataset}: {e}") from None
 
-    def record(self, pair: Pair) -> dict[str, Any]:
+    def record(self, pair: Pair) -> ModelRecord:
         """The pair's checkpoint record (a bare Scenic checkpoint: from its Scenic config)."""
         from vtm_jax.checkpoint import load_record
-        from vtm_jax.scenic_config import checkpoint_record
+        from vtm_jax.scenic.checkpoint import checkpoint_record
 
         config = self.load_config(pair)
         try:
@@ -767,14 +768,14 @@ class Runner:
         from vtm_jax.benchmark import bench_settings, random_params, run_info
         from vtm_jax.checkpoint import load_record
         from vtm_jax.reduction import ReductionSettings
-        from vtm_jax.scenic_config import checkpoint_record
+        from vtm_jax.scenic.checkpoint import checkpoint_record
 
         record = load_record(run.pair.checkpoint, scenic_record=checkpoint_record(config))
         bench = config.get("bench", {})
         batch = int(bench.get("batch_size", 1))
         attention = bench.get("attention", "auto")
         merging = ReductionSettings.from_dict(config.token_merging)
-        key = json.dumps([record, attention], sort_keys=True, default=str)
+        key = json.dumps([record.to_json(), attention], sort_keys=True, default=str)
         if key not in self.params:  # one initialisation per model, not per timed setting
             self.params[key] = random_params(record, attention)
         (result,) = bench_settings(
@@ -971,7 +972,7 @@ def plot_family(table: dict[str, Any], path: str) -> None:
 
 
 def headline_rows(
-    pairs: Sequence[Pair], records: Mapping[tuple[str, str], dict[str, Any]]
+    pairs: Sequence[Pair], records: Mapping[tuple[str, str], ModelRecord]
 ) -> tuple[list[Row], list[Row]]:
     """Accuracy and time rows of the headline table: r=0 and every mode at the paper's r
     (hybrid where the paper has a threshold for the model, and never timed, as in the paper)."""

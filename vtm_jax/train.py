@@ -17,6 +17,7 @@ directory (``workdir/model``) whose record says how it was trained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.errors import UserError
 from vtm_jax.outputs import atomic_file, write_json
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 OPTIMIZERS = ("momentum", "adamw")
@@ -157,7 +159,7 @@ def train(
 
     from vtm_jax.attention import get_attention
     from vtm_jax.checkpoint import save_checkpoint
-    from vtm_jax.config import record_from_config
+    from vtm_jax.config import preprocessing_from_config, record_from_config
     from vtm_jax.data.sources import open_split
     from vtm_jax.models.registry import build_model
     from vtm_jax.outputs import check_output_dir
@@ -166,9 +168,11 @@ def train(
     check_output_dir(workdir, what="--workdir")
     _positive_int(config.get("batch_size"), "batch_size")
     _steps(config, num_examples=1, batch_size=1)  # the run's length checked before any data
-    record = record_from_config(config)
     data_config = config.dataset_configs
-    preprocessing = preprocessing_from_config(data_config)
+    record = dataclasses.replace(
+        record_from_config(config), preprocessing=preprocessing_from_config(data_config)
+    )
+    preprocessing = record.resolve_preprocessing()
     opened = {
         split: open_split(
             config.dataset_name,
@@ -180,9 +184,9 @@ def train(
         for split in ("train", data_config.get("split", "test"))
     }
     train_source, test_source = opened["train"], opened[data_config.get("split", "test")]
-    if train_source.num_classes != record["model"]["num_classes"]:
+    if train_source.num_classes != record.num_classes:
         raise UserError(
-            f"the model has {record['model']['num_classes']} classes, {config.dataset_name} "
+            f"the model has {record.num_classes} classes, {config.dataset_name} "
             f"has {train_source.num_classes}"
         )
     train_data, test_data = _Data(train_source, preprocessing), _Data(test_source, preprocessing)
@@ -318,38 +322,20 @@ def train(
     return summary
 
 
-def preprocessing_from_config(data: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A checkpoint record's ``preprocessing`` from a config's ``dataset_configs``."""
-    mean = data.get("mean", (0.5, 0.5, 0.5))
-    std = data.get("std", (0.5, 0.5, 0.5))
-    return {
-        "num_frames": int(data.num_frames),
-        "stride": int(data.get("stride", 1)),
-        "min_resize": int(data.get("min_resize", data.crop_size)),
-        "crop_size": int(data.crop_size),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-    }
-
-
 def _export_record(
     config: ml_collections.ConfigDict,
-    record: dict[str, Any],
+    record: ModelRecord,
     source: Any,
     summary: dict[str, Any],
-) -> dict[str, Any]:
+) -> ModelRecord:
     eval_merging = ReductionSettings.from_dict(config.get("token_merging"))
-    return {
-        **record,
-        "preprocessing": preprocessing_from_config(config.dataset_configs),
-        "labels": source.labels,
-        "class_splits": source.class_splits,
-        "token_merging": eval_merging.to_dict(),
-        "trained": {
-            "config": json.loads(config.to_json_best_effort()),
-            **summary,
-        },
-    }
+    return dataclasses.replace(
+        record,
+        labels=source.labels,
+        class_splits=source.class_splits,
+        token_merging=eval_merging.to_dict(),
+        trained={"config": json.loads(config.to_json_best_effort()), **summary},
+    )
 
 
 def _lr(config: ml_collections.ConfigDict, total_steps: int, step: int) -> float:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from vtm_jax.errors import UserError
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 DROPPED_DARK = (64, 64, 64)
@@ -261,9 +262,9 @@ class GroupLayout(NamedTuple):
     layout: str  # frame or interleaved (per-group sources only)
 
 
-def group_layout(record: Mapping[str, Any], model: Any) -> GroupLayout:
+def group_layout(record: ModelRecord, model: Any) -> GroupLayout:
     """Where each architecture's source ids live (read from the model's own attributes)."""
-    arch = record["architecture"]
+    arch = record.architecture
     if arch in ("vivit", "videomae"):
         class_token = arch == "vivit" and model.classifier == "token"
         return GroupLayout(False, class_token, tuple(model.patch_size), "frame")
@@ -309,14 +310,14 @@ def layer_settings(settings: ReductionSettings, num_layers: int, layer: int) -> 
     return dataclasses.replace(settings, r=r, schedule=0.0, trace_source="index")
 
 
-def raw_frames(clip: np.ndarray, record: Mapping[str, Any]) -> np.ndarray:
+def raw_frames(clip: np.ndarray, record: ModelRecord) -> np.ndarray:
     """Undo the record's normalisation of a model-ready clip: uint8 RGB ``[T, H, W, 3]``.
 
     This gives the sampled, resized and cropped pixels the model saw, so pictures line up with
     the tokens. Without a stored mean and std the clip is stretched to the full range.
     """
     clip = np.asarray(clip, np.float32)
-    prep = record.get("preprocessing") or {}
+    prep = record.preprocessing or {}
     if "mean" in prep and "std" in prep:
         pixels = clip * np.asarray(prep["std"], np.float32) + np.asarray(prep["mean"], np.float32)
     else:

@@ -37,6 +37,7 @@ from vtm_jax.convert.scenic import (
     num_tokens,
     unflatten_params,
     vivit_param_shapes,
+    vivit_preprocessing,
 )
 from vtm_jax.errors import UserError
 
@@ -56,9 +57,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Scenic's ViViT input pipeline: 32 frames at stride 2, shortest side 256, centre crop 224,
-# pixels zero-centred to [-1, 1].
-DEFAULT_STRIDE = 2
+# VivitImageProcessor's normalisation where a processor config leaves it out.
 DEFAULT_MEAN = [0.5, 0.5, 0.5]
 DEFAULT_STD = [0.5, 0.5, 0.5]
 
@@ -373,14 +372,7 @@ def read_preprocessing(directory: str | Path, input_config: Mapping[str, int]) -
     the [-1, 1] Scenic trained on; it is kept as written, so outputs match transformers.
     """
     image_size = int(input_config["image_size"])
-    prep: dict[str, Any] = {
-        "num_frames": int(input_config["num_frames"]),
-        "stride": DEFAULT_STRIDE,
-        "min_resize": round(image_size * 256 / 224),
-        "crop_size": image_size,
-        "mean": list(DEFAULT_MEAN),
-        "std": list(DEFAULT_STD),
-    }
+    prep = vivit_preprocessing(int(input_config["num_frames"]), image_size)
     directory = Path(directory)
     for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
         path = directory / name

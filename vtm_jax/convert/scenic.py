@@ -24,6 +24,20 @@ Params = dict[str, Any]
 SCENIC_LAYER_NORM_EPS = 1e-6
 SCENIC_GELU_APPROXIMATE = True
 
+
+def vivit_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
+    """Scenic's ViViT input: frames 2 apart, the short side resized to 256/224 of the crop,
+    pixels zero-centred (mean and std 0.5 on [0, 1])."""
+    return {
+        "num_frames": num_frames,
+        "stride": 2,
+        "min_resize": round(image_size * 256 / 224),
+        "crop_size": image_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+
+
 _TOP_REQUIRED = ("embedding", "Transformer", "output_projection")
 _TOP_OPTIONAL = ("cls", "pre_logits")
 _CHECKPOINT_STEP = re.compile(r"checkpoint_(\d+)")

@@ -5,9 +5,11 @@ Motionformer ``.pyth``), ``slowfast`` (any SlowFast-format ``.pyth`` of the pape
 releases it starts from: ViViT, VideoMAE, TimeSformer, Motionformer, told apart by their keys)
 and ``videomae`` (MCG-NJU's fine-tuned VideoMAE ``.pth``); see :mod:`vtm_jax.convert.slowfast`.
 
-Each source gives the same dict: ``architecture``, ``params`` (Scenic-style tree of numpy
-arrays), ``model`` (constructor arguments), ``input``, ``preprocessing``, ``labels`` and
-``class_splits`` (EPIC-KITCHENS verb/noun heads stored as one concatenated head).
+Each source's reader gives the same dict: ``architecture``, ``params`` (Scenic-style tree of
+numpy arrays), ``model`` (constructor arguments), ``input``, ``preprocessing``, ``labels`` and
+``class_splits`` (EPIC-KITCHENS verb/noun heads stored as one concatenated head), and maybe
+``token_merging``; :func:`load_source` returns its parameters and its
+:class:`~vtm_jax.record.ModelRecord` (:func:`record_from_converted`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 from typing import Any
 
 from vtm_jax.errors import UserError
+from vtm_jax.record import ModelRecord
 
 SOURCES = ("hf", "scenic", "motionformer", "slowfast", "videomae")
 # Sources whose files do not say their input size or head count: the command line may.
@@ -29,16 +32,28 @@ _TAKES_OVERRIDES = {
 
 
 def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
-    """Scenic's ViViT input: zero-centred pixels, 256/224 short-side resize, stride 2."""
+    """Scenic's ViViT input, read as Scenic's DMVR pipeline reads it."""
+    from vtm_jax.convert.scenic import vivit_preprocessing
+
     return {
-        "num_frames": num_frames,
-        "stride": 2,
-        "min_resize": round(image_size * 256 / 224),
-        "crop_size": image_size,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
+        **vivit_preprocessing(num_frames, image_size),
         "protocol": "scenic",  # DMVR's sampling, resize and crops (vtm_jax/data/protocols.py)
     }
+
+
+def record_from_converted(converted: dict[str, Any]) -> ModelRecord:
+    """The checkpoint record of a reader's dict (its ``params`` aside); a reader that stores
+    no reduction settings gets none (``mode`` ``none``)."""
+    return ModelRecord(
+        architecture=converted["architecture"],
+        model=converted["model"],
+        num_frames=converted["input"]["num_frames"],
+        image_size=converted["input"]["image_size"],
+        preprocessing=converted["preprocessing"],
+        labels=converted["labels"],
+        class_splits=converted.get("class_splits"),
+        token_merging=converted.get("token_merging", {"mode": "none"}),
+    )
 
 
 def _load_hf(path: str) -> dict[str, Any]:
@@ -110,8 +125,9 @@ def load_source(
     num_frames: int | None = None,
     image_size: int | None = None,
     num_heads: int | None = None,
-) -> dict:
-    """Read weights in ``source`` format and check that they fit the model they describe.
+) -> tuple[Any, ModelRecord]:
+    """Read weights in ``source`` format and check that they fit the model they describe;
+    returns ``(params, record)``.
 
     ``num_frames`` / ``image_size`` / ``num_heads``: what the command line says (None: the
     file's cfg, else the model's usual); a source whose files say them refuses them.
@@ -137,6 +153,6 @@ def load_source(
 
         accepted = ("videomae",) if source == "videomae" else ARCHITECTURES
         converted = load_slowfast(path, architectures=accepted, overrides=Overrides(**given))
-    model = build_model(converted)
-    check_params_fit(model, converted["params"], converted["input"])
-    return converted
+    record = record_from_converted(converted)
+    check_params_fit(build_model(record), converted["params"], record.input)
+    return converted["params"], record

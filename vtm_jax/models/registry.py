@@ -16,6 +16,7 @@ from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -46,20 +47,19 @@ def check_settings_apply(architecture: str, merging: ReductionSettings) -> None:
 
 
 def build_model(
-    record: dict[str, Any],
+    record: ModelRecord,
     merging: ReductionSettings | None = None,
     attention_fn: AttentionFn | None = None,
 ) -> nn.Module:
     """The Flax module a record describes, with the given reduction settings and attention."""
-    name = record["architecture"]
+    name = record.architecture
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
     merging = merging or ReductionSettings()
     check_settings_apply(name, merging)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()}
     try:
         return ARCHITECTURES[name](
-            **kwargs,
+            **record.model_kwargs(),
             merging=merging,
             attention_fn=attention_fn or get_attention("auto"),
         )

@@ -1,18 +1,19 @@
 """Scenic ViViT config files as they are: vtm-jax's defaults added, Scenic's fields read.
 
 A Scenic config (``scenic/projects/vivit/configs/...``) runs unchanged through ``vtm-jax eval``
-and ``vtm-jax bench``. Reading one takes two steps around the command-line overrides:
+and ``vtm-jax bench``. :func:`vtm_jax.config.load_config` reads one in two steps around the
+command-line overrides:
 
 1. :func:`add_defaults`, before the overrides: vtm-jax's own fields that the file lacks
-   (``token_merging``, ``checkpoint``, ``results_path``, ``eval``, ``bench``,
-   ``dataset_configs.data_dir`` ...) are added, and Scenic's data fields it leaves out get the
-   defaults of Scenic's video loader, so ``--config.token_merging.r=300`` or
-   ``--config.dataset_configs.data_dir=...`` override a field that exists. Scenic's
-   ``checkpoint = True`` (its save-checkpoints switch) makes way for vtm-jax's checkpoint path.
+   (``checkpoint``, ``results_path``, ``eval``, ``bench``, ``dataset_configs.data_dir`` ...)
+   are added, and Scenic's data fields it leaves out get the defaults of Scenic's video
+   loader, so ``--config.dataset_configs.data_dir=...`` overrides a field that exists.
+   Scenic's ``checkpoint = True`` (its save-checkpoints switch) makes way for vtm-jax's
+   checkpoint path.
 2. :func:`finish`, after them: unsupported values are an error, ``zero_centering`` becomes
    vtm-jax's ``mean``/``std``, and every field vtm-jax does not read is listed once
    (:func:`ignored_fields`). A bare Scenic msgpack ``checkpoint`` is described by the config's
-   model: :func:`checkpoint_record` gives the record to load it with.
+   model: :func:`vtm_jax.scenic.checkpoint.checkpoint_record` gives the record to load it with.
 
 Training fields (``optimizer``, ``lr_configs``, ``init_from`` (the ImageNet initialisation),
 ``augmentation_params``, dropout rates ...) and Scenic's TFRecord locations (``base_dir``,
@@ -22,14 +23,15 @@ Training fields (``optimizer``, ``lr_configs``, ``init_from`` (the ImageNet init
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from vtm_jax.config_blocks import bench_config, evaluation_config
 from vtm_jax.errors import UserError
+from vtm_jax.record import ModelRecord
 
 SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
 ATTENTION_TYPES = {"spacetime": "vivit", "factorized_encoder": "vivit_factorised_encoder"}
@@ -114,12 +116,13 @@ _TRAIN_USED = (
 )
 COMMAND_USED: dict[str, tuple[str, ...]] = {"train": _TRAIN_USED, "demo": ("demo.",)}
 
-
-class Prepared(NamedTuple):
-    """What :func:`add_defaults` did, for :func:`finish`."""
-
-    added_token_merging: bool
-    notes: tuple[str, ...]  # fields replaced before the overrides, for the ignored report
+DTYPE_FIELDS = ("model_dtype_str", "data_dtype_str")
+# Scenic's own ViViT defaults for the rates a config leaves out (vivit/model.py).
+RATE_DEFAULTS = {
+    "dropout_rate": 0.1,
+    "attention_dropout_rate": 0.1,
+    "stochastic_droplayer_rate": 0.0,
+}
 
 
 def is_scenic_vivit(config: ml_collections.ConfigDict) -> bool:
@@ -127,15 +130,9 @@ def is_scenic_vivit(config: ml_collections.ConfigDict) -> bool:
     return config.get("model_name", "vivit_classification") in SCENIC_VIVIT_MODELS
 
 
-def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
-    """Add vtm-jax's fields (and Scenic's loader defaults) that ``config`` lacks; in place."""
-    from vtm_jax.config import bench_config, token_merging_config
-
-    added_token_merging = "token_merging" not in config
-    if added_token_merging:
-        config.token_merging = token_merging_config()
-    if not is_scenic_vivit(config):
-        return Prepared(added_token_merging, ())
+def add_defaults(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Add vtm-jax's fields (and Scenic's loader defaults) that a Scenic ViViT ``config``
+    lacks; in place. Returns the fields replaced, for the ignored-fields report."""
     notes = []
     if isinstance(config.get("checkpoint"), bool):
         notes.append(f"checkpoint={config.checkpoint} (Scenic's save-checkpoints switch)")
@@ -144,21 +141,7 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
         if name not in config:
             config[name] = config_dict.placeholder(str)
     if "eval" not in config:
-        config.eval = ml_collections.ConfigDict(
-            {
-                "attention": "auto",
-                "limit": config_dict.placeholder(int),
-                "overwrite": False,
-                "confusion_matrix": False,
-                "predictions": False,
-                "ensemble": "sum",
-                "save_scores": False,
-                "workers": config_dict.placeholder(int),
-                # A frame count other than the checkpoint's: what becomes of the learned temporal
-                # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
-                "position_embeddings": "paper",
-            }
-        )
+        config.eval = evaluation_config()
     if "bench" not in config:
         config.bench = bench_config()
     if "dataset_configs" not in config:
@@ -194,34 +177,20 @@ def add_defaults(config: ml_collections.ConfigDict) -> Prepared:
         if "representation_size" in model:
             del model["representation_size"]
         model.representation_size = config_dict.placeholder(int)
-    return Prepared(added_token_merging, tuple(notes))
+    return tuple(notes)
 
 
 def finish(
-    config: ml_collections.ConfigDict,
-    prepared: Prepared,
-    overrides: Sequence[str],
-    *,
-    command: str | None = None,
+    config: ml_collections.ConfigDict, notes: Sequence[str], *, command: str | None = None
 ) -> list[str]:
-    """Check and translate ``config`` after the overrides; returns the ignored-field report.
+    """Check and translate a Scenic ViViT ``config`` after the overrides; returns the
+    ignored-field report (``notes`` from :func:`add_defaults` first).
 
-    A ``token_merging`` block that vtm-jax added and no override touched is removed again, so
-    ``vtm-jax eval`` still uses the settings a checkpoint stores. ``command`` says which
-    fields are read (:data:`COMMAND_USED`): ``train`` reads the training fields that
-    evaluation ignores.
+    ``command`` says which fields are read (:data:`COMMAND_USED`): ``train`` reads the
+    training fields that evaluation ignores.
     """
-    if prepared.added_token_merging and not any(
-        arg.startswith(("--config.token_merging.", "--config.token_merging=")) for arg in overrides
-    ):
-        del config["token_merging"]
-    if not is_scenic_vivit(config):
-        return []
     check_model(config)
-    for name in ("model_dtype_str", "data_dtype_str"):
-        value = config.get(name, "float32")
-        if value != "float32":
-            raise UserError(f"{name} {value!r} is not supported: vtm-jax runs float32")
+    check_float32(config, DTYPE_FIELDS)
     data = config.dataset_configs
     if data.get("mean") is None and data.get("std") is None:
         if data.get("zero_centering") is not None:
@@ -230,17 +199,7 @@ def finish(
             data.std = (0.5,) * 3 if data.zero_centering else (1.0,) * 3
     elif data.get("mean") is None or data.get("std") is None:
         raise UserError("dataset_configs.mean and dataset_configs.std go together")
-    return [*prepared.notes, *ignored_fields(config, COMMAND_USED.get(command or "", ()))]
-
-
-def checkpoint_record(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-    """The record of ``config.checkpoint`` when it is a bare Scenic checkpoint of a Scenic ViViT
-    config (its model and data fields describe it), else None: pass it to
-    ``load_record`` / ``load_checkpoint`` / ``evaluate`` as ``scenic_record``."""
-    checkpoint = config.get("checkpoint")
-    if not (checkpoint and is_scenic_vivit(config) and is_scenic_checkpoint(checkpoint)):
-        return None
-    return scenic_record(config)
+    return [*notes, *ignored_fields(config, COMMAND_USED.get(command or "", ()))]
 
 
 def check_model(config: ml_collections.ConfigDict) -> str:
@@ -284,6 +243,74 @@ def check_model(config: ml_collections.ConfigDict) -> str:
         if not config.get("dataset_configs", {}).get("class_splits"):
             raise UserError("vivit_multihead_classification needs dataset_configs.class_splits")
     return ATTENTION_TYPES[kind]
+
+
+def check_float32(config: ml_collections.ConfigDict, names: Sequence[str] = DTYPE_FIELDS) -> None:
+    """A UserError for a dtype field other than float32 (vtm-jax computes in float32)."""
+    for name in names:
+        value = config.get(name, "float32")
+        if value != "float32":
+            raise UserError(f"{name} {value!r} is not supported: vtm-jax runs float32")
+
+
+def check_no_dropout(config: ml_collections.ConfigDict) -> None:
+    """A UserError for a non-zero dropout, attention-dropout or drop-layer rate.
+
+    vtm_jax's ViViT has no dropout, so a rate Scenic would apply (its defaults are 0.1, 0.1
+    and 0 when the config leaves them out) is an error rather than silently off. Only
+    training reads them: evaluation lists them as ignored fields.
+    """
+    model = config.get("model") or {}
+    for name, default in RATE_DEFAULTS.items():
+        rate = model.get(name, default)
+        if rate:
+            raise UserError(
+                f"model.{name}={rate} is not supported: vtm_jax's ViViT has no dropout "
+                f"(set it to 0; Scenic's default is {default})"
+            )
+
+
+def vivit_record(config: ml_collections.ConfigDict) -> ModelRecord:
+    """The record (architecture, model kwargs, input) of a Scenic ViViT config.
+
+    The class count comes from ``dataset_configs.num_classes``; an unsupported setting or a
+    missing field is a UserError.
+    """
+    try:
+        if not is_scenic_vivit(config):
+            raise UserError(
+                f"model_name {config.get('model_name')!r} is not a Scenic ViViT model; "
+                f"valid: {', '.join(SCENIC_VIVIT_MODELS)}"
+            )
+        architecture = check_model(config)
+        model = config.model
+        h, w, t = model.patches.size  # Scenic orders patch sizes (h, w, t)
+        data = config.dataset_configs
+        common = {
+            "num_classes": data.num_classes,
+            "hidden_size": model.hidden_size,
+            "patch_size": [t, h, w],
+            "classifier": model.get("classifier", "token"),
+            "representation_size": model.get("representation_size"),
+        }
+        if architecture == "vivit":
+            sizes = {field: model[field] for field in ENCODER_FIELDS}
+        else:
+            sizes = {
+                f"{part}_{field}": model[f"{part}_transformer"][field]
+                for part in ("spatial", "temporal")
+                for field in ("num_layers", "num_heads", "mlp_dim")
+            }
+        return ModelRecord(
+            architecture=architecture,
+            model={**common, **sizes},
+            num_frames=data.num_frames,
+            image_size=data.crop_size,
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # As vtm_jax.config.record_from_config says it for vtm-jax's own schema.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"config does not describe a model: {first}") from None
 
 
 def ignored_fields(config: ml_collections.ConfigDict, also_used: Sequence[str] = ()) -> list[str]:
@@ -338,53 +365,3 @@ def ignored_fields(config: ml_collections.ConfigDict, also_used: Sequence[str] =
         return ignored, whole
 
     return collect(config, "")[0]
-
-
-def is_scenic_checkpoint(path: str) -> bool:
-    """A legacy Flax msgpack file, or a directory of ``checkpoint_<step>`` files without a
-    vtm-jax ``model.json``."""
-    from vtm_jax.checkpoint import RECORD_FILE
-
-    if os.path.isfile(path):
-        return True
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, RECORD_FILE)):
-        return False
-    return any(
-        name == "checkpoint" or (name.startswith("checkpoint_") and name[11:].isdigit())
-        for name in os.listdir(path)
-    )
-
-
-def scenic_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The checkpoint record a Scenic ViViT config describes: model, input, preprocessing."""
-    from vtm_jax.config import record_from_config
-    from vtm_jax.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
-
-    record = record_from_config(config)
-    record["model"].update(
-        layer_norm_eps=SCENIC_LAYER_NORM_EPS, gelu_approximate=SCENIC_GELU_APPROXIMATE
-    )
-    data = config.dataset_configs
-    preprocessing = {
-        key: data.get(key)
-        for key in (
-            "num_frames",
-            "stride",
-            "min_resize",
-            "crop_size",
-            "mean",
-            "std",
-            "sampling",
-            "protocol",
-        )
-    }
-    splits = data.get("class_splits")
-    return {
-        **record,
-        "preprocessing": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()
-        },
-        "labels": None,
-        "class_splits": list(splits) if splits else None,
-        "token_merging": {"mode": "none"},
-    }

@@ -1,0 +1,190 @@
+"""A Scenic model class whose Flax module is vtm_jax's ViViT with token merging.
+
+With Scenic installed (``pip install "vtm-jax[scenic]"``), :class:`ViViTTokenMergingModel`
+subclasses Scenic's ``ClassificationModel``, so Scenic's current generic trainer and evaluator
+(``scenic.train_lib.classification_trainer``) can train and evaluate it from a Scenic ViViT
+config plus a ``token_merging`` block (the fields of :class:`vtm_jax.reduction.ReductionSettings`;
+none means no merging). The module's parameter tree is Scenic's ViViT's, so Scenic checkpoints
+and ``init_from`` work unchanged. ``python -m vtm_jax.scenic.model --config=... --workdir=...``
+runs Scenic's classification trainer with it, as a Scenic project's ``main.py`` would.
+
+Without Scenic this module still imports: :data:`SCENIC_AVAILABLE` is False and building
+the model class raises an ImportError saying how to install Scenic. The Flax modules
+(:class:`ScenicViViT`, :class:`ScenicFactorisedEncoderViViT`) and :func:`flax_model_from_config`
+need no Scenic.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import ml_collections
+
+from vtm_jax.models.vivit import ViViT
+from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+from vtm_jax.reduction import ReductionSettings
+
+try:
+    from scenic.model_lib.base_models import classification_model as _classification_model
+
+    SCENIC_AVAILABLE = True
+    _SCENIC_IMPORT_ERROR: ImportError | None = None
+except ImportError as error:  # Scenic is an optional extra
+    _classification_model = None
+    SCENIC_AVAILABLE = False
+    _SCENIC_IMPORT_ERROR = error
+
+INSTALL_HINT = (
+    'Scenic is not installed: pip install "vtm-jax[scenic]" (Scenic from its git repository)'
+)
+
+
+class ScenicViViT(ViViT):
+    """vtm_jax's ViViT called as Scenic calls its modules: ``apply(v, x, train=..., debug=...)``."""
+
+    def __call__(
+        self,
+        video: jax.Array,
+        *,
+        train: bool = False,
+        debug: bool = False,
+        merge_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        del debug
+        return super().__call__(video, train=train, merge_rng=merge_rng)
+
+
+class ScenicFactorisedEncoderViViT(FactorisedEncoderViViT):
+    """vtm_jax's factorised-encoder ViViT (Scenic's model 2) with Scenic's call signature."""
+
+    def __call__(
+        self,
+        video: jax.Array,
+        *,
+        train: bool = False,
+        debug: bool = False,
+        merge_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        del debug
+        return super().__call__(video, train=train, merge_rng=merge_rng)
+
+
+def flax_model_from_config(
+    config: ml_collections.ConfigDict, num_classes: int | None = None
+) -> ViViT | FactorisedEncoderViViT:
+    """The Flax module a Scenic ViViT config (plus ``token_merging``) describes.
+
+    ``num_classes`` defaults to ``config.dataset_configs.num_classes``. A non-zero dropout rate
+    or a dtype other than float32 is an error (:func:`vtm_jax.scenic.config.check_no_dropout`).
+    """
+    from vtm_jax.attention import get_attention
+    from vtm_jax.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
+    from vtm_jax.models.registry import check_settings_apply
+    from vtm_jax.scenic.config import check_float32, check_no_dropout, vivit_record
+
+    check_no_dropout(config)
+    check_float32(config, ("model_dtype_str",))  # the input's dtype is Scenic's loader's
+    if num_classes is not None:
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            if "dataset_configs" not in config:
+                config.dataset_configs = ml_collections.ConfigDict()
+            config.dataset_configs.num_classes = num_classes
+    record = vivit_record(config)
+    merging = ReductionSettings.from_dict(config.get("token_merging"))
+    check_settings_apply(record.architecture, merging)
+    module = ScenicViViT if record.architecture == "vivit" else ScenicFactorisedEncoderViViT
+    return module(
+        **record.model_kwargs(),
+        layer_norm_eps=SCENIC_LAYER_NORM_EPS,
+        gelu_approximate=SCENIC_GELU_APPROXIMATE,
+        merging=merging,
+        attention_fn=get_attention(config.get("bench", {}).get("attention", "auto")),
+    )
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    """A small spatio-temporal ViViT config in Scenic's schema, for Scenic's test utilities."""
+    from vtm_jax.config_blocks import token_merging_config
+
+    config = ml_collections.ConfigDict()
+    config.model_name = "vivit_classification"
+    config.model_dtype_str = "float32"
+    config.model = ml_collections.ConfigDict(
+        {
+            "attention_config": {"type": "spacetime"},
+            "hidden_size": 16,
+            "num_heads": 2,
+            "mlp_dim": 32,
+            "num_layers": 1,
+            "patches": {"size": (4, 4, 2)},
+            "classifier": "token",
+            "representation_size": None,
+            "temporal_encoding_config": {"method": "3d_conv"},
+            "dropout_rate": 0.0,
+            "attention_dropout_rate": 0.0,
+        }
+    )
+    config.dataset_configs = ml_collections.ConfigDict({"num_classes": 10})
+    config.token_merging = token_merging_config()
+    return config
+
+
+if SCENIC_AVAILABLE:
+
+    class ViViTTokenMergingModel(_classification_model.ClassificationModel):
+        """Scenic's ViViT classification model, built on vtm_jax's ViViT with token merging.
+
+        Softmax cross-entropy and Scenic's classification metrics come from Scenic's base
+        class; ``config.token_merging`` sets the reduction (absent: none).
+        """
+
+        def build_flax_model(self) -> ViViT | FactorisedEncoderViViT:
+            return flax_model_from_config(
+                self.config, num_classes=self.dataset_meta_data["num_classes"]
+            )
+
+        def default_flax_model_config(self) -> ml_collections.ConfigDict:
+            return _default_config()
+
+else:
+
+    class ViViTTokenMergingModel:  # type: ignore[no-redef]
+        """Placeholder: the model class needs Scenic (see :data:`INSTALL_HINT`)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise ImportError(INSTALL_HINT) from _SCENIC_IMPORT_ERROR
+
+
+def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str, writer: Any) -> None:
+    """Scenic's generic classification trainer with :class:`ViViTTokenMergingModel`."""
+    if not SCENIC_AVAILABLE:
+        raise ImportError(INSTALL_HINT) from _SCENIC_IMPORT_ERROR
+    from scenic.projects.vivit.data import video_tfrecord_dataset  # noqa: F401 (registers it)
+    from scenic.train_lib import classification_trainer, train_utils
+
+    data_rng, rng = jax.random.split(rng)
+    dataset = train_utils.get_dataset(config, data_rng)
+    classification_trainer.train(
+        rng=rng,
+        config=config,
+        model_cls=ViViTTokenMergingModel,
+        dataset=dataset,
+        workdir=workdir,
+        writer=writer,
+    )
+
+
+def run() -> None:
+    """``python -m vtm_jax.scenic.model --config=... --workdir=...``: Scenic's app with :func:`main`."""
+    if not SCENIC_AVAILABLE:
+        raise SystemExit(INSTALL_HINT)
+    from scenic import app
+
+    app.run(main=main)
+
+
+if __name__ == "__main__":
+    run()
