@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from vtm_jax.data import synthetic
+from vtm_jax.data.datasets import open_split
 from vtm_jax.data.pipeline import (
     CorruptVideo,
     clip_indices,
@@ -23,7 +24,6 @@ from vtm_jax.data.pipeline import (
     eval_views,
     shard_indices,
 )
-from vtm_jax.data.sources import open_split
 from vtm_jax.errors import UserError
 
 SYNTHETIC = {"train_examples": 64, "test_examples": 32}

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from vtm_jax.checkpoint import load_record
-from vtm_jax.data.sources import open_split
+from vtm_jax.data.datasets import open_split
 from vtm_jax.demo import demo_config, shipped_checkpoint
 from vtm_jax.evaluate import evaluate
 from vtm_jax.reduction import ReductionSettings

@@ -17,9 +17,9 @@ from PIL import Image
 
 from tests.reference import slowfast_loaders as oracle
 from vtm_jax.data import protocols, spatial
+from vtm_jax.data.datasets import open_split
 from vtm_jax.data.pipeline import eval_views
 from vtm_jax.data.readers import VideoBytes, reader_for
-from vtm_jax.data.sources import open_split
 from vtm_jax.errors import UserError
 from vtm_jax.paper import PROTOCOL
 

@@ -133,7 +133,7 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     assert record.token_merging["mode"] == "merge"  # the config's eval setting
     assert record.preprocessing["crop_size"] == 16
     # The exported checkpoint evaluates to the accuracy the run recorded.
-    from vtm_jax.data.sources import open_split
+    from vtm_jax.data.datasets import open_split
     from vtm_jax.evaluate import evaluate
     from vtm_jax.reduction import ReductionSettings
 

@@ -75,7 +75,7 @@ def run_demo(
 
     from vtm_jax.benchmark import bench_settings
     from vtm_jax.checkpoint import load_checkpoint
-    from vtm_jax.data.sources import open_split
+    from vtm_jax.data.datasets import open_split
     from vtm_jax.evaluate import evaluate
 
     began = time.perf_counter()

@@ -89,7 +89,7 @@ def evaluate(
 
     Args:
       checkpoint_dir: a vtm-jax checkpoint directory.
-      source: random-access examples (``len``, ``[i]``) as ``data.sources.open_split`` returns.
+      source: random-access examples (``len``, ``[i]``) as ``data.datasets.open_split`` returns.
       merging: reduction settings; ``None`` uses the checkpoint's stored ``token_merging``.
       preprocessing: entries that override the checkpoint's preprocessing record.
       batch_size: videos per device per step (each with all its views).

@@ -750,7 +750,7 @@ class Runner:
     def _execute(self, run: Run, config, path: str, name: str) -> None:
         """Evaluate (eval resumes a half-written file itself) or time ``run`` into ``path``."""
         if run.kind == "accuracy":
-            from vtm_jax.cli import eval_config
+            from vtm_jax.run_eval import eval_config
 
             config.results_path = path
             results = eval_config(

@@ -160,7 +160,7 @@ def train(
     from vtm_jax.attention import get_attention
     from vtm_jax.checkpoint import save_checkpoint
     from vtm_jax.config import preprocessing_from_config, record_from_config
-    from vtm_jax.data.sources import open_split
+    from vtm_jax.data.datasets import open_split
     from vtm_jax.models.registry import build_model
     from vtm_jax.outputs import check_output_dir
 

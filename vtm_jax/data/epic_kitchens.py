@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vtm_jax.data.sources import ManualVideoBuilder, find_file, log
+from vtm_jax.data.manual import ManualVideoBuilder, find_file, log
 from vtm_jax.errors import UserError
 
 SPLIT_FILES = {

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vtm_jax.data import epic_kitchens, ssv2
-from vtm_jax.data.sources import SPLIT_ALIASES, find_file
+from vtm_jax.data.manual import SPLIT_ALIASES, find_file
 from vtm_jax.errors import UserError
 
 SSV2_FRAME_LISTS = {"train": ("train.csv",), "validation": ("val.csv", "validation.csv")}

@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from vtm_jax.data.sources import ManualVideoBuilder, find_file
+from vtm_jax.data.manual import ManualVideoBuilder, find_file
 from vtm_jax.errors import UserError
 
 LABEL_FILES = ("labels.json", "something-something-v2-labels.json")
