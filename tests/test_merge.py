@@ -1,4 +1,4 @@
-"""The merge core against method.md's worked example and an independent torch oracle."""
+"""The merge core against docs/method.md's worked example and an independent torch oracle."""
 
 import jax
 import jax.numpy as jnp

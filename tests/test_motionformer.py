@@ -1,5 +1,5 @@
 """Motionformer: conversion of original checkpoints, parity with the torch reference at r=0 and
-at r>0 in both merge groupings, token counts per group (method.md §3.3, §3.4, §3.5)."""
+at r>0 in both merge groupings, token counts per group (docs/method.md §3.3, §3.4, §3.5)."""
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +224,7 @@ def test_merged_matches_torch_reference(mf, baselines, case, groups):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, step), shape)))
 
     r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
-    if "duplicate" in case:  # the paper's r list for duplication (method.md §3.6)
+    if "duplicate" in case:  # the paper's r list for duplication (docs/method.md §3.6)
         layer, quantity = case["duplicate"]
         r = [0] * layer + [case["r"]] * quantity + [0] * (LAYERS - 1 - layer)
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_groupings_differ_and_paper_groups_mix_frames(mf):
         converted, ReductionSettings(mode="merge", r=3, motionformer_groups="per_frame"), video
     )
     assert np.abs(paper - per_frame).max() > 1e-2
-    # Full size, 8 slots of 196: a paper group holds 24 or 25 tokens of every slot (method.md §3.4).
+    # Full size, 8 slots of 196: a paper group holds 24 or 25 tokens of every slot (docs/method.md §3.4).
     slot_of = (jnp.arange(8 * 196) // 196)[None, :, None]
     for grouping, allowed in (("paper", {24, 25}), ("per_frame", {0, 196})):
         groups = np.asarray(to_groups(slot_of, 8, grouping))[..., 0]  # [8, 196] slot ids
@@ -315,7 +315,7 @@ def test_trace_source_dense_and_index_agree(mf, groups):
     np.testing.assert_array_equal(dense, index[:, None, :] == np.arange(7)[None, :, None])
 
 
-# Tokens per group of 196 after each layer (method.md §3.3 / §3.4 / §3.5).
+# Tokens per group of 196 after each layer (docs/method.md §3.3 / §3.4 / §3.5).
 TABLES = {
     98: [98, 49, 25, 13, 7, 4, 2, 1, 1, 1, 1, 1],
     49: [147, 98, 49, 25, 13, 7, 4, 2, 1, 1, 1, 1],

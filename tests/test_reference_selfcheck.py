@@ -13,7 +13,7 @@ from tests.reference.torch_tome_vivit import tome_vivit_forward
 
 
 def _worked_example_metric() -> torch.Tensor:
-    """N=9 metric for method.md §1.1's worked example.
+    """N=9 metric for docs/method.md §1.1's worked example.
 
     B tokens (positions 1,3,5,7) are the basis vectors e0..e3. Each A token (positions 0,2,4,6,8) is
     c*e_target + sqrt(1-c^2)*e_own, with a private extra axis, so its cosine to its target is exactly c and 0 to the
@@ -247,7 +247,7 @@ def test_drop_random_and_duplicate(
         b = tome_vivit_forward(tiny_vivit, video, 6, mode=mode, random_scores=scores)
         assert torch.equal(a["logits"], b["logits"])
 
-    # Duplication (method.md §3.6): 2 extra metric-only steps at layer 1, r list over 3 + 2 = 5 steps.
+    # Duplication (docs/method.md §3.6): 2 extra metric-only steps at layer 1, r list over 3 + 2 = 5 steps.
     dup = tome_vivit_forward(tiny_vivit, video, [0, 4, 4, 4, 0], duplicate=(1, 3))
     assert dup["token_counts"] == [33, 29, 25, 21, 21]
 
@@ -264,7 +264,7 @@ def test_drop_random_and_duplicate(
     ],
 )
 def test_vivit_b_token_trajectories(r: int | tuple[int, int], expected: list[int]) -> None:
-    """method.md §3.1 token counts for 3137 tokens and 12 layers (parse_r + clamp), on a random metric."""
+    """docs/method.md §3.1 token counts for 3137 tokens and 12 layers (parse_r + clamp), on a random metric."""
     x = torch.randn(1, 3137, 4, generator=torch.Generator().manual_seed(0))
     counts = []
     for r_i in tm.parse_r(12, r):

@@ -1,4 +1,4 @@
-"""r schedules and token counts against method.md's tables (§2.1, §3.1-3.3), FLOPs (landscape §4)."""
+"""r schedules and token counts against docs/method.md's tables (§2.1, §3.1-3.3), FLOPs (landscape §4)."""
 
 import pytest
 
@@ -34,7 +34,7 @@ def counts(tokens, r, class_token):
     return [p.tokens_out for p in plan_tokens(tokens, parse_r(12, r), class_token=class_token)]
 
 
-# ViViT: 3137 tokens, global, class token (method.md §3.1).
+# ViViT: 3137 tokens, global, class token (docs/method.md §3.1).
 def test_vivit_tables():
     assert counts(3137, 1568, True) == [1569, 785, 393, 197, 99, 50, 26, 14, 8, 5, 3, 2]
     r300 = counts(3137, 300, True)

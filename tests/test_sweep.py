@@ -1,5 +1,5 @@
 """`vtm-jax sweep`: every family of the paper on the synthetic data, resume, errors, and the r
-values of the paper's models against method.md §6."""
+values of the paper's models against docs/method.md §6."""
 
 import json
 import os
@@ -222,12 +222,12 @@ def test_list_names_every_family(capsys):
     assert main(["sweep", "--list"]) == 0
     listed = capsys.readouterr().out
     paper = [f.paper for f in FAMILIES if f.paper != "-"]  # "-": vtm-jax's own (views)
-    assert paper == [str(i) for i in range(1, 36)]  # method.md §6
+    assert paper == [str(i) for i in range(1, 36)]  # docs/method.md §6
     for name in [*family_names(), "table", "all"]:
         assert f"\n{name} " in listed
 
 
-# method.md §6: each family's (model -> datasets, r values) and settings for the paper's models.
+# docs/method.md §6: each family's (model -> datasets, r values) and settings for the paper's models.
 ALL = ("k400", "ssv2", "ek100")
 KE = ("k400", "ek100")
 PAPER_R = {"vivit": [300], "videomae": [150], "timesformer": [18], "motionformer": [18]}
@@ -351,7 +351,7 @@ def test_paper_models_get_the_papers_r_values():
 
 def test_paper_layout_from_results(tmp_path):
     """The headline table of the paper's models on K400, SSv2 and EPIC-KITCHENS (verb and noun
-    heads), from results files written here: method.md §8's columns, FPS from K400."""
+    heads), from results files written here: docs/method.md §8's columns, FPS from K400."""
     from vtm_jax.sweep import format_markdown, headline_rows, headline_table
 
     pairs = [

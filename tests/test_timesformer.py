@@ -136,7 +136,7 @@ def test_param_tree_is_timesformer_b():
     }
 
 
-# Per-frame patch counts after each of the 12 blocks at 8 x 224 (method.md §3.3, §3.5).
+# Per-frame patch counts after each of the 12 blocks at 8 x 224 (docs/method.md §3.3, §3.5).
 FULL_SIZE_TABLES = [
     (98, [98, 49, 25, 13, 7, 4, 2, 1, 1, 1, 1, 1]),  # max
     (49, [147, 98, 49, 25, 13, 7, 4, 2, 1, 1, 1, 1]),  # 25%
@@ -221,7 +221,7 @@ def test_merged_matches_torch_reference(hf_timesformer, unreduced, case):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, step), shape)))
 
     r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
-    if "duplicate" in case:  # the paper's r list for duplication (method.md §3.6)
+    if "duplicate" in case:  # the paper's r list for duplication (docs/method.md §3.6)
         layer, quantity = case["duplicate"]
         r = [0] * layer + [case["r"]] * quantity + [0] * (model.num_layers - 1 - layer)
     with torch.no_grad():

@@ -102,7 +102,7 @@ def block_token_counts(model, params, video):
 
 
 # ---------------------------------------------------------------------------------------------
-# Full size: parameter tree and the token counts of method.md §3.2 / §3.5 / §3.6
+# Full size: parameter tree and the token counts of docs/method.md §3.2 / §3.5 / §3.6
 
 FULL_VIDEO = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
 
@@ -144,7 +144,7 @@ PLANS = {
         dict(r=150, schedule=1.0),
         [1568, 1541, 1487, 1406, 1297, 1161, 998, 808, 590, 345, 173, 87],
     ),
-    # Duplication (method.md §3.6): 12 merge steps at layer 0, then 11 plain layers.
+    # Duplication (docs/method.md §3.6): 12 merge steps at layer 0, then 11 plain layers.
     "duplicate-first": (
         dict(r=150, duplicate=(0, 12)),
         [1418, 1268, 1118, 968, 818, 668, 518, 368, 218, 109, 55, 28] + [28] * 11,
@@ -221,7 +221,7 @@ def test_merged_matches_torch_reference(hf_videomae, case):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, step), shape)))
 
     r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
-    if "duplicate" in case:  # the paper's r list for duplication (method.md §3.6)
+    if "duplicate" in case:  # the paper's r list for duplication (docs/method.md §3.6)
         layer, quantity = case["duplicate"]
         r = [0] * layer + [case["r"]] * quantity + [0] * (model.num_layers - 1 - layer)
     with torch.no_grad():

@@ -64,7 +64,7 @@ def test_param_tree_is_scenic_vivit_b():
 
 
 def test_full_size_r300_token_counts():
-    """ViViT-B/16x2 at 32x224x224 with r=300 traces to method.md §3.1's counts."""
+    """ViViT-B/16x2 at 32x224x224 with r=300 traces to docs/method.md §3.1's counts."""
     model = ViViT(num_classes=400, merging=ReductionSettings(mode="merge", r=300))
     video = jax.ShapeDtypeStruct((1, 32, 224, 224, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"]
@@ -137,7 +137,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
         return torch.from_numpy(np.array(jax.random.uniform(layer_key(merging, layer), shape)))
 
     r = case["r"] if isinstance(case["r"], list) else (case["r"], case.get("schedule", 0.0))
-    if "duplicate" in case:  # the paper's r list for duplication (method.md §3.6)
+    if "duplicate" in case:  # the paper's r list for duplication (docs/method.md §3.6)
         layer, quantity = case["duplicate"]
         r = [0] * layer + [case["r"]] * quantity + [0] * (model.num_layers - 1 - layer)
     with torch.no_grad():

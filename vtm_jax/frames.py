@@ -1,4 +1,4 @@
-"""Run a checkpoint at another frame count than it was trained for (method.md §6, family 34).
+"""Run a checkpoint at another frame count than it was trained for (docs/method.md §6, family 34).
 
 The token count of a video model follows its frame count, and so does the shape of its learned
 temporal position table. Everything else (patch embedding, blocks, head) fits any frame count

@@ -4,7 +4,7 @@ Matching looks at a metric ``[B, N, c]`` and a static ``r`` and returns a :class
 small pytree of index arrays. Applying a match to any ``[B, N, C]`` tensor (hidden states,
 sizes, dense source rows) is a separate pure function, so one decision drives them all.
 
-Token order follows the paper's code exactly (method.md §1.1): the sequence is split into A
+Token order follows the paper's code exactly (docs/method.md §1.1): the sequence is split into A
 (even positions) and B (odd positions); the output is ``[unmerged A, every B]``. Unmerged A
 tokens are put back in position order only when a class token is present; otherwise they stay
 in descending order of their best similarity.
@@ -31,7 +31,7 @@ class Match(NamedTuple):
 
 
 def clamp_r(n: int, r: int, *, class_token: bool) -> int:
-    """At most half of the unprotected tokens can go in one step (method.md §1.1 step 2)."""
+    """At most half of the unprotected tokens can go in one step (docs/method.md §1.1 step 2)."""
     return max(0, min(r, (n - int(class_token)) // 2))
 
 
@@ -51,7 +51,7 @@ def random_scores(key: jax.Array, metric: jax.Array) -> jax.Array:
 
 
 def bipartite_soft_matching(scores: jax.Array, r: int, *, class_token: bool) -> Match:
-    """Pick the ``r`` A-tokens with the most similar B partner (method.md §1.1 steps 4-6).
+    """Pick the ``r`` A-tokens with the most similar B partner (docs/method.md §1.1 steps 4-6).
 
     ``scores`` is ``[B, nA, nB]`` (cosine or random); ``r`` must already be clamped.
     Each A token's partner is its row argmax, then one descending sort of the row maxima
@@ -85,7 +85,7 @@ def hybrid_dst_keep(match: Match, num_b: int, threshold: float) -> jax.Array:
     """``[B, nB, 1]``: 0 for a B token that receives any src scored below ``threshold``.
 
     The paper's hybrid mode discards such a destination (its value and its size) and keeps
-    only the srcs merged into its slot (method.md §1.5).
+    only the srcs merged into its slot (docs/method.md §1.5).
     """
     below = (match.src_score < threshold).astype(jnp.int32)
     hit = jnp.zeros(match.dst_idx.shape[:1] + (num_b,), jnp.int32)

@@ -1,8 +1,8 @@
 """The paper's experimental protocol, as configs: one (model, dataset) pair per config file.
 
-Values from method.md: the paper's r per model (§3.5), the hybrid thresholds (§1.5), and the
+Values from docs/method.md: the paper's r per model (§3.5), the hybrid thresholds (§1.5), and the
 test data settings of §3.8 (frames, sampling stride per dataset, normalisation), evaluated
-single-view (1 clip x 1 centre crop) at 224 px. Each family of experiments in method.md §6 is
+single-view (1 clip x 1 centre crop) at 224 px. Each family of experiments in docs/method.md §6 is
 an override of these configs, e.g. ``--config.token_merging.mode=random_drop``,
 ``--config.token_merging.schedule=-1``, ``--config.token_merging.duplicate="(11, 12)"``;
 ``vtm-jax sweep`` (:mod:`vtm_jax.sweep`) runs them by name and writes their tables.
@@ -27,7 +27,7 @@ PAPER_R = {"vivit": 300, "videomae": 150, "timesformer": 18, "motionformer": 18}
 MAX_R = {"vivit": 1568, "videomae": 784, "timesformer": 98, "motionformer": 98}
 HYBRID_THRESHOLD = {"vivit": 0.4, "videomae": 0.8}
 
-# method.md §3.8: frames per clip, sampling stride per dataset, mean / std on [0, 1] pixels.
+# docs/method.md §3.8: frames per clip, sampling stride per dataset, mean / std on [0, 1] pixels.
 # TimeSformer's EPIC-KITCHENS stride is not recorded in the paper's configs; 8 as for SSv2.
 PROTOCOL = {
     "vivit": (32, {"k400": 2, "ssv2": 1, "ek100": 2}, (0.45,) * 3, (0.225,) * 3),

@@ -76,11 +76,11 @@ class ReductionSettings:
       trace_source: ``none``, ``index`` (group id per original token, O(N0)) or ``dense`` (the
         paper's ``[N, N0]`` matrix).
       duplicate: ``(layer, quantity)``: run layer ``layer`` ``quantity`` times, all reduction
-        concentrated there (method.md §3.6; what a repeat computes is the model's choice).
+        concentrated there (docs/method.md §3.6; what a repeat computes is the model's choice).
       size_weighted_pool: mean-pool tokens weighted by their sizes (the fix to the paper's
         unweighted VideoMAE pooling; upstream ToMe's MAE patch weights them).
       motionformer_groups: ``paper`` reproduces the paper's ``(s f)`` merge groups, which mix
-        frames; ``per_frame`` merges within each frame, as intended (method.md §3.4).
+        frames; ``per_frame`` merges within each frame, as intended (docs/method.md §3.4).
       motionformer_concat_keys: Motionformer only: let ``head_aggregation='concat'`` really
         concatenate the heads' keys into the metric. The paper's Motionformer averages them
         over heads whatever is asked, so without this setting concat is refused there; with it

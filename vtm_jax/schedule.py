@@ -24,7 +24,7 @@ ScheduleFn = Callable[[int, int, float], Sequence[int]]
 
 
 def parse_r(num_layers: int, r: RSpec) -> list[int]:
-    """Per-layer r exactly as the paper's ``parse_r`` (method.md §2.1).
+    """Per-layer r exactly as the paper's ``parse_r`` (docs/method.md §2.1).
 
     * an int is the same r in every layer;
     * ``(r, inflection)`` goes linearly from ``int(r (1 - inflection))`` to ``2 r - that``,

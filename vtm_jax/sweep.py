@@ -1,4 +1,4 @@
-"""Named sweeps: the paper's experiment families (method.md §6) over the checkpoints you have.
+"""Named sweeps: the paper's experiment families (docs/method.md §6) over the checkpoints you have.
 
 A family is data (:class:`Family`): which models and datasets the paper ran it on, which r
 values (as rules relative to the model's own token count), which reduction settings, and
@@ -50,7 +50,7 @@ MODEL_LABELS = {
 }
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 RUN_FIELDS = {"checkpoint", "data_dir", "manual_dir", "config", "overrides"}
-# The paper's speed protocol (method.md §5): 8 clips over 2 GPUs, 5 warm-up, 100 timed passes.
+# The paper's speed protocol (docs/method.md §5): 8 clips over 2 GPUs, 5 warm-up, 100 timed passes.
 TIME_DEFAULTS = {"bench.batch_size": 4, "bench.warmup": 5, "bench.iterations": 100}
 CURVE_STEPS = 16
 TIME_FORMAT = "vtm-jax-sweep-time"
@@ -78,11 +78,11 @@ EK_ONLY = {"vivit": ("ek100",), "videomae": ("ek100",)}
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """One experiment family of the paper (method.md §6), as data.
+    """One experiment family of the paper (docs/method.md §6), as data.
 
     Attributes:
       name: what ``--families`` takes.
-      paper: its number(s) in method.md §6.
+      paper: its number(s) in docs/method.md §6.
       title: one line for tables and ``--list``.
       kind: ``accuracy`` (eval) or ``time`` (bench).
       coverage: model -> the paper's datasets it ran on; a dataset outside the paper's three
@@ -283,7 +283,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-# The headline table (method.md §8): every mode at the paper's r, accuracy and speed. It reads
+# The headline table (docs/method.md §8): every mode at the paper's r, accuracy and speed. It reads
 # the runs of these families, plus merging for ViViT on SSv2 (the table reports it, family 7
 # does not run it).
 TABLE_FAMILIES = (
@@ -301,7 +301,7 @@ TABLE_FAMILIES = (
 )
 TABLE_MODES = ("random_drop", "drop", "random_merge", "merge", "hybrid")
 SHORTHANDS = {
-    "table": "the headline table (method.md §8) and the families it reads",
+    "table": "the headline table (docs/method.md §8) and the families it reads",
     "all": "every family, and the headline table",
 }
 
@@ -988,9 +988,9 @@ def headline_rows(
 def headline_table(
     accuracy: Sequence[Row], time: Sequence[Row], paths: Mapping[Run, str], workdir: str
 ) -> dict[str, Any]:
-    """method.md §8's layout: accuracy per dataset, then FPS and speedup (K400's timing where
+    """docs/method.md §8's layout: accuracy per dataset, then FPS and speedup (K400's timing where
     there is one, else the first dataset's)."""
-    family = Family("table", "method.md §8", "Headline table", "accuracy", {}, ())
+    family = Family("table", "docs/method.md §8", "Headline table", "accuracy", {}, ())
     table = family_table(family, accuracy, paths, workdir)
     timed = family_table(dataclasses.replace(family, kind="time"), time, paths, workdir)
     speed: dict[tuple[str, str], tuple[float, float | None, str]] = {}

@@ -1,4 +1,4 @@
-"""Pictures of which tokens merged: the paper's visualisations (method.md §4), from index sources.
+"""Pictures of which tokens merged: the paper's visualisations (docs/method.md §4), from index sources.
 
 Models run with ``ReductionSettings(trace_source="index")`` sow one group id per original token
 (``-1`` for a token that was dropped). This module turns those ids into pictures drawn on the
@@ -13,7 +13,7 @@ Global merging (ViViT, VideoMAE) gives ids ``[N0]`` over ``(t h w)`` tokens (aft
 token, if any). Per-frame merging (TimeSformer, ViViT-FE, Motionformer) gives ``[G, P0]``: one
 row per merge group, whose ids only mean something within that row. Motionformer's default
 ``paper`` groups are not frames: member ``c`` of group ``g`` is flat patch ``c * G + g`` of the
-frame-major sequence (method.md §3.4), and :func:`frame_group_labels` puts each member back at
+frame-major sequence (docs/method.md §3.4), and :func:`frame_group_labels` puts each member back at
 its true ``(frame, y, x)``.
 
 Rendering is plain numpy and O(pixels): the index form is never expanded to an ``N x N0``

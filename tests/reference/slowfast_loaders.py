@@ -1,6 +1,6 @@
 """A test oracle of the paper's SlowFast test loaders, re-derived from their described behaviour.
 
-Written from method.md-style notes on the paper's ``slowfast/datasets`` (Kinetics with the
+Written from notes on the behaviour of the paper's ``slowfast/datasets`` (Kinetics with the
 PyAV backend, SSv2 frame lists, EPIC-KITCHENS frame folders), never from vtm_jax. It does the
 work the way those loaders do: a fresh PyAV container per view, a seek 1024 timestamp units
 before the window and a decode that keeps the first frame past it, ``torch.linspace`` /

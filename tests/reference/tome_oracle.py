@@ -1,6 +1,6 @@
 """Independent PyTorch oracle of the token-reduction functions of "Video, How Do Your Tokens Merge?".
 
-Written from the functional description in /work/shared/reference/method.md (sections 1 and 2.1), which describes
+Written from the functional description in /work/shared/reference/docs/method.md (sections 1 and 2.1), which describes
 the paper's `tome/merge.py` and `tome/utils.py` (themselves built on facebookresearch/ToMe). Nothing here is copied
 from either repository, and nothing is imported from `vtm_jax`: this module is the yardstick the JAX code is checked
 against.
@@ -61,7 +61,7 @@ def _match(
     score_mode: str,
     random_scores: torch.Tensor | None,
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Steps 1-6 of method.md §1.1. Returns None when the clamped r is <= 0.
+    """Steps 1-6 of docs/method.md §1.1. Returns None when the clamped r is <= 0.
 
     Otherwise returns (r_eff, unm_idx [B,t1-r,1], src_idx [B,r,1], dst_idx [B,r,1], node_max_sorted [B,t1]),
     all indices into the A (src_idx, unm_idx) or B (dst_idx) halves.
@@ -95,7 +95,7 @@ def _make_unmerge(
     dst_idx: torch.Tensor,
 ) -> MergeFn:
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        # method.md §1.1 step 8: B tokens back at odd positions, unmerged A tokens at 2*unm_idx, each merged src
+        # docs/method.md §1.1 step 8: B tokens back at odd positions, unmerged A tokens at 2*unm_idx, each merged src
         # position 2*src_idx gets a copy of its dst's value.
         unm_len = unm_idx.shape[1]
         unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
@@ -125,7 +125,7 @@ def bipartite_soft_matching(
     mode: str = "merge",
     random_scores: torch.Tensor | None = None,
 ) -> tuple[MergeFn, MergeFn]:
-    """Bipartite soft matching (method.md §1.1, §1.2). `metric` is [B, N, c].
+    """Bipartite soft matching (docs/method.md §1.1, §1.2). `metric` is [B, N, c].
 
     mode 'merge': cosine scores; 'random_merge': uniform scores (`random_scores` [B, ceil(N/2), floor(N/2)] if given,
     else torch.rand). Returns (merge, unmerge); merge(x, mode='mean'|'sum'|'max') maps [B, N, C] -> [B, N - r, C]
@@ -156,7 +156,7 @@ def bipartite_soft_matching_drop(
     mode: str = "drop",
     random_scores: torch.Tensor | None = None,
 ) -> MergeFn | tuple[MergeFn, MergeFn]:
-    """Drop variant (method.md §1.4): deletes the r A tokens a merge would have merged; B tokens untouched.
+    """Drop variant (docs/method.md §1.4): deletes the r A tokens a merge would have merged; B tokens untouched.
 
     mode 'drop' (cosine) or 'random_drop' (uniform). Returns a SINGLE function drop(x) -> [B, N - r, C].
     As in the original, when the clamped r is <= 0 it returns the TUPLE (do_nothing, do_nothing) instead; a caller
@@ -185,7 +185,7 @@ def bipartite_soft_matching_hybrid(
     threshold: float = 0.0,
     random_scores: torch.Tensor | None = None,
 ) -> tuple[MergeFn, MergeFn]:
-    """Hybrid merge/drop (method.md §1.5). mode 'merge'|'hybrid' (cosine) or 'random_merge' (uniform).
+    """Hybrid merge/drop (docs/method.md §1.5). mode 'merge'|'hybrid' (cosine) or 'random_merge' (uniform).
 
     Before merging, every dst that receives at least one src whose best-match similarity is below `threshold` is
     multiplied by 0 (scatter 'prod' of the per-src mask, include_self=True), so through merge_wavg that dst's value
@@ -217,7 +217,7 @@ def bipartite_soft_matching_hybrid(
 def merge_wavg(
     merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted merge (method.md §1.3): returns (merged x, merged size [B, N', 1])."""
+    """Size-weighted merge (docs/method.md §1.3): returns (merged x, merged size [B, N', 1])."""
     if size is None:
         size = torch.ones_like(x[..., 0, None])
     x = merge(x * size, mode="sum")
@@ -228,7 +228,7 @@ def merge_wavg(
 def merge_source(
     merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Source tracking (method.md §1.8): [B, N', N0] 0/1 matrix, rows OR-ed on merge. Starts as eye(N)."""
+    """Source tracking (docs/method.md §1.8): [B, N', N0] 0/1 matrix, rows OR-ed on merge. Starts as eye(N)."""
     if source is None:
         b, n, _ = x.shape
         source = torch.eye(n, device=x.device)[None, ...].expand(b, n, n)
@@ -236,7 +236,7 @@ def merge_source(
 
 
 def parse_r(num_layers: int, r: list[int] | tuple[float, float] | int) -> list[int]:
-    """Per-layer r (method.md §2.1).
+    """Per-layer r (docs/method.md §2.1).
 
     list: right-padded with 0 to num_layers, never truncated (a copy is returned).
     (r, inflect): r_i = int(min + step*i), min = int(r*(1-inflect)), max = 2r - min, step = (max-min)/(L-1).

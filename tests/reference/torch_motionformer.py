@@ -1,7 +1,7 @@
-"""PyTorch reference Motionformer and the paper's token-reduced forward (method.md §3.4, §3.6, §9).
+"""PyTorch reference Motionformer and the paper's token-reduced forward (docs/method.md §3.4, §3.6, §9).
 
 No library ships Motionformer, so the model here is written from the published architecture
-description (Patrick et al., "Keeping Your Eye on the Ball", NeurIPS 2021, and method.md §3.4):
+description (Patrick et al., "Keeping Your Eye on the Ball", NeurIPS 2021, and docs/method.md §3.4):
 its parameter names and shapes are those of the original checkpoints, so a state dict saved from
 it has the original's layout. Nothing is imported from `vtm_jax` and no code was copied.
 
@@ -266,7 +266,7 @@ def tome_motionformer_forward(
     groups: str = "paper",
     trace_source: bool = False,
 ) -> dict:
-    """Token-reduced forward of `model` on `video` [B, 3, T, H, W] (method.md §3.4).
+    """Token-reduced forward of `model` on `video` [B, 3, T, H, W] (docs/method.md §3.4).
 
     Every step: x += Attn(norm1(x)) (proportional attention on the per-slot patch logits once a
     size exists); if r_i > 0, split the patches into F groups (`groups`: the paper's (s f) or the

@@ -1,9 +1,9 @@
-"""PyTorch reference of the paper's token-reduced TimeSformer forward (method.md §3.0, §3.3, §3.6, §9).
+"""PyTorch reference of the paper's token-reduced TimeSformer forward (docs/method.md §3.0, §3.3, §3.6, §9).
 
 A plain function around the modules of a HuggingFace transformers-5 `TimesformerForVideoClassification`: the
 embeddings, layer norms, dense layers and classifier are the model's own, while both attentions of every block are
 recomputed eagerly, so that proportional attention can be added to the spatial step and its keys used as the matching
-metric. Every reduction step goes through `tome_oracle`. Written from method.md; independent of `vtm_jax`.
+metric. Every reduction step goes through `tome_oracle`. Written from docs/method.md; independent of `vtm_jax`.
 
 Layout: one class token, then the patches in (p t) order (spatial index major, frame minor). Reduction is per frame:
 the patches are rearranged to [(B T), p, C] (frames as the batch of the matching, no protected token), merged with the
@@ -155,7 +155,7 @@ def timesformer_forward(
 
     `r` goes through `parse_r(num_steps, r)`. `random_scores(step_index, ((B T), ceil(p/2), floor(p/2)))` replaces
     torch.rand in the random modes; it is called only when the clamped r of that step is > 0. `duplicate=(L, Q)`
-    (method.md §3.6): the whole block L runs Q times with tied weights, so the r list covers num_layers + Q - 1 steps.
+    (docs/method.md §3.6): the whole block L runs Q times with tied weights, so the r list covers num_layers + Q - 1 steps.
 
     Returns {'logits', 'token_counts': patches per frame after each step, 'size': final [(B T), p, 1] or None, and
     'source': final [(B T), p, p0] when trace_source}.

@@ -1,4 +1,4 @@
-"""PyTorch reference of the paper's token-reduced ViViT forward (method.md §3.0, §3.1, §3.6, §9).
+"""PyTorch reference of the paper's token-reduced ViViT forward (docs/method.md §3.0, §3.1, §3.6, §9).
 
 A plain function around the modules of a HuggingFace transformers-5 `VivitForVideoClassification`: the weights and the
 embedding / layernorm / MLP / classifier modules are the model's own, while every layer's attention is recomputed
@@ -117,7 +117,7 @@ def tome_vivit_forward(
     layer's keys as metric (CLS protected); h += MLP(LN_after(h)). Then final LN, CLS token, classifier.
     `r` goes through `parse_r(num_steps, r)`. `random_scores(step_index, (B, ceil(N/2), floor(N/2)))` replaces
     torch.rand in the random modes; it is called only when the clamped r of that step is > 0 (as torch.rand is).
-    `duplicate=(L, Q)` applies method.md §3.6: Q-1 metric-only merge steps (no residual, no MLP, using layer L's
+    `duplicate=(L, Q)` applies docs/method.md §3.6: Q-1 metric-only merge steps (no residual, no MLP, using layer L's
     weights) run before the real layer L; the r list then covers num_layers + Q - 1 steps.
 
     Returns {'logits': [B, classes], 'token_counts': token count after each step, 'size': final [B, N, 1] or None,

@@ -1,4 +1,4 @@
-"""PyTorch reference of the paper's token-reduced VideoMAE forward (method.md §3.0, §3.2, §3.6, §9).
+"""PyTorch reference of the paper's token-reduced VideoMAE forward (docs/method.md §3.0, §3.2, §3.6, §9).
 
 A plain function around the modules of a HuggingFace transformers-5 `VideoMAEForVideoClassification`: the embeddings
 (tubelet Conv3d + fixed sinusoidal table), layer norms, MLPs, `fc_norm` and classifier are the model's own; every
@@ -112,7 +112,7 @@ def tome_videomae_forward(
     token sizes (upstream ToMe's MAE variant, not the paper's).
     `r` goes through `parse_r(num_steps, r)`. `random_scores(step_index, (B, ceil(N/2), floor(N/2)))` replaces
     torch.rand in the random modes; it is called only when the clamped r of that step is > 0.
-    `duplicate=(L, Q)` (method.md §3.6): Q-1 metric-only merge steps (no residual, no MLP, layer L's weights) run
+    `duplicate=(L, Q)` (docs/method.md §3.6): Q-1 metric-only merge steps (no residual, no MLP, layer L's weights) run
     before the real layer L; the r list then covers num_layers + Q - 1 steps.
 
     Returns {'logits', 'token_counts' (after each step), 'size' (final [B, N, 1] or None), and 'source' when

@@ -1,6 +1,6 @@
 """A torch reference of Scenic's factorised-encoder ViViT with per-frame token merging.
 
-Written from the architecture description (scenic_vivit.md §1.2) and method.md, on the raw
+Written from the architecture description (scenic_vivit.md §1.2) and docs/method.md, on the raw
 Scenic parameter tree; every merge step goes through the independent `tome_oracle`.
 Independent of `vtm_jax`.
 """

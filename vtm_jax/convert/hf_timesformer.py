@@ -42,7 +42,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 
 # hidden_act -> gelu_approximate ("gelu" is the exact erf form both TimeSformers use).
 
-# The paper's TimeSformer test pipeline (method.md §3.8; slowfast defaults): 8 frames, short
+# The paper's TimeSformer test pipeline (docs/method.md §3.8; slowfast defaults): 8 frames, short
 # side resized to the first jitter scale 256, centre crop 224, mean 0.45 / std 0.225. Frame
 # stride 32 for Kinetics (the 8x32 configs); Something-Something v2 uses 8.
 DEFAULT_STRIDE = 32
@@ -288,7 +288,7 @@ def read_preprocessing(
 ) -> dict[str, Any]:
     """Input pipeline settings; ``mean`` / ``std`` apply to pixels scaled to [0, 1].
 
-    Defaults are the paper's (method.md §3.8): short side 256/224 of the crop, mean 0.45,
+    Defaults are the paper's (docs/method.md §3.8): short side 256/224 of the crop, mean 0.45,
     std 0.225, frame stride 32 (8 for a 174-class Something-Something v2 head). A processor
     config in the directory overrides the resize, crop and normalisation, as transformers
     would apply them (pixels ``p * rescale_factor``, then ``(x - image_mean) / image_std``).

@@ -52,7 +52,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 # whatever the config says (the original model uses 1e-6 there).
 HF_FC_NORM_EPS = 1e-5
 
-# The paper's VideoMAE test pipeline (method.md §3.8, its slowfast configs): 16 frames at
+# The paper's VideoMAE test pipeline (docs/method.md §3.8, its slowfast configs): 16 frames at
 # stride 1 (K400, SSv2; EPIC-KITCHENS uses 2), short side TRAIN_JITTER_SCALES[0] = 256,
 # centre crop 224, ImageNet mean / std on [0, 1] pixels.
 DEFAULT_STRIDE = 1
@@ -279,7 +279,7 @@ def convert_videomae(
 
 
 def paper_preprocessing(input_config: Mapping[str, int]) -> dict[str, Any]:
-    """The paper's VideoMAE test pipeline for this input size (method.md §3.8)."""
+    """The paper's VideoMAE test pipeline for this input size (docs/method.md §3.8)."""
     size = int(input_config["image_size"])
     return {
         "num_frames": int(input_config["num_frames"]),

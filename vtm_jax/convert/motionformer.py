@@ -56,7 +56,7 @@ from vtm_jax.convert.common import import_torch, parse_cfg_yaml, read_torch_chec
 from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
 from vtm_jax.errors import UserError
 
-# The paper's Motionformer test pipeline (method.md §3.8): 16 frames at stride 4, pixels
+# The paper's Motionformer test pipeline (docs/method.md §3.8): 16 frames at stride 4, pixels
 # zero-centred to [-1, 1], short side 256 (TRAIN_JITTER_SCALES[0]: slowfast's single-crop
 # test), centre crop 224.
 DEFAULT_PREPROCESSING = {

@@ -1,6 +1,6 @@
 """Temporal tube merging (``mode="tube_merge"``): tokens merge only along time, per location.
 
-method.md §10 notes that merging freely across space and time loses spatial correspondence.
+docs/method.md §10 notes that merging freely across space and time loses spatial correspondence.
 Here a token may only merge with the token at the same spatial location ``(y, x)`` in the
 neighbouring frame, so every merged token is a *tube*: one patch location over consecutive
 frames. Which tubes grow is chosen by key cosine similarity; values are size-weighted means as

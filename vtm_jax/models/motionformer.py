@@ -1,4 +1,4 @@
-"""Motionformer (trajectory attention) with token reduction (method.md §3.4, §3.6).
+"""Motionformer (trajectory attention) with token reduction (docs/method.md §3.4, §3.6).
 
 Input ``[B, T, H, W, 3]``. A tubelet Conv cuts ``(2, 16, 16)`` patches, flattened frame-major:
 the ``S = F * P`` patch tokens are in ``(f n)`` order (``F`` temporal slots, ``P`` patches per
@@ -27,7 +27,7 @@ in score order). ``merging.motionformer_groups``:
 * ``paper`` (default): the paper's ``b (s f) -> (b f) s`` split: group ``g`` is the flat patch
   positions ``j`` with ``j % F == g``. As the tokens are actually ``(f n)``, each group takes
   ``P / F`` tokens of every slot, and after the first reduction the re-interleaved tokens are
-  read back as ``(f n)`` by the next block, so its slot structure is scrambled (method.md §3.4,
+  read back as ``(f n)`` by the next block, so its slot structure is scrambled (docs/method.md §3.4,
   §10). Faithful to the paper's numbers.
 * ``per_frame``: ``b (f s) -> (b f) s``: each group is one slot, as intended.
 
@@ -35,7 +35,7 @@ Proportional attention adds ``log(size)`` of the patch keys to the patch-query l
 only; the class token's attention and step 3 get no bias. Sizes and tracked sources are kept
 per group, as in the paper (``[B * F, P, 1]``; sources ``[B * F, P0]`` or ``[B * F, P, P0]``,
 where with ``paper`` groups original column ``c`` of group ``g`` is flat patch ``c * F + g``).
-Duplication (method.md §3.6) runs the **whole** block (attention, reduction, MLP) several times
+Duplication (docs/method.md §3.6) runs the **whole** block (attention, reduction, MLP) several times
 with tied weights, as the paper's Motionformer duplication does.
 
 ``__call__`` returns logits. The original model returns softmax probabilities in eval mode

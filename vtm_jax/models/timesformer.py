@@ -4,7 +4,7 @@ Input ``[B, T, H, W, 3]``. Each frame is cut into ``p`` patches by a 2-D conv; t
 one class token followed by the patches in ``(p t)`` order (spatial index major, frame minor),
 ``1 + p T`` tokens, as in the paper's TimeSformer and HF's ``TimesformerForVideoClassification``.
 
-A block (method.md §3.3):
+A block (docs/method.md §3.3):
 
 1. temporal attention: each spatial slot attends over its ``T`` frames (no class token, no size
    bias), then ``temporal_fc`` and a residual;
@@ -159,7 +159,7 @@ class Encoder(nn.Module):
             )
             for layer in range(self.num_layers)
         ]
-        # Duplication (method.md §3.6): the same block object runs Q times with tied weights.
+        # Duplication (docs/method.md §3.6): the same block object runs Q times with tied weights.
         for step, (layer, r) in enumerate(self.merging.layer_steps(self.num_layers)):
             tokens = blocks[layer](tokens, layer_key(self.merging, step, merge_rng), r=r)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)

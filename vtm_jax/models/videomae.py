@@ -4,7 +4,7 @@ Input ``[B, T, H, W, 3]``. A tubelet Conv embeds ``(t, h, w)`` patches in ``(t h
 fixed sine-cosine position table (regenerated, never stored) is added; there is no class token.
 Pre-LN blocks run joint space-time attention whose keys have no bias, and exact GELU MLPs.
 Each block reduces its tokens after the attention residual and before the MLP, merging globally
-over all tokens; without a class token the unmerged tokens keep their score order (method.md
+over all tokens; without a class token the unmerged tokens keep their score order (docs/method.md
 §3.2, §9). The head is ``fc_norm`` of the mean over the remaining tokens, then one Dense.
 
 The paper runs VideoMAE with proportional attention off (``TOME.PROP_ATTN False`` on every

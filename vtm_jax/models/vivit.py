@@ -3,7 +3,7 @@
 Input ``[B, T, H, W, 3]`` (Scenic's NTHWC). A tubelet Conv embeds ``(t, h, w)`` patches in
 ``(t h w)`` order, a class token is prepended, learned position embeddings added, then pre-LN
 blocks run joint space-time attention. Each block reduces its tokens after the attention
-residual and before the MLP (method.md §3.1), merging globally over all tokens.
+residual and before the MLP (docs/method.md §3.1), merging globally over all tokens.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class EncoderBlock(nn.Module):
         reduce_only: bool = False,
         grid: tuple[int, int, int] | None = None,
     ) -> Tokens:
-        """``reduce_only``: a duplicated layer's extra step (method.md §3.6): this layer's keys
+        """``reduce_only``: a duplicated layer's extra step (docs/method.md §3.6): this layer's keys
         choose the merge, applied to the block's input; no attention residual, no MLP.
         ``grid``: the ``(t, h, w)`` patch grid, for rules that read token positions."""
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
