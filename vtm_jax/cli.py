@@ -44,11 +44,16 @@ def _convert(args: argparse.Namespace) -> None:
                 f"--class-splits add up to {sum(splits)}, the classifier has "
                 f"{record.num_classes} classes"
             )
-    record = dataclasses.replace(
-        record,
-        class_splits=splits,
-        converted_from={"source": args.source, "path": os.path.abspath(args.input)},
-    )
+    converted_from = {"source": args.source, "path": os.path.abspath(args.input)}
+    if args.source == "hf" and not os.path.exists(args.input):  # a Hub id, read from the cache
+        from vtm_jax.convert.hub import cached_snapshot
+
+        converted_from = {
+            "source": "hf",
+            "repo_id": args.input,
+            "path": cached_snapshot(args.input),
+        }
+    record = dataclasses.replace(record, class_splits=splits, converted_from=converted_from)
     save_checkpoint(args.output, params, record)
     print(f"wrote {args.output} ({record.architecture})")
 
@@ -307,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
-    convert.add_argument("--input", required=True, help="HF model directory or checkpoint file")
+    convert.add_argument(
+        "--input",
+        required=True,
+        help="checkpoint file, HF model directory, or (hf) a Hub repo id in the local HF cache",
+    )
     convert.add_argument("--output", required=True, help="new checkpoint directory")
     # Not for hf: config.json says. Default: the file's cfg, else the model's usual.
     convert.add_argument("--num-frames", type=int, help="input frames (default 32 for Scenic)")
