@@ -60,6 +60,9 @@ def test_load_and_classify_arrays_paths_and_batches(tiny_checkpoint, tmp_path):
         vtm_jax.classify(model, params, str(tmp_path / "pixels.npy"))
     with pytest.raises(ValueError, match=r"expected an array \(T, H, W, 3\)"):
         vtm_jax.classify(model, params, clip[..., :2])
+    other = {k: v for k, v in params.items() if k != "embedding"}  # another model's
+    with pytest.raises(ValueError, match="^the parameters do not fit ViViT: "):
+        vtm_jax.classify(model, other, clip)
     bad = clip.copy()
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):

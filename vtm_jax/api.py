@@ -201,7 +201,7 @@ def classify(
             clips = np.stack([_ready(clip, record, f"clip {i}") for i, clip in enumerate(array)])
         else:
             clips = _ready(array, record, "the clip")[None]
-    logits = forward(model, params, clips, where="params")
+    logits = forward(model, params, clips)
     logits = check_logits(logits, what="this input")
     return logits[0] if single else logits
 

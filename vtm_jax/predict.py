@@ -118,19 +118,25 @@ def _apply(model: Any, params: Any, videos: jax.Array) -> jax.Array:
     return model.apply({"params": params}, videos)
 
 
-def forward(model: Any, params: Any, videos: Any, *, where: str = "the checkpoint") -> jax.Array:
+def forward(model: Any, params: Any, videos: Any, *, where: str | None = None) -> jax.Array:
     """Logits ``[B, num_classes]`` of model-ready clips ``[B, T, S, S, 3]``.
 
     The model is a static argument of one module-level ``jax.jit``: Flax modules compare by
     their fields, so calls with the same model (or an equal one, rebuilt from the same
     checkpoint and settings) and the same input shape reuse one compiled program, across
-    calls and across loads. ``where`` names the parameters when they do not fit the model.
+    calls and across loads. ``where``: the checkpoint the parameters came from, named when
+    its model.json does not describe them.
     """
     try:
         return _apply(model, params, jnp.asarray(videos))
     except flax.errors.FlaxError as e:
-        # A model.json that does not fit the stored parameters (edited by hand, mixed up).
-        raise UserError(f"{where}: parameters do not fit model.json: {e}".splitlines()[0]) from None
+        # A model.json that does not fit the stored parameters (edited by hand, mixed up), or
+        # a library caller's parameters of another model.
+        if where is None:
+            message = f"the parameters do not fit {type(model).__name__}: {e}"
+        else:
+            message = f"{where}: parameters do not fit model.json: {e}"
+        raise UserError(message.splitlines()[0]) from None
 
 
 def predict(
