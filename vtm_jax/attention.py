@@ -91,8 +91,42 @@ def jax_nn_attention(
     bias: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPUs where it applies."""
+    """``jax.nn.dot_product_attention`` with ``implementation`` left to JAX.
+
+    In JAX 0.10 ``implementation=None`` is XLA's own attention on every platform (JAX's source
+    says it does not pick cuDNN automatically yet); :func:`cudnn_attention` asks for cuDNN.
+    """
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    compute_dtype: jnp.dtype = jnp.float16,
+) -> jax.Array:
+    """cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``).
+
+    cuDNN's kernel takes only fp16, bf16 or fp8 inputs and a bias of exactly ``Nq x Nk`` per
+    (batch|1, head|1), so float32 ``q, k, v`` and the bias are cast to ``compute_dtype`` and
+    the output is cast back: this backend is never float32 inside. float16 is the default
+    because it keeps 3 more mantissa bits than bfloat16 (the ``log(size)`` bias, up to about 8,
+    is then off by at most 0.004) and ViT activations stay far below its 65504 limit. A key
+    bias ``[B|1, H|1, 1, Nk]`` is broadcast over the queries, ``[B|1, H|1, Nq, Nk]``: at 3137
+    tokens that is 20 MB per clip in float16. The lowering needs cuDNN on the machine (JAX
+    asks it for its version while tracing).
+    """
+    dtype = q.dtype
+    if dtype not in (jnp.float16, jnp.bfloat16):
+        q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    return out.astype(dtype)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -122,6 +156,7 @@ def pallas_tpu_attention(
     block_size: int | None = None,
     min_len: int = 128,
     interpret: bool = False,
+    require_tpu: bool = True,
 ) -> jax.Array:
     """JAX's Pallas flash-attention kernel for TPUs (``pallas.ops.tpu.flash_attention``).
 
@@ -143,8 +178,10 @@ def pallas_tpu_attention(
     go to :func:`xla_attention`: padding them to a 128-token block wastes more than it saves.
     ``interpret=True`` runs the kernel in Pallas's TPU interpreter on any platform (tests); it
     covers the forward pass, a gradient must be traced under ``pltpu.force_tpu_interpret_mode``.
+    ``require_tpu=False`` lets a machine without a TPU trace the kernel for another one
+    (``jax.export`` with ``platforms=["tpu"]``); running it there fails in Pallas.
     """
-    if not interpret and jax.default_backend() != "tpu":
+    if require_tpu and not interpret and jax.default_backend() != "tpu":
         raise UserError(
             f"attention backend 'pallas_tpu' needs a TPU; this is {jax.default_backend()}"
         )
@@ -209,8 +246,8 @@ def pallas_tpu_attention(
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "blockwise": blockwise_attention,
-    "jax_nn": jax_nn_attention,  # XLA picks the implementation
-    "cudnn": functools.partial(jax_nn_attention, implementation="cudnn"),
+    "jax_nn": jax_nn_attention,  # XLA's attention (JAX 0.10 does not choose cuDNN by itself)
+    "cudnn": cudnn_attention,
     "pallas_tpu": pallas_tpu_attention,
 }
 NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
@@ -220,7 +257,8 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     """The attention function for a backend name.
 
     ``auto``: ``blockwise`` on CPUs (materialising the logits is the bottleneck there),
-    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``pallas_tpu`` on TPUs
+    ``jax_nn`` on GPUs (XLA's attention in the model's dtype; ``cudnn``, fused but float16
+    inside, only by name), ``pallas_tpu`` on TPUs
     (Pallas flash attention), ``xla`` elsewhere.
     """
     platform = jax.default_backend()
