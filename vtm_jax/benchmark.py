@@ -158,8 +158,23 @@ def bench_settings(
     return results
 
 
+def matmul_peak_gflops(repeats: int = 5) -> float:
+    """Best float32 GEMM rate (GFLOP/s) of one device at ViViT-B's MLP shape,
+    ``[3137, 768] x [768, 3072]``: the yardstick for a model run's achieved GFLOP/s."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (3137, 768), np.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (768, 3072), np.float32)
+    dot = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(dot(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2 * 3137 * 768 * 3072 / best / 1e9
+
+
 def run_info(batch_size: int) -> dict[str, Any]:
-    """Where and how the numbers were measured."""
+    """Where and how the numbers were measured, with this device's float32 matmul peak."""
     device = jax.devices()[0]
     return {
         "platform": device.platform,
@@ -169,6 +184,7 @@ def run_info(batch_size: int) -> dict[str, Any]:
         "batch_per_device": batch_size,
         "global_batch": batch_size * len(jax.devices()),
         "jax": jax.__version__,
+        "matmul_peak_gflop_per_s": matmul_peak_gflops(),
     }
 
 
