@@ -50,7 +50,7 @@ def time_it(fn: Callable[[], Any], warmup: int, iterations: int) -> list[float]:
     return seconds
 
 
-def matmul_peak_gflops(repeats: int = 5) -> float:
+def matmul_peak_gflops(repeats: int = 20) -> float:
     """Best float32 GEMM rate (GFLOP/s) at ViViT-B's MLP shape, [3137, 768] x [768, 3072]."""
     a, b = torch.randn(3137, 768), torch.randn(768, 3072)
     seconds = time_it(lambda: a @ b, 2, repeats)

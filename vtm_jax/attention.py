@@ -65,7 +65,10 @@ def blockwise_attention(
     if n <= chunk_size:
         return xla_attention(q, k, v, bias=bias)
     out_dtype = q.dtype
+    # As many chunks as chunk_size needs, made equal (a multiple of 8 queries): padded queries
+    # are wasted work, e.g. 1337 tokens in 6 chunks of 224 instead of 6 of 256 (15% padding).
     num_chunks = -(-n // chunk_size)
+    chunk_size = _round_up(-(-n // num_chunks), 8)
     pad = num_chunks * chunk_size - n
     scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
     # [B, N, H, d] -> [H*B, chunks, chunk, d]: (head, clip) pairs, then query chunks.
