@@ -155,6 +155,12 @@ def report_md(summaries: list[dict[str, Any]], header: str) -> str:
             )
         t = s["targets"]
         lines.append("")
+        shares = [r["share_of_peak"] for r in s["rows"]] + [t.get("share_of_flop_limit", 1.0)]
+        if max(shares) > 1.05:
+            lines.append(
+                "* **Not reliable:** a rate above its ceiling (over 105% of the matmul peak or "
+                "of the FLOP limit) means the machine's load changed between measurements."
+            )
         if "r0_vs_fastest_hf" in t:
             lines.append(
                 f"* r=0: fastest peer {t['fastest_hf_r0']}; vtm-jax is "
@@ -208,7 +214,19 @@ def main() -> None:
         "--vtm-arg", action="append", default=[], help="extra vtm-jax bench flag (repeatable)"
     )
     parser.add_argument("--output", default="out/side_by_side")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT/report.md from OUT/report.json"
+    )
     args = parser.parse_args()
+    if args.render:
+        with open(os.path.join(args.output, "report.json")) as f:
+            saved = json.load(f)
+        header = f"## Side by side, started {saved['started']}\n\n`{' '.join(saved['argv'])}`"
+        text = report_md(saved["runs"], header)
+        with open(os.path.join(args.output, "report.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return
     os.makedirs(args.output, exist_ok=True)
     start = time.strftime("%Y-%m-%d %H:%M")
     summaries = []
