@@ -53,6 +53,24 @@ def test_blockwise_per_head_key_bias_and_batch():
     )
 
 
+@pytest.mark.parametrize("bias_kind", [None, "key", "full"])
+def test_blockwise_more_queries_than_keys(bias_kind):
+    # Motionformer: every patch query against the keys of one slot (Nq != Nk)
+    q, k, v = _qkv(2, 50, 13, 3, 8)
+    kb = jax.random.PRNGKey(4)
+    bias = {
+        None: None,
+        "key": jax.random.normal(kb, (2, 1, 1, 13)),
+        "full": jax.random.normal(kb, (2, 3, 50, 13)),
+    }[bias_kind]
+    np.testing.assert_allclose(
+        blockwise_attention(q, k, v, bias=bias, chunk_size=16),
+        xla_attention(q, k, v, bias=bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_blockwise_bfloat16_matmuls_are_an_option():
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 300, 2, 64)) for i in range(3))
     bias = jnp.log(jax.random.randint(jax.random.PRNGKey(3), (1, 1, 1, 300), 1, 9) * 1.0)

@@ -62,6 +62,7 @@ def blockwise_attention(
     never a default: BENCHMARKS.md gives its speed and its effect on a model's logits.
     """
     b, n, h, d = q.shape
+    nk = k.shape[1]  # keys may differ in number from queries (Motionformer's slots)
     if n <= chunk_size:
         return xla_attention(q, k, v, bias=bias)
     out_dtype = q.dtype
@@ -74,8 +75,8 @@ def blockwise_attention(
     # [B, N, H, d] -> [H*B, chunks, chunk, d]: (head, clip) pairs, then query chunks.
     qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
     qh = qh.reshape(h * b, num_chunks, chunk_size, d)
-    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, n)  # keys transposed: [d, N]
-    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, n, d)
+    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, nk)  # keys transposed: [d, Nk]
+    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, nk, d)
     if compute_dtype is not None:
         qh, kt, vh = (x.astype(compute_dtype) for x in (qh, kt, vh))
     xs: tuple[jax.Array, ...] = (qh, kt, vh)
@@ -84,12 +85,12 @@ def blockwise_attention(
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
         if bias.shape[2] == 1:  # one row per (clip, head): [H*B, 1, N]
             key_bias = True
-            row = jnp.broadcast_to(bias, (b, h, 1, n)).astype(jnp.float32)
-            xs += (jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, n),)
-        else:  # a bias per query and key: [H*B, chunks, chunk, N]
-            full = jnp.broadcast_to(bias, (b, h, n, n)).astype(jnp.float32)
+            row = jnp.broadcast_to(bias, (b, h, 1, nk)).astype(jnp.float32)
+            xs += (jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, nk),)
+        else:  # a bias per query and key: [H*B, chunks, chunk, Nk]
+            full = jnp.broadcast_to(bias, (b, h, n, nk)).astype(jnp.float32)
             full = jnp.pad(jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-            xs += (full.reshape(h * b, num_chunks, chunk_size, n),)
+            xs += (full.reshape(h * b, num_chunks, chunk_size, nk),)
 
     def one_pair(args):
         q_pair, k_pair, v_pair = args[:3]
