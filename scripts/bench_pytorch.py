@@ -4,7 +4,7 @@
 * HF ViViT with eager attention, r=0;
 * the paper's method in PyTorch at r: HF ViViT, attention recomputed eagerly with the
   proportional-attention bias and bipartite merging after it, as the original code runs it
-  (``tests/reference/torch_tome_vivit.py``, written from method.md; under transformers 4.x
+  (``tests/reference/torch_tome_vivit.py``, written from docs/method.md; under transformers 4.x
   its modules are reached through the 4.x attribute names, the computation is the same);
 * a dense float32 matmul, to give this machine's peak in the same process.
 

@@ -1,7 +1,7 @@
 """Throughput of a model under reduction settings, with the paper's protocol.
 
 Random input, a warm-up, then timed forward passes only, at a fixed batch per device
-(method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
+(docs/method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
 its analytic multiply-adds, XLA's own FLOP count of the compiled program, the achieved FLOP/s
 and the FLOP-ratio limit of its speedup. The batch is split over every device of every process
 (``jax.distributed``), so one command measures a CPU, a GPU or a whole TPU pod.
