@@ -15,6 +15,7 @@ still runs at the real token counts) so that the whole check fits in a few minut
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,9 +63,12 @@ def parity(args: argparse.Namespace) -> int:
     for backbone in args.backbones:
         config = load_config([f"--config={REPO}/configs/{backbone}_k400.py"])
         record = record_from_config(config)
-        for key in [k for k in record["model"] if k.endswith("num_layers")]:
-            record["model"][key] = min(record["model"][key], args.layers)
-        size, frames = record["input"]["image_size"], record["input"]["num_frames"]
+        model = {
+            k: min(v, args.layers) if k.endswith("num_layers") else v
+            for k, v in record.model.items()
+        }
+        record = dataclasses.replace(record, model=model)
+        size, frames = record.image_size, record.num_frames
         rng = np.random.default_rng(0)
         clip = rng.random((1, frames, size, size, 3), dtype=np.float32)
         paper = ReductionSettings.from_dict(config.token_merging)

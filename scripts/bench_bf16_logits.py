@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config([f"--config={args.config}"])
     record = record_from_config(config)
-    size, frames = record["input"]["image_size"], record["input"]["num_frames"]
+    size, frames = record.image_size, record.num_frames
     clip = np.random.default_rng(0).random((1, frames, size, size, 3), dtype=np.float32)
     results = []
     params = None

@@ -23,6 +23,7 @@ from jax._src.lib import cuda_versions
 from vtm_jax.attention import cudnn_attention, jax_nn_attention, pallas_tpu_attention
 from vtm_jax.config import load_config, record_from_config
 from vtm_jax.models.registry import build_model
+from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ PINNED_CUDNN = 91000
 
 
 @functools.cache
-def _record_and_merging(backbone: str) -> tuple[dict, ReductionSettings]:
+def _record_and_merging(backbone: str) -> tuple[ModelRecord, ReductionSettings]:
     config = load_config([f"--config={REPO}/configs/{backbone}_k400.py"])
     return record_from_config(config), ReductionSettings.from_dict(config.token_merging)
 
@@ -61,10 +62,10 @@ def pinned_cudnn(monkeypatch):
         monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: PINNED_CUDNN)
 
 
-def _export(record: dict, merging: ReductionSettings, attention_fn, platform: str):
+def _export(record: ModelRecord, merging: ReductionSettings, attention_fn, platform: str):
     model = build_model(record, merging, attention_fn)
-    size = record["input"]["image_size"]
-    clip = jax.ShapeDtypeStruct((1, record["input"]["num_frames"], size, size, 3), jnp.float32)
+    size = record.image_size
+    clip = jax.ShapeDtypeStruct((1, record.num_frames, size, size, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), clip)["params"]
     # cuDNN's custom calls have no export compatibility guarantee (JAX refuses to serialise
     # them by default); the check is about keeping an artifact loadable across JAX versions,
@@ -86,7 +87,7 @@ def test_backbone_exports_for_its_accelerator(backbone, paper_r, backend, pinned
     attention_fn, platform, kernel = BACKENDS[backend]
     exported = _export(record, merging, attention_fn, platform)
     assert exported.platforms == (platform,)
-    num_classes = record["model"]["num_classes"]
+    num_classes = record.num_classes
     assert [a.shape for a in exported.out_avals] == [(1, num_classes)]
     module = exported.mlir_module()
     if kernel is not None:  # the fused kernel itself is in the program, not a fallback
