@@ -36,51 +36,83 @@ def blockwise_attention(
     v: jax.Array,
     *,
     bias: jax.Array | None = None,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
+    compute_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
-    """Attention computed one head and ``chunk_size`` queries at a time.
+    """Attention computed one (head, clip) pair and ``chunk_size`` queries at a time.
 
-    Each chunk sees every key, so its softmax is exact; only a ``[B, chunk, N]`` slice of
-    logits exists at once, small enough to stay in cache while the softmax runs. On a CPU this
-    is several times faster than :func:`xla_attention` at thousands of tokens
-    (``scripts/bench_attention.py``, BENCHMARKS.md).
+    Each chunk sees every key, so its softmax is exact; only a ``[chunk, N]`` slice of logits
+    exists at once (3.2 MB at 3137 tokens), so it stays in cache between the logits matmul,
+    the softmax and the values matmul. 256 queries were the fastest chunk at every token
+    count of ViViT-B's r=300 schedule (737 to 3137) among 128, 256 and 512. On a CPU this is several times faster than
+    :func:`xla_attention` at thousands of tokens (``scripts/bench_attention.py``).
+
+    The layout is chosen for XLA's CPU backend (BENCHMARKS.md lists what each step bought):
+
+    * two nested loops, (head, clip) pairs outside and query chunks inside, so that a pair's
+      keys ``[d, N]`` (transposed once, a plain matmul per chunk) and values ``[N, d]`` are
+      sliced once per pair rather than copied again for every chunk;
+    * the softmax is normalised after the values matmul, ``(exp(s - max) @ v) / sum``: the
+      division runs on ``[chunk, d]`` instead of ``[chunk, N]``;
+    * a key bias (``log(size)``, ``[B|1, 1, 1, N]``) is one row added to the logits, which XLA
+      fuses with the logits matmul, the row maximum and the exponential.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs both matmuls with inputs in that dtype and
+    float32 accumulation; the logits' softmax and the output stay float32. It is an option,
+    never a default: BENCHMARKS.md gives its speed and its effect on a model's logits.
     """
     b, n, h, d = q.shape
+    nk = k.shape[1]  # keys may differ in number from queries (Motionformer's slots)
     if n <= chunk_size:
         return xla_attention(q, k, v, bias=bias)
+    out_dtype = q.dtype
+    # As many chunks as chunk_size needs, made equal (a multiple of 8 queries): padded queries
+    # are wasted work, e.g. 1337 tokens in 6 chunks of 224 instead of 6 of 256 (15% padding).
     num_chunks = -(-n // chunk_size)
+    chunk_size = _round_up(-(-n // num_chunks), 8)
     pad = num_chunks * chunk_size - n
     scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
-    # (head, chunk) pairs become one sequential map; the batch stays inside each step.
+    # [B, N, H, d] -> [H*B, chunks, chunk, d]: (head, clip) pairs, then query chunks.
     qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    qh = qh.reshape(h, b, num_chunks, chunk_size, d).transpose(0, 2, 1, 3, 4)
-    qh = qh.reshape(h * num_chunks, b, chunk_size, d)
-    kh, vh = jnp.transpose(k, (2, 0, 1, 3)), jnp.transpose(v, (2, 0, 1, 3))  # [H, B, N, d]
-    key_bias = full_bias = None
+    qh = qh.reshape(h * b, num_chunks, chunk_size, d)
+    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, nk)  # keys transposed: [d, Nk]
+    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, nk, d)
+    if compute_dtype is not None:
+        qh, kt, vh = (x.astype(compute_dtype) for x in (qh, kt, vh))
+    xs: tuple[jax.Array, ...] = (qh, kt, vh)
+    key_bias = False
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
-        if bias.shape[1] == 1 and bias.shape[2] == 1:
-            key_bias = bias[:, 0]  # [B, 1, N]: the same row for every head and query
-        else:
-            full = jnp.broadcast_to(bias, (b, h, n, n))
-            full_bias = jnp.pad(
-                jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0))
-            )
-    heads = jnp.repeat(jnp.arange(h), num_chunks)
-    starts = jnp.tile(jnp.arange(num_chunks) * chunk_size, h)
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        if bias.shape[2] == 1:  # one row per (clip, head): [H*B, 1, N]
+            key_bias = True
+            row = jnp.broadcast_to(bias, (b, h, 1, nk)).astype(jnp.float32)
+            xs += (jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, nk),)
+        else:  # a bias per query and key: [H*B, chunks, chunk, Nk]
+            full = jnp.broadcast_to(bias, (b, h, n, nk)).astype(jnp.float32)
+            full = jnp.pad(jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+            xs += (full.reshape(h * b, num_chunks, chunk_size, nk),)
 
-    def one_chunk(args):
-        head, start, q_chunk = args
-        logits = jnp.einsum("bqd,bkd->bqk", q_chunk, kh[head])
-        if key_bias is not None:
-            logits = logits + key_bias
-        elif full_bias is not None:
-            logits = logits + jax.lax.dynamic_slice_in_dim(full_bias[head], start, chunk_size, 1)
-        return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits, axis=-1), vh[head])
+    def one_pair(args):
+        q_pair, k_pair, v_pair = args[:3]
+        pair_bias = args[3] if len(args) > 3 else None
 
-    out = jax.lax.map(one_chunk, (heads, starts, qh))  # [H * chunks, B, chunk, d]
-    out = out.reshape(h, num_chunks, b, chunk_size, d).transpose(2, 1, 3, 0, 4)
-    return out.reshape(b, num_chunks * chunk_size, h, d)[:, :n]
+        def one_chunk(chunk_args):
+            q_chunk, chunk_bias = chunk_args
+            logits = jnp.dot(q_chunk, k_pair, preferred_element_type=jnp.float32)
+            if chunk_bias is not None:
+                logits = logits + chunk_bias
+            weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+            total = jnp.sum(weights, axis=-1, keepdims=True)
+            out = jnp.dot(weights.astype(v_pair.dtype), v_pair, preferred_element_type=jnp.float32)
+            return out / total
+
+        if pair_bias is None or key_bias:
+            return jax.lax.map(lambda qc: one_chunk((qc, pair_bias)), q_pair)
+        return jax.lax.map(one_chunk, (q_pair, pair_bias))
+
+    out = jax.lax.map(one_pair, xs)  # [H*B, chunks, chunk, d]
+    out = out.reshape(h, b, num_chunks * chunk_size, d)[:, :, :n].astype(out_dtype)
+    return jnp.transpose(out, (1, 2, 0, 3))
 
 
 def jax_nn_attention(
@@ -91,8 +123,42 @@ def jax_nn_attention(
     bias: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPUs where it applies."""
+    """``jax.nn.dot_product_attention`` with ``implementation`` left to JAX.
+
+    In JAX 0.10 ``implementation=None`` is XLA's own attention on every platform (JAX's source
+    says it does not pick cuDNN automatically yet); :func:`cudnn_attention` asks for cuDNN.
+    """
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    compute_dtype: jnp.dtype = jnp.float16,
+) -> jax.Array:
+    """cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``).
+
+    cuDNN's kernel takes only fp16, bf16 or fp8 inputs and a bias of exactly ``Nq x Nk`` per
+    (batch|1, head|1), so float32 ``q, k, v`` and the bias are cast to ``compute_dtype`` and
+    the output is cast back: this backend is never float32 inside. float16 is the default
+    because it keeps 3 more mantissa bits than bfloat16 (the ``log(size)`` bias, up to about 8,
+    is then off by at most 0.004) and ViT activations stay far below its 65504 limit. A key
+    bias ``[B|1, H|1, 1, Nk]`` is broadcast over the queries, ``[B|1, H|1, Nq, Nk]``: at 3137
+    tokens that is 20 MB per clip in float16. The lowering needs cuDNN on the machine (JAX
+    asks it for its version while tracing).
+    """
+    dtype = q.dtype
+    if dtype not in (jnp.float16, jnp.bfloat16):
+        q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    return out.astype(dtype)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -122,6 +188,7 @@ def pallas_tpu_attention(
     block_size: int | None = None,
     min_len: int = 128,
     interpret: bool = False,
+    require_tpu: bool = True,
 ) -> jax.Array:
     """JAX's Pallas flash-attention kernel for TPUs (``pallas.ops.tpu.flash_attention``).
 
@@ -143,8 +210,10 @@ def pallas_tpu_attention(
     go to :func:`xla_attention`: padding them to a 128-token block wastes more than it saves.
     ``interpret=True`` runs the kernel in Pallas's TPU interpreter on any platform (tests); it
     covers the forward pass, a gradient must be traced under ``pltpu.force_tpu_interpret_mode``.
+    ``require_tpu=False`` lets a machine without a TPU trace the kernel for another one
+    (``jax.export`` with ``platforms=["tpu"]``); running it there fails in Pallas.
     """
-    if not interpret and jax.default_backend() != "tpu":
+    if require_tpu and not interpret and jax.default_backend() != "tpu":
         raise UserError(
             f"attention backend 'pallas_tpu' needs a TPU; this is {jax.default_backend()}"
         )
@@ -209,8 +278,10 @@ def pallas_tpu_attention(
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "blockwise": blockwise_attention,
-    "jax_nn": jax_nn_attention,  # XLA picks the implementation
-    "cudnn": functools.partial(jax_nn_attention, implementation="cudnn"),
+    # bfloat16 matmul inputs, float32 softmax and accumulation: an opt-in CPU speed option
+    "blockwise_bf16": functools.partial(blockwise_attention, compute_dtype=jnp.bfloat16),
+    "jax_nn": jax_nn_attention,  # XLA's attention (JAX 0.10 does not choose cuDNN by itself)
+    "cudnn": cudnn_attention,
     "pallas_tpu": pallas_tpu_attention,
 }
 NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
@@ -220,8 +291,10 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     """The attention function for a backend name.
 
     ``auto``: ``blockwise`` on CPUs (materialising the logits is the bottleneck there),
-    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``pallas_tpu`` on TPUs
-    (Pallas flash attention), ``xla`` elsewhere.
+    ``jax_nn`` on GPUs (XLA's attention in the model's dtype; ``cudnn``, fused but float16
+    inside, only by name), ``pallas_tpu`` on TPUs
+    (Pallas flash attention), ``xla`` elsewhere. ``blockwise_bf16`` is ``blockwise`` with
+    bfloat16 matmul inputs: faster on CPUs with AVX-512 BF16 or AMX, never chosen by ``auto``.
     """
     platform = jax.default_backend()
     if name == "auto":
@@ -232,6 +305,6 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     if needs is not None and platform != needs:
         raise UserError(f"attention backend {name!r} needs a {needs.upper()}; this is {platform}")
     fn = BACKENDS[name]
-    if chunk_size is not None and name == "blockwise":
+    if chunk_size is not None and name in ("blockwise", "blockwise_bf16"):
         fn = functools.partial(fn, chunk_size=chunk_size)
     return fn
