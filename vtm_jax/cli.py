@@ -44,11 +44,16 @@ def _convert(args: argparse.Namespace) -> None:
                 f"--class-splits add up to {sum(splits)}, the classifier has "
                 f"{record.num_classes} classes"
             )
-    record = dataclasses.replace(
-        record,
-        class_splits=splits,
-        converted_from={"source": args.source, "path": os.path.abspath(args.input)},
-    )
+    converted_from = {"source": args.source, "path": os.path.abspath(args.input)}
+    if args.source == "hf" and not os.path.exists(args.input):  # a Hub id, read from the cache
+        from vtm_jax.convert.hub import cached_snapshot
+
+        converted_from = {
+            "source": "hf",
+            "repo_id": args.input,
+            "path": cached_snapshot(args.input),
+        }
+    record = dataclasses.replace(record, class_splits=splits, converted_from=converted_from)
     save_checkpoint(args.output, params, record)
     print(f"wrote {args.output} ({record.architecture})")
 
@@ -148,9 +153,10 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     from vtm_jax.reduction import ReductionSettings
 
     config = load_config(config_args, command="bench")
-    if args.output:  # every file the results go to, before anything is timed
+    stem = _bench_stem(args)
+    if stem:  # every file the results go to, before anything is timed
         for suffix in (".json", ".md", ".png"):
-            check_output_file(_bench_stem(args.output) + suffix, what="--output")
+            check_output_file(stem + suffix, what="--workdir" if args.workdir else "--output")
     record = record_from_config(config)
     bench = config.get("bench", {})
     settings = sweep(
@@ -186,8 +192,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         say(f"  GMACs per layer:  {[float(f'{g:.4g}') for g in r['gmacs_per_layer']]}")
     table = format_table(results)
     say("\n" + table)
-    if args.output and lead:
-        stem = _bench_stem(args.output)
+    if stem and lead:
         write_json(
             stem + ".json",
             {"config": config.to_dict(), "run": info, "results": results},
@@ -200,17 +205,72 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         print(f"\nresults written to {stem}.json, {stem}.md and {stem}.png")
 
 
-def _bench_stem(output: str) -> str:
-    check_output_file(output, what="--output")
-    return output[: -len(".json")] if output.endswith(".json") else output
+def _bench_stem(args: argparse.Namespace) -> str | None:
+    """Where bench's results go, without the suffix: ``WORKDIR/bench`` or ``--output``'s."""
+    if args.workdir:
+        if args.output:
+            raise UserError("give --workdir or --output, not both")
+        _make_workdir(args.workdir)
+        return os.path.join(args.workdir, "bench")
+    if not args.output:
+        return None
+    check_output_file(args.output, what="--output")
+    return args.output[: -len(".json")] if args.output.endswith(".json") else args.output
+
+
+def _make_workdir(workdir: str) -> None:
+    """Check ``--workdir`` and create it, so the files in it can be checked before work."""
+    check_output_dir(workdir, what="--workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+
+EVAL_RESULTS = "eval.json"
 
 
 def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
+    import jax
+
     from vtm_jax.config import load_config
+    from vtm_jax.evaluate import format_results
     from vtm_jax.run_eval import eval_config
 
-    eval_config(load_config(config_args, command="eval"), verify=args.verify)
+    config = load_config(config_args, command="eval")
+    if args.workdir:
+        if config.get("results_path"):
+            raise UserError("give --workdir or --config.results_path, not both")
+        _make_workdir(args.workdir)
+        with config.unlocked():
+            config.results_path = os.path.join(args.workdir, EVAL_RESULTS)
+    path = config.get("results_path")
+    table = None
+    if path:  # the table beside the JSON, as bench and demo write theirs
+        table = (path[: -len(".json")] if path.endswith(".json") else path) + ".md"
+        check_output_file(table, what="results_path's table")
+    results = eval_config(config, verify=args.verify)
+    lead = jax.process_index() == 0
+    if table and lead:
+        with atomic_file(table) as f:
+            f.write(format_results(results) + "\n")
+        print(f"table written to {table}")
+    if args.workdir:
+        _log_eval_scalars(config, results, args.workdir, lead=lead)
+
+
+def _log_eval_scalars(config, results: dict, workdir: str, *, lead: bool) -> None:
+    """The metrics as TensorBoard scalars in the workdir (clu.metric_writers, as Scenic's
+    evaluators), at the step the checkpoint was trained to (0 when it does not say)."""
+    from vtm_jax.checkpoint import load_record
+    from vtm_jax.metrics import metric_writer
+    from vtm_jax.scenic.checkpoint import checkpoint_record
+
+    record = load_record(config.checkpoint, scenic_record=checkpoint_record(config))
+    step = int((record.trained or {}).get("steps", 0))
+    scalars = {f"eval/{name}": value for name, value in results["metrics"].items()}
+    scalars["eval/clips_per_s"] = results["clips_per_s"]
+    writer = metric_writer(workdir, lead=lead)
+    writer.write_scalars(step, scalars)
+    writer.close()
 
 
 def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:
@@ -235,14 +295,23 @@ def _demo(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     for block in ("dataset_configs", "token_merging", "demo"):
         if not config.get(block):
             raise UserError(f"demo needs config.{block}")
-    check_output_dir(args.out, what="--out")
-    run_demo(config, checkpoint=checkpoint, out_dir=args.out)
+    out = _workdir_or_out(args, "out/demo")
+    run_demo(config, checkpoint=checkpoint, out_dir=out)
+
+
+def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
+    """The output directory of demo and visualize: ``--workdir``, or ``--out`` as before;
+    checked, and named in messages by the flag that gave it."""
+    if args.workdir and args.out:
+        raise UserError("give --workdir or --out (the same setting), not both")
+    flag, path = ("--out", args.out) if args.out else ("--workdir", args.workdir or default)
+    return check_output_dir(path, what=flag)
 
 
 def _visualize(args: argparse.Namespace) -> None:
     from vtm_jax.visualize import visualize
 
-    check_output_dir(args.out, what="--out")
+    out = _workdir_or_out(args, "out/visualize")
     merging = None
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
         from vtm_jax.checkpoint import load_record
@@ -259,7 +328,7 @@ def _visualize(args: argparse.Namespace) -> None:
         args.checkpoint,
         args.video,
         layers=layers,
-        out_dir=args.out,
+        out_dir=out,
         merging=merging,
         attention=args.attention,
         verify=args.verify,
@@ -307,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
-    convert.add_argument("--input", required=True, help="HF model directory or checkpoint file")
+    convert.add_argument(
+        "--input",
+        required=True,
+        help="checkpoint file, HF model directory, or (hf) a Hub repo id in the local HF cache",
+    )
     convert.add_argument("--output", required=True, help="new checkpoint directory")
     # Not for hf: config.json says. Default: the file's cfg, else the model's usual.
     convert.add_argument("--num-frames", type=int, help="input frames (default 32 for Scenic)")
@@ -346,11 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput at r=0 and the config's merging",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
+    bench.add_argument(
+        "--workdir", help="directory for the results: bench.json, bench.md (table), bench.png"
+    )
     bench.add_argument("--output", help="results: OUT.json, plus OUT.md (table) and OUT.png (plot)")
     evaluate = sub.add_parser(
         "eval",
         help="accuracy of a checkpoint on a dataset, on every device",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
+    )
+    evaluate.add_argument(
+        "--workdir",
+        help=f"directory for {EVAL_RESULTS}, eval.md (table) and TensorBoard events (rerun to "
+        "resume); or --config.results_path=FILE.json for the results file alone, with FILE.md",
     )
     train = sub.add_parser(
         "train",
@@ -372,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="draw after these layers (1-based; default: a third, two thirds and the last)",
     )
-    vis.add_argument("--out", default="out/visualize", help="directory for the pictures")
+    vis.add_argument("--workdir", help="directory for the pictures (default out/visualize)")
+    vis.add_argument("--out", help="the same as --workdir (its older name)")
     vis.add_argument("--mode", help=MODE_HELP)
     vis.add_argument("--r", type=int, help="tokens removed per layer")
     vis.add_argument("--schedule", type=float)
@@ -394,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="optional --config=FILE.py (default: the checkpoint's own training config)",
     )
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
-    demo.add_argument("--out", default="out/demo", help="directory for results and pictures")
+    demo.add_argument("--workdir", help="directory for results and pictures (default out/demo)")
+    demo.add_argument("--out", help="the same as --workdir (its older name)")
     sw = sub.add_parser(
         "sweep",
         help="the paper's experiment families over your checkpoints, as its tables",
