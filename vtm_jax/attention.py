@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,57 +63,81 @@ def blockwise_attention(
     never a default: BENCHMARKS.md gives its speed and its effect on a model's logits.
     """
     b, n, h, d = q.shape
-    nk = k.shape[1]  # keys may differ in number from queries (Motionformer's slots)
     if n <= chunk_size:
         return xla_attention(q, k, v, bias=bias)
-    out_dtype = q.dtype
     # As many chunks as chunk_size needs, made equal (a multiple of 8 queries): padded queries
     # are wasted work, e.g. 1337 tokens in 6 chunks of 224 instead of 6 of 256 (15% padding).
     num_chunks = -(-n // chunk_size)
     chunk_size = _round_up(-(-n // num_chunks), 8)
-    pad = num_chunks * chunk_size - n
-    scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
-    # [B, N, H, d] -> [H*B, chunks, chunk, d]: (head, clip) pairs, then query chunks.
-    qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    qh = qh.reshape(h * b, num_chunks, chunk_size, d)
-    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, nk)  # keys transposed: [d, Nk]
-    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, nk, d)
-    if compute_dtype is not None:
-        qh, kt, vh = (x.astype(compute_dtype) for x in (qh, kt, vh))
-    xs: tuple[jax.Array, ...] = (qh, kt, vh)
-    key_bias = False
+    xs = _pair_major(q, k, v, num_chunks, chunk_size, compute_dtype)
+    # a key bias ([..., 1, Nk], proportional attention's) stays one row per pair
+    key_bias = bias is not None and (jnp.ndim(bias) < 2 or jnp.shape(bias)[-2] == 1)
     if bias is not None:
-        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
-        if bias.shape[2] == 1:  # one row per (clip, head): [H*B, 1, N]
-            key_bias = True
-            row = jnp.broadcast_to(bias, (b, h, 1, nk)).astype(jnp.float32)
-            xs += (jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, nk),)
-        else:  # a bias per query and key: [H*B, chunks, chunk, Nk]
-            full = jnp.broadcast_to(bias, (b, h, n, nk)).astype(jnp.float32)
-            full = jnp.pad(jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-            xs += (full.reshape(h * b, num_chunks, chunk_size, nk),)
+        xs += (_pair_major_bias(bias, b, h, n, k.shape[1], num_chunks, chunk_size),)
 
     def one_pair(args):
         q_pair, k_pair, v_pair = args[:3]
         pair_bias = args[3] if len(args) > 3 else None
-
-        def one_chunk(chunk_args):
-            q_chunk, chunk_bias = chunk_args
-            logits = jnp.dot(q_chunk, k_pair, preferred_element_type=jnp.float32)
-            if chunk_bias is not None:
-                logits = logits + chunk_bias
-            weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-            total = jnp.sum(weights, axis=-1, keepdims=True)
-            out = jnp.dot(weights.astype(v_pair.dtype), v_pair, preferred_element_type=jnp.float32)
-            return out / total
-
         if pair_bias is None or key_bias:
-            return jax.lax.map(lambda qc: one_chunk((qc, pair_bias)), q_pair)
-        return jax.lax.map(one_chunk, (q_pair, pair_bias))
+            return jax.lax.map(lambda qc: _chunk_attention(qc, k_pair, v_pair, pair_bias), q_pair)
+        return jax.lax.map(
+            lambda a: _chunk_attention(a[0], k_pair, v_pair, a[1]), (q_pair, pair_bias)
+        )
 
     out = jax.lax.map(one_pair, xs)  # [H*B, chunks, chunk, d]
-    out = out.reshape(h, b, num_chunks * chunk_size, d)[:, :, :n].astype(out_dtype)
+    out = out.reshape(h, b, num_chunks * chunk_size, d)[:, :, :n].astype(q.dtype)
     return jnp.transpose(out, (1, 2, 0, 3))
+
+
+def _pair_major(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_chunks: int,
+    chunk_size: int,
+    compute_dtype: jnp.dtype | None,
+) -> tuple[jax.Array, ...]:
+    """Scaled queries ``[H*B, chunks, chunk, d]`` (zero-padded), keys transposed ``[H*B, d, Nk]``
+    and values ``[H*B, Nk, d]``: (head, clip) pairs first."""
+    b, n, h, d = q.shape
+    nk = k.shape[1]  # keys may differ in number from queries (Motionformer's slots)
+    pad = num_chunks * chunk_size - n
+    scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
+    qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qh = qh.reshape(h * b, num_chunks, chunk_size, d)
+    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, nk)
+    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, nk, d)
+    if compute_dtype is not None:
+        qh, kt, vh = (x.astype(compute_dtype) for x in (qh, kt, vh))
+    return qh, kt, vh
+
+
+def _pair_major_bias(
+    bias: jax.Array, b: int, h: int, n: int, nk: int, num_chunks: int, chunk_size: int
+) -> jax.Array:
+    """The bias in the pairs' layout, float32: a key bias stays one row per pair,
+    ``[H*B, 1, Nk]``; a bias per query and key becomes ``[H*B, chunks, chunk, Nk]``."""
+    bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+    if bias.shape[2] == 1:
+        row = jnp.broadcast_to(bias, (b, h, 1, nk)).astype(jnp.float32)
+        return jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, nk)
+    pad = num_chunks * chunk_size - n
+    full = jnp.broadcast_to(bias, (b, h, n, nk)).astype(jnp.float32)
+    full = jnp.pad(jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return full.reshape(h * b, num_chunks, chunk_size, nk)
+
+
+def _chunk_attention(
+    q_chunk: jax.Array, k_pair: jax.Array, v_pair: jax.Array, bias: jax.Array | None
+) -> jax.Array:
+    """One query chunk against all of its pair's keys; normalised after the values matmul."""
+    logits = jnp.dot(q_chunk, k_pair, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.dot(weights.astype(v_pair.dtype), v_pair, preferred_element_type=jnp.float32)
+    return out / total
 
 
 def jax_nn_attention(
@@ -239,15 +264,7 @@ def pallas_tpu_attention(
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
     if bias is not None and bias.shape[2] == 1:  # a key bias: one more head-dim column
-        d_aug = _round_up(d + 1, 128)
-        key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(q.dtype)
-        key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
-        ones = jnp.ones((b, h, nq_pad, 1), q.dtype)
-        qt = jnp.pad(jnp.concatenate([qt, ones], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),))
-        kt = jnp.pad(
-            jnp.concatenate([kt, key_bias[..., None]], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),)
-        )
-        vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
+        qt, kt, vt = _key_bias_column(qt, kt, vt, bias, nk, mask_value)
     elif bias is not None:  # a bias per query and key: the kernel's full [B, H, Nq, Nk] ab
         ab = jnp.broadcast_to(bias, (b, h, nq, nk)).astype(jnp.float32)
         ab = jnp.pad(ab, ((0, 0), (0, 0), (0, nq_pad - nq), (0, 0)))
@@ -256,8 +273,34 @@ def pallas_tpu_attention(
         q_ids = jnp.ones((b, nq_pad), jnp.int32)
         kv_ids = jnp.broadcast_to((jnp.arange(nk_pad) < nk).astype(jnp.int32), (b, nk_pad))
         segment_ids = fa.SegmentIds(q=q_ids, kv=kv_ids)
+    blocks = _flash_block_sizes(fa, block_q, block_k)
+    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+        out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
+    return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
 
-    blocks = fa.BlockSizes(  # the backward blocks too, so that gradients run
+
+def _key_bias_column(
+    qt: jax.Array, kt: jax.Array, vt: jax.Array, bias: jax.Array, nk: int, mask_value: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A key bias ``[B|1, H|1, 1, Nk]`` as one more head-dim column of padded ``[B, H, N, d]``
+    inputs: ``q' = [q, 1]``, ``k' = [k, bias]``, ``v' = [v, 0]``, the head dim padded to a
+    multiple of 128; padded keys get ``mask_value`` there."""
+    b, h, nq_pad, d = qt.shape
+    nk_pad = kt.shape[2]
+    d_aug = _round_up(d + 1, 128)
+    key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(qt.dtype)
+    key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
+    ones = jnp.ones((b, h, nq_pad, 1), qt.dtype)
+    widen = ((0, 0),) * 3 + ((0, d_aug - d - 1),)
+    qt = jnp.pad(jnp.concatenate([qt, ones], -1), widen)
+    kt = jnp.pad(jnp.concatenate([kt, key_bias[..., None]], -1), widen)
+    vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
+    return qt, kt, vt
+
+
+def _flash_block_sizes(fa: Any, block_q: int, block_k: int) -> Any:
+    """The flash kernel's tiles, the backward pass's too, so that gradients run."""
+    return fa.BlockSizes(
         block_q=block_q,
         block_k_major=block_k,
         block_k=block_k,
@@ -270,9 +313,6 @@ def pallas_tpu_attention(
         block_k_dq=block_k,
         block_q_dq=block_q,
     )
-    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
-        out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
-    return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
 
 
 BACKENDS: dict[str, AttentionFn] = {
