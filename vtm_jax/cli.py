@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError, expected_failure
@@ -373,7 +374,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtm-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vtm-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    pred = _add_predict(sub)
+    bench, evaluate = _add_bench(sub), _add_eval(sub)
+    _add_train(sub)
+    vis = _add_visualize(sub)
+    _add_demo(sub)
+    _add_sweep(sub)
+    for loads_checkpoint in (pred, evaluate, vis):
+        loads_checkpoint.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="skip the checkpoint's digest and finiteness checks (faster for large ones)",
+        )
+    for multi_host in (bench, evaluate):
+        multi_host.add_argument(
+            "--distributed", action="store_true", help="jax.distributed, auto-detected"
+        )
+        multi_host.add_argument(
+            "--coordinator", help="HOST:PORT of process 0 (explicit multi-host)"
+        )
+        multi_host.add_argument("--num-processes", type=int)
+        multi_host.add_argument("--process-id", type=int)
+    return parser
 
+
+def _add_convert(sub: Any) -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
     convert.add_argument(
@@ -390,30 +417,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-splits",
         help="sizes of the heads in one concatenated classifier, e.g. 97,300 for EPIC-KITCHENS",
     )
+    return convert
 
-    pred = sub.add_parser("predict", help="classify one clip")
-    pred.add_argument("--checkpoint", required=True)
-    pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
-    pred.add_argument("--mode", help=MODE_HELP)
-    pred.add_argument("--r", type=int, help="tokens removed per layer")
-    pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
-    pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
-    pred.add_argument(
+
+def _add_merging_options(parser: argparse.ArgumentParser) -> None:
+    """The reduction flags of the commands that take a checkpoint without a config file."""
+    parser.add_argument("--mode", help=MODE_HELP)
+    parser.add_argument("--r", type=int, help="tokens removed per layer")
+    parser.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
+    parser.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
+    parser.add_argument(
         "--prop-attn",
         action=argparse.BooleanOptionalAction,
         help="proportional attention (default: as stored with the checkpoint)",
     )
-    pred.add_argument("--head-aggregation", choices=("mean", "concat"))
-    pred.add_argument(
+    parser.add_argument("--head-aggregation", choices=("mean", "concat"))
+    parser.add_argument(
         "--motionformer-concat-keys",
         action="store_const",
         const=True,
         help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
     )
-    pred.add_argument("--seed", type=int, help="seed of the random modes")
-    pred.add_argument("--attention", default="auto", help="attention backend")
-    pred.add_argument("--save-logits", metavar="OUT.npy")
+    parser.add_argument("--seed", type=int, help="seed of the random modes")
+    parser.add_argument("--attention", default="auto", help="attention backend")
 
+
+def _add_predict(sub: Any) -> argparse.ArgumentParser:
+    pred = sub.add_parser("predict", help="classify one clip")
+    pred.add_argument("--checkpoint", required=True)
+    pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
+    _add_merging_options(pred)
+    pred.add_argument("--save-logits", metavar="OUT.npy")
+    return pred
+
+
+def _add_bench(sub: Any) -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="throughput at r=0 and the config's merging",
@@ -423,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", help="directory for the results: bench.json, bench.md (table), bench.png"
     )
     bench.add_argument("--output", help="results: OUT.json, plus OUT.md (table) and OUT.png (plot)")
+    return bench
+
+
+def _add_eval(sub: Any) -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         help="accuracy of a checkpoint on a dataset, on every device",
@@ -433,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"directory for {EVAL_RESULTS}, eval.md (table) and TensorBoard events (rerun to "
         "resume); or --config.results_path=FILE.json for the results file alone, with FILE.md",
     )
+    return evaluate
+
+
+def _add_train(sub: Any) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train or fine-tune with optax (optionally with merging); resumes when rerun",
@@ -443,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="checkpoints, train_log.jsonl and the exported model/ (rerun to resume)",
     )
+    return train
+
+
+def _add_visualize(sub: Any) -> argparse.ArgumentParser:
     vis = sub.add_parser("visualize", help="draw which tokens merged, as PNG grids and a GIF")
     vis.add_argument("--checkpoint", required=True)
     vis.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
@@ -455,21 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vis.add_argument("--workdir", help="directory for the pictures (default out/visualize)")
     vis.add_argument("--out", help="the same as --workdir (its older name)")
-    vis.add_argument("--mode", help=MODE_HELP)
-    vis.add_argument("--r", type=int, help="tokens removed per layer")
-    vis.add_argument("--schedule", type=float)
-    vis.add_argument("--threshold", type=float)
-    vis.add_argument("--prop-attn", action=argparse.BooleanOptionalAction)
-    vis.add_argument("--head-aggregation", choices=("mean", "concat"))
-    vis.add_argument(
-        "--motionformer-concat-keys",
-        action="store_const",
-        const=True,
-        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
-    )
-    vis.add_argument("--seed", type=int)
-    vis.add_argument("--attention", default="auto", help="attention backend")
+    _add_merging_options(vis)
+    return vis
 
+
+def _add_demo(sub: Any) -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the paper's table in miniature on the shipped checkpoint (the README's first command)",
@@ -478,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
     demo.add_argument("--workdir", help="directory for results and pictures (default out/demo)")
     demo.add_argument("--out", help="the same as --workdir (its older name)")
+    return demo
+
+
+def _add_sweep(sub: Any) -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep",
         help="the paper's experiment families over your checkpoints, as its tables",
@@ -503,23 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="r values of the r-curve families: this many equal steps up to the largest r",
     )
-    for loads_checkpoint in (pred, evaluate, vis):
-        loads_checkpoint.add_argument(
-            "--no-verify",
-            dest="verify",
-            action="store_false",
-            help="skip the checkpoint's digest and finiteness checks (faster for large ones)",
-        )
-    for multi_host in (bench, evaluate):
-        multi_host.add_argument(
-            "--distributed", action="store_true", help="jax.distributed, auto-detected"
-        )
-        multi_host.add_argument(
-            "--coordinator", help="HOST:PORT of process 0 (explicit multi-host)"
-        )
-        multi_host.add_argument("--num-processes", type=int)
-        multi_host.add_argument("--process-id", type=int)
-    return parser
+    return sw
 
 
 def main(argv: Sequence[str] | None = None) -> int:
