@@ -41,6 +41,47 @@ def test_blockwise_full_bias_rows():
     )
 
 
+def test_blockwise_per_head_key_bias_and_batch():
+    # a [1, H, 1, N] bias (one row per head) over two clips: every (head, clip) pair its row
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 45, 3, 8)) for i in range(3))
+    bias = jax.random.normal(jax.random.PRNGKey(7), (1, 3, 1, 45))
+    np.testing.assert_allclose(
+        blockwise_attention(q, k, v, bias=bias, chunk_size=16),
+        xla_attention(q, k, v, bias=bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("bias_kind", [None, "key", "full"])
+def test_blockwise_more_queries_than_keys(bias_kind):
+    # Motionformer: every patch query against the keys of one slot (Nq != Nk)
+    q, k, v = _qkv(2, 50, 13, 3, 8)
+    kb = jax.random.PRNGKey(4)
+    bias = {
+        None: None,
+        "key": jax.random.normal(kb, (2, 1, 1, 13)),
+        "full": jax.random.normal(kb, (2, 3, 50, 13)),
+    }[bias_kind]
+    np.testing.assert_allclose(
+        blockwise_attention(q, k, v, bias=bias, chunk_size=16),
+        xla_attention(q, k, v, bias=bias),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_blockwise_bfloat16_matmuls_are_an_option():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 300, 2, 64)) for i in range(3))
+    bias = jnp.log(jax.random.randint(jax.random.PRNGKey(3), (1, 1, 1, 300), 1, 9) * 1.0)
+    expected = xla_attention(q, k, v, bias=bias)
+    got = blockwise_attention(q, k, v, bias=bias, chunk_size=64, compute_dtype=jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    error = float(jnp.max(jnp.abs(got - expected)))
+    assert 1e-5 < error < 2e-2  # bfloat16 inputs: visibly not float32, still close
+    assert get_attention("blockwise_bf16").keywords == {"compute_dtype": jnp.bfloat16}
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_jax_nn_matches_plain(with_bias):
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 33, 4, 16)) for i in range(3))
@@ -55,7 +96,9 @@ def test_jax_nn_matches_plain(with_bias):
 
 def test_backend_choice():
     assert get_attention("auto") is blockwise_attention  # the CPU default
-    with pytest.raises(UserError, match="valid: auto, xla, blockwise, jax_nn, cudnn, pallas_tpu"):
+    with pytest.raises(
+        UserError, match="valid: auto, xla, blockwise, blockwise_bf16, jax_nn, cudnn, pallas_tpu"
+    ):
         get_attention("flash9")
     with pytest.raises(UserError, match="needs a GPU"):
         get_attention("cudnn")

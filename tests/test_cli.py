@@ -179,6 +179,12 @@ def test_bench_tiny(tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in results] == ["none", "merge"]
     assert results[0]["speedup"] == 1.0 and results[1]["flop_limit"] > 1.0
+    # --workdir: the same three files under fixed names in that directory.
+    assert main([*args, "--config.token_merging.r=6", f"--workdir={tmp_path / 'w'}"]) == 0
+    assert sorted(os.listdir(tmp_path / "w")) == ["bench.json", "bench.md", "bench.png"]
+    assert "| merge | 6 |" in (tmp_path / "w" / "bench.md").read_text()
+    _bad([*args, f"--workdir={tmp_path / 'w'}", f"--output={out}"], capsys, "not both")
+    _bad([*args, f"--workdir={out}"], capsys, f"--workdir {out} is a file")
     _bad([*args, "--config.token_merging.mode=tome"], capsys, "unknown mode 'tome'")
     _bad([*args, "--config.nonexistent=1"], capsys, "the config has no field 'nonexistent'")
     _bad(["bench", "--config=configs/nonexistent.py"], capsys, "no config file")
@@ -240,3 +246,22 @@ def test_version_and_module_entry_point():
         and vtm_jax.__version__ != "0+unknown"
     )
     assert issubclass(UserError, ValueError)  # library callers catch the ordinary kind
+
+
+def test_visualize_and_demo_take_workdir_or_out(converted, tmp_path, capsys):
+    _, root = converted
+    np.save(tmp_path / "clip.npy", np.zeros((FRAMES, SIZE, SIZE, 3), np.float32))
+    vis = ["visualize", "--checkpoint", str(root / "ckpt"), "--video", str(tmp_path / "clip.npy")]
+    assert main([*vis, "--layers", "2", "--r", "8", "--workdir", str(tmp_path / "w")]) == 0
+    assert sorted(os.listdir(tmp_path / "w")) == [
+        "clip_input.png",
+        "clip_layer2.gif",
+        "clip_layer2.png",
+    ]
+    assert main([*vis, "--layers", "2", "--r", "8", "--out", str(tmp_path / "o")]) == 0
+    assert sorted(os.listdir(tmp_path / "o")) == sorted(os.listdir(tmp_path / "w"))
+    both = ["--workdir", str(tmp_path / "a"), "--out", str(tmp_path / "b")]
+    _bad([*vis, *both], capsys, "give --workdir or --out (the same setting), not both")
+    _bad(["demo", *both], capsys, "give --workdir or --out (the same setting), not both")
+    _bad(["demo", "--workdir", str(tmp_path / "clip.npy")], capsys, "--workdir")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -5,7 +5,9 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
+from tests.events import read_scalars
 from vtm_jax.checkpoint import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.models.vivit import ViViT
@@ -54,6 +56,9 @@ def test_eval_synthetic_from_config(tmp_path, capsys):
     first = json.loads(results.read_text())
     out = capsys.readouterr().out
     assert "top1" in out and "results written to" in out
+    # The table beside the JSON, as bench and demo write theirs.
+    table = (tmp_path / "results.md").read_text()
+    assert f"| top1 | {100 * first['metrics']['top1']:.2f}% |" in table
     assert first["complete"] and len(first["video_ids"]) == 16
     assert set(first["metrics"]) == {"top1", "top5"} and 0 <= first["metrics"]["top1"] <= 1
     # A rerun of the same run resumes from the file and gives the same numbers.
@@ -121,3 +126,34 @@ def test_eval_cli_same_metrics_on_eight_devices(tmp_path):
         assert data["complete"] and len(data["video_ids"]) == 12
         metrics[devices] = (data["metrics"], data["sums"])
     assert metrics[1] == metrics[8]
+
+
+def test_eval_workdir_holds_the_results_table_and_events(tiny_checkpoint, tmp_path, capsys):
+    """`--workdir`: eval.json, eval.md and TensorBoard scalars, Scenic-style; resumable."""
+    workdir = tmp_path / "run"
+    args = [
+        "eval",
+        f"--config={REPO}/configs/vivit_synthetic.py",
+        f"--config.checkpoint={tiny_checkpoint('vivit')}",
+        f"--config.dataset_configs.data_dir={tmp_path / 'data'}",
+        "--config.dataset_configs.builder_options.test_examples=8",
+        "--config.dataset_configs.builder_options.train_examples=8",
+        "--config.token_merging.r=8",
+    ]
+    assert main([*args, f"--workdir={workdir}"]) == 0
+    results = json.loads((workdir / "eval.json").read_text())
+    assert results["complete"] and len(results["video_ids"]) == 8
+    assert (
+        f"| top1 | {100 * results['metrics']['top1']:.2f}% |" in (workdir / "eval.md").read_text()
+    )
+    scalars = read_scalars(workdir)
+    assert set(scalars) == {"eval/top1", "eval/top5", "eval/clips_per_s"}
+    assert scalars["eval/top1"] == [(0, pytest.approx(results["metrics"]["top1"]))]
+    capsys.readouterr()
+    both = [*args, f"--workdir={workdir}", f"--config.results_path={tmp_path / 'r.json'}"]
+    assert main(both) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vtm-jax: error: give --workdir or --config.results_path, not both"
+    (tmp_path / "file").write_text("")
+    assert main([*args, f"--workdir={tmp_path / 'file'}"]) == 2
+    assert "--workdir" in capsys.readouterr().err

@@ -6,7 +6,8 @@ the first call, it does not remove it. Imports under ``if TYPE_CHECKING:`` are n
 since they never run. ``from vtm_jax.pkg import name`` points at the submodule
 ``vtm_jax.pkg.name`` when there is one, else at ``vtm_jax.pkg``. Importing a submodule also
 runs its packages' ``__init__``, which is not counted: those hold no ``vtm_jax`` imports
-that lead back (``vtm_jax/__init__.py`` imports nothing of the package).
+that lead back (``vtm_jax/__init__.py`` imports ``vtm_jax.api`` only inside its module
+``__getattr__``, when one of the API's names is first used; that edge is counted).
 """
 
 from __future__ import annotations

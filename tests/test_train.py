@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests.events import read_scalars
 from vtm_jax.cli import main
 from vtm_jax.config_blocks import token_merging_config
 from vtm_jax.errors import UserError
@@ -125,6 +126,13 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert [e["step"] for e in log if "test_accuracy" in e] == [12, 24, 30]
     assert log[-1]["loss"] < log[0]["loss"]
+    # The same scalars as TensorBoard events in the workdir (clu.metric_writers, as Scenic).
+    scalars = read_scalars(tmp_path / "run")
+    assert set(scalars) == {"loss", "accuracy", "lr", "test_accuracy"}
+    for tag in scalars:
+        logged = [(e["step"], e[tag]) for e in log if tag in e]
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in logged]
+        assert [v for _, v in scalars[tag]] == pytest.approx([v for _, v in logged], rel=1e-6)
     params, record = _params(str(tmp_path / "run"))
     assert record.architecture == "vivit"
     assert record.trained["steps"] == 30

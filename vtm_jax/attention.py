@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,51 +38,107 @@ def blockwise_attention(
     v: jax.Array,
     *,
     bias: jax.Array | None = None,
-    chunk_size: int = 128,
+    chunk_size: int = 256,
+    compute_dtype: jnp.dtype | None = None,
 ) -> jax.Array:
-    """Attention computed one head and ``chunk_size`` queries at a time.
+    """Attention computed one (head, clip) pair and ``chunk_size`` queries at a time.
 
-    Each chunk sees every key, so its softmax is exact; only a ``[B, chunk, N]`` slice of
-    logits exists at once, small enough to stay in cache while the softmax runs. On a CPU this
-    is several times faster than :func:`xla_attention` at thousands of tokens
-    (``scripts/bench_attention.py``, BENCHMARKS.md).
+    Each chunk sees every key, so its softmax is exact; only a ``[chunk, N]`` slice of logits
+    exists at once (3.2 MB at 3137 tokens), so it stays in cache between the logits matmul,
+    the softmax and the values matmul. 256 queries were the fastest chunk at every token
+    count of ViViT-B's r=300 schedule (737 to 3137) among 128, 256 and 512. On a CPU this is several times faster than
+    :func:`xla_attention` at thousands of tokens (``scripts/bench_attention.py``).
+
+    The layout is chosen for XLA's CPU backend (BENCHMARKS.md lists what each step bought):
+
+    * two nested loops, (head, clip) pairs outside and query chunks inside, so that a pair's
+      keys ``[d, N]`` (transposed once, a plain matmul per chunk) and values ``[N, d]`` are
+      sliced once per pair rather than copied again for every chunk;
+    * the softmax is normalised after the values matmul, ``(exp(s - max) @ v) / sum``: the
+      division runs on ``[chunk, d]`` instead of ``[chunk, N]``;
+    * a key bias (``log(size)``, ``[B|1, 1, 1, N]``) is one row added to the logits, which XLA
+      fuses with the logits matmul, the row maximum and the exponential.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``) runs both matmuls with inputs in that dtype and
+    float32 accumulation; the logits' softmax and the output stay float32. It is an option,
+    never a default: BENCHMARKS.md gives its speed and its effect on a model's logits.
     """
     b, n, h, d = q.shape
     if n <= chunk_size:
         return xla_attention(q, k, v, bias=bias)
+    # As many chunks as chunk_size needs, made equal (a multiple of 8 queries): padded queries
+    # are wasted work, e.g. 1337 tokens in 6 chunks of 224 instead of 6 of 256 (15% padding).
     num_chunks = -(-n // chunk_size)
+    chunk_size = _round_up(-(-n // num_chunks), 8)
+    xs = _pair_major(q, k, v, num_chunks, chunk_size, compute_dtype)
+    # a key bias ([..., 1, Nk], proportional attention's) stays one row per pair
+    key_bias = bias is not None and (jnp.ndim(bias) < 2 or jnp.shape(bias)[-2] == 1)
+    if bias is not None:
+        xs += (_pair_major_bias(bias, b, h, n, k.shape[1], num_chunks, chunk_size),)
+
+    def one_pair(args):
+        q_pair, k_pair, v_pair = args[:3]
+        pair_bias = args[3] if len(args) > 3 else None
+        if pair_bias is None or key_bias:
+            return jax.lax.map(lambda qc: _chunk_attention(qc, k_pair, v_pair, pair_bias), q_pair)
+        return jax.lax.map(
+            lambda a: _chunk_attention(a[0], k_pair, v_pair, a[1]), (q_pair, pair_bias)
+        )
+
+    out = jax.lax.map(one_pair, xs)  # [H*B, chunks, chunk, d]
+    out = out.reshape(h, b, num_chunks * chunk_size, d)[:, :, :n].astype(q.dtype)
+    return jnp.transpose(out, (1, 2, 0, 3))
+
+
+def _pair_major(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    num_chunks: int,
+    chunk_size: int,
+    compute_dtype: jnp.dtype | None,
+) -> tuple[jax.Array, ...]:
+    """Scaled queries ``[H*B, chunks, chunk, d]`` (zero-padded), keys transposed ``[H*B, d, Nk]``
+    and values ``[H*B, Nk, d]``: (head, clip) pairs first."""
+    b, n, h, d = q.shape
+    nk = k.shape[1]  # keys may differ in number from queries (Motionformer's slots)
     pad = num_chunks * chunk_size - n
     scale = 1.0 / jnp.sqrt(d).astype(q.dtype)
-    # (head, chunk) pairs become one sequential map; the batch stays inside each step.
     qh = jnp.pad(jnp.transpose(q * scale, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
-    qh = qh.reshape(h, b, num_chunks, chunk_size, d).transpose(0, 2, 1, 3, 4)
-    qh = qh.reshape(h * num_chunks, b, chunk_size, d)
-    kh, vh = jnp.transpose(k, (2, 0, 1, 3)), jnp.transpose(v, (2, 0, 1, 3))  # [H, B, N, d]
-    key_bias = full_bias = None
+    qh = qh.reshape(h * b, num_chunks, chunk_size, d)
+    kt = jnp.transpose(k, (2, 0, 3, 1)).reshape(h * b, d, nk)
+    vh = jnp.transpose(v, (2, 0, 1, 3)).reshape(h * b, nk, d)
+    if compute_dtype is not None:
+        qh, kt, vh = (x.astype(compute_dtype) for x in (qh, kt, vh))
+    return qh, kt, vh
+
+
+def _pair_major_bias(
+    bias: jax.Array, b: int, h: int, n: int, nk: int, num_chunks: int, chunk_size: int
+) -> jax.Array:
+    """The bias in the pairs' layout, float32: a key bias stays one row per pair,
+    ``[H*B, 1, Nk]``; a bias per query and key becomes ``[H*B, chunks, chunk, Nk]``."""
+    bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+    if bias.shape[2] == 1:
+        row = jnp.broadcast_to(bias, (b, h, 1, nk)).astype(jnp.float32)
+        return jnp.transpose(row, (1, 0, 2, 3)).reshape(h * b, 1, nk)
+    pad = num_chunks * chunk_size - n
+    full = jnp.broadcast_to(bias, (b, h, n, nk)).astype(jnp.float32)
+    full = jnp.pad(jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return full.reshape(h * b, num_chunks, chunk_size, nk)
+
+
+def _chunk_attention(
+    q_chunk: jax.Array, k_pair: jax.Array, v_pair: jax.Array, bias: jax.Array | None
+) -> jax.Array:
+    """One query chunk against all of its pair's keys; normalised after the values matmul."""
+    logits = jnp.dot(q_chunk, k_pair, preferred_element_type=jnp.float32)
     if bias is not None:
-        bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
-        if bias.shape[1] == 1 and bias.shape[2] == 1:
-            key_bias = bias[:, 0]  # [B, 1, N]: the same row for every head and query
-        else:
-            full = jnp.broadcast_to(bias, (b, h, n, n))
-            full_bias = jnp.pad(
-                jnp.transpose(full, (1, 0, 2, 3)), ((0, 0), (0, 0), (0, pad), (0, 0))
-            )
-    heads = jnp.repeat(jnp.arange(h), num_chunks)
-    starts = jnp.tile(jnp.arange(num_chunks) * chunk_size, h)
-
-    def one_chunk(args):
-        head, start, q_chunk = args
-        logits = jnp.einsum("bqd,bkd->bqk", q_chunk, kh[head])
-        if key_bias is not None:
-            logits = logits + key_bias
-        elif full_bias is not None:
-            logits = logits + jax.lax.dynamic_slice_in_dim(full_bias[head], start, chunk_size, 1)
-        return jnp.einsum("bqk,bkd->bqd", jax.nn.softmax(logits, axis=-1), vh[head])
-
-    out = jax.lax.map(one_chunk, (heads, starts, qh))  # [H * chunks, B, chunk, d]
-    out = out.reshape(h, num_chunks, b, chunk_size, d).transpose(2, 1, 3, 0, 4)
-    return out.reshape(b, num_chunks * chunk_size, h, d)[:, :n]
+        logits = logits + bias
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.dot(weights.astype(v_pair.dtype), v_pair, preferred_element_type=jnp.float32)
+    return out / total
 
 
 def jax_nn_attention(
@@ -92,8 +149,42 @@ def jax_nn_attention(
     bias: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention``: cuDNN's fused kernel on GPUs where it applies."""
+    """``jax.nn.dot_product_attention`` with ``implementation`` left to JAX.
+
+    In JAX 0.10 ``implementation=None`` is XLA's own attention on every platform (JAX's source
+    says it does not pick cuDNN automatically yet); :func:`cudnn_attention` asks for cuDNN.
+    """
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    compute_dtype: jnp.dtype = jnp.float16,
+) -> jax.Array:
+    """cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``).
+
+    cuDNN's kernel takes only fp16, bf16 or fp8 inputs and a bias of exactly ``Nq x Nk`` per
+    (batch|1, head|1), so float32 ``q, k, v`` and the bias are cast to ``compute_dtype`` and
+    the output is cast back: this backend is never float32 inside. float16 is the default
+    because it keeps 3 more mantissa bits than bfloat16 (the ``log(size)`` bias, up to about 8,
+    is then off by at most 0.004) and ViT activations stay far below its 65504 limit. A key
+    bias ``[B|1, H|1, 1, Nk]`` is broadcast over the queries, ``[B|1, H|1, Nq, Nk]``: at 3137
+    tokens that is 20 MB per clip in float16. The lowering needs cuDNN on the machine (JAX
+    asks it for its version while tracing).
+    """
+    dtype = q.dtype
+    if dtype not in (jnp.float16, jnp.bfloat16):
+        q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    return out.astype(dtype)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -123,6 +214,7 @@ def pallas_tpu_attention(
     block_size: int | None = None,
     min_len: int = 128,
     interpret: bool = False,
+    require_tpu: bool = True,
 ) -> jax.Array:
     """JAX's Pallas flash-attention kernel for TPUs (``pallas.ops.tpu.flash_attention``).
 
@@ -144,8 +236,10 @@ def pallas_tpu_attention(
     go to :func:`xla_attention`: padding them to a 128-token block wastes more than it saves.
     ``interpret=True`` runs the kernel in Pallas's TPU interpreter on any platform (tests); it
     covers the forward pass, a gradient must be traced under ``pltpu.force_tpu_interpret_mode``.
+    ``require_tpu=False`` lets a machine without a TPU trace the kernel for another one
+    (``jax.export`` with ``platforms=["tpu"]``); running it there fails in Pallas.
     """
-    if not interpret and jax.default_backend() != "tpu":
+    if require_tpu and not interpret and jax.default_backend() != "tpu":
         raise UserError(
             f"attention backend 'pallas_tpu' needs a TPU; this is {jax.default_backend()}"
         )
@@ -171,15 +265,7 @@ def pallas_tpu_attention(
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
     if bias is not None and bias.shape[2] == 1:  # a key bias: one more head-dim column
-        d_aug = _round_up(d + 1, 128)
-        key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(q.dtype)
-        key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
-        ones = jnp.ones((b, h, nq_pad, 1), q.dtype)
-        qt = jnp.pad(jnp.concatenate([qt, ones], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),))
-        kt = jnp.pad(
-            jnp.concatenate([kt, key_bias[..., None]], -1), ((0, 0),) * 3 + ((0, d_aug - d - 1),)
-        )
-        vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
+        qt, kt, vt = _key_bias_column(qt, kt, vt, bias, nk, mask_value)
     elif bias is not None:  # a bias per query and key: the kernel's full [B, H, Nq, Nk] ab
         ab = jnp.broadcast_to(bias, (b, h, nq, nk)).astype(jnp.float32)
         ab = jnp.pad(ab, ((0, 0), (0, 0), (0, nq_pad - nq), (0, 0)))
@@ -188,8 +274,34 @@ def pallas_tpu_attention(
         q_ids = jnp.ones((b, nq_pad), jnp.int32)
         kv_ids = jnp.broadcast_to((jnp.arange(nk_pad) < nk).astype(jnp.int32), (b, nk_pad))
         segment_ids = fa.SegmentIds(q=q_ids, kv=kv_ids)
+    blocks = _flash_block_sizes(fa, block_q, block_k)
+    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+        out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
+    return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
 
-    blocks = fa.BlockSizes(  # the backward blocks too, so that gradients run
+
+def _key_bias_column(
+    qt: jax.Array, kt: jax.Array, vt: jax.Array, bias: jax.Array, nk: int, mask_value: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A key bias ``[B|1, H|1, 1, Nk]`` as one more head-dim column of padded ``[B, H, N, d]``
+    inputs: ``q' = [q, 1]``, ``k' = [k, bias]``, ``v' = [v, 0]``, the head dim padded to a
+    multiple of 128; padded keys get ``mask_value`` there."""
+    b, h, nq_pad, d = qt.shape
+    nk_pad = kt.shape[2]
+    d_aug = _round_up(d + 1, 128)
+    key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(qt.dtype)
+    key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
+    ones = jnp.ones((b, h, nq_pad, 1), qt.dtype)
+    widen = ((0, 0),) * 3 + ((0, d_aug - d - 1),)
+    qt = jnp.pad(jnp.concatenate([qt, ones], -1), widen)
+    kt = jnp.pad(jnp.concatenate([kt, key_bias[..., None]], -1), widen)
+    vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
+    return qt, kt, vt
+
+
+def _flash_block_sizes(fa: Any, block_q: int, block_k: int) -> Any:
+    """The flash kernel's tiles, the backward pass's too, so that gradients run."""
+    return fa.BlockSizes(
         block_q=block_q,
         block_k_major=block_k,
         block_k=block_k,
@@ -202,16 +314,15 @@ def pallas_tpu_attention(
         block_k_dq=block_k,
         block_q_dq=block_q,
     )
-    with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
-        out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
-    return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
 
 
 BACKENDS: dict[str, AttentionFn] = {
     "xla": xla_attention,
     "blockwise": blockwise_attention,
-    "jax_nn": jax_nn_attention,  # XLA picks the implementation
-    "cudnn": functools.partial(jax_nn_attention, implementation="cudnn"),
+    # bfloat16 matmul inputs, float32 softmax and accumulation: an opt-in CPU speed option
+    "blockwise_bf16": functools.partial(blockwise_attention, compute_dtype=jnp.bfloat16),
+    "jax_nn": jax_nn_attention,  # XLA's attention (JAX 0.10 does not choose cuDNN by itself)
+    "cudnn": cudnn_attention,
     "pallas_tpu": pallas_tpu_attention,
 }
 NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
@@ -245,8 +356,10 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     """The attention function for a backend name.
 
     ``auto``: ``blockwise`` on CPUs (materialising the logits is the bottleneck there),
-    ``jax_nn`` on GPUs (cuDNN's fused attention where it applies), ``pallas_tpu`` on TPUs
-    (Pallas flash attention), ``xla`` elsewhere.
+    ``jax_nn`` on GPUs (XLA's attention in the model's dtype; ``cudnn``, fused but float16
+    inside, only by name), ``pallas_tpu`` on TPUs
+    (Pallas flash attention), ``xla`` elsewhere. ``blockwise_bf16`` is ``blockwise`` with
+    bfloat16 matmul inputs: faster on CPUs with AVX-512 BF16 or AMX, never chosen by ``auto``.
     """
     platform = jax.default_backend()
     if name == "auto":
@@ -257,6 +370,6 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     if needs is not None and platform != needs:
         raise UserError(f"attention backend {name!r} needs a {needs.upper()}; this is {platform}")
     fn = BACKENDS[name]
-    if chunk_size is not None and name == "blockwise":
+    if chunk_size is not None and name in ("blockwise", "blockwise_bf16"):
         fn = functools.partial(fn, chunk_size=chunk_size)
     return fn

@@ -1,7 +1,7 @@
 """Throughput of a model under reduction settings, with the paper's protocol.
 
 Random input, a warm-up, then timed forward passes only, at a fixed batch per device
-(method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
+(docs/method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
 its analytic multiply-adds, XLA's own FLOP count of the compiled program, the achieved FLOP/s
 and the FLOP-ratio limit of its speedup. The batch is split over every device of every process
 (``jax.distributed``), so one command measures a CPU, a GPU or a whole TPU pod.
@@ -104,7 +104,10 @@ def bench_settings(
     params: Any = None,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline."""
+    """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline.
+
+    Settings are timed in turns, one pass of each per round, after all are compiled and
+    warmed up."""
     if batch_size < 1 or iterations < 1 or warmup < 0:
         raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
     num_frames, size = record.num_frames, record.image_size
@@ -114,20 +117,38 @@ def bench_settings(
     global_batch = video.shape[0]
     if params is None:
         params = random_params(record, attention)
-    results = []
+    # Compile and warm up every setting first, then time them in turns (one pass of each per
+    # round): a change in the machine's load hits every setting alike instead of skewing the
+    # speedups, which are ratios of settings.
+    runs = []
     for merging in settings:
         model = build_model(record, merging, attention_fn)
-        plan = model.token_plan(num_frames, size)
-        macs = model.analytic_macs(num_frames, size)
         progress(
-            f"timing mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
+            f"compiling mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
         )
 
         def forward(p, x, model=model):
             return model.apply({"params": p}, x)
 
-        timing = time_forward(forward, params, video, warmup=warmup, iterations=iterations)
-        median = float(np.median(timing["seconds"]))
+        start = time.perf_counter()
+        compiled = jax.jit(forward).lower(params, video).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(params, video))
+        runs.append((merging, model, compiled, compile_s))
+    seconds: list[list[float]] = [[] for _ in runs]
+    progress(f"timing {len(runs)} setting(s) in turns, {iterations} pass(es) each")
+    for _ in range(iterations):
+        for i, (_, _, compiled, _) in enumerate(runs):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(params, video))
+            seconds[i].append(time.perf_counter() - start)
+    results = []
+    for (merging, model, compiled, compile_s), times in zip(runs, seconds, strict=True):
+        plan = model.token_plan(num_frames, size)
+        macs = model.analytic_macs(num_frames, size)
+        xla_flops = _xla_flops(compiled)
+        median = float(np.median(times))
         gmacs = macs["total"] / 1e9
         results.append(
             {
@@ -141,10 +162,10 @@ def bench_settings(
                 "gmacs_per_clip": gmacs,
                 # XLA costs the program one device runs, on its share of the batch.
                 "xla_gflops_per_clip": (
-                    None if timing["xla_flops"] is None else timing["xla_flops"] / 1e9 / batch_size
+                    None if xla_flops is None else xla_flops / 1e9 / batch_size
                 ),
-                "compile_s": timing["compile_s"],
-                "seconds": timing["seconds"],
+                "compile_s": compile_s,
+                "seconds": times,
                 "clips_per_s": global_batch / median,
                 "clips_per_s_per_device": global_batch / median / len(jax.devices()),
                 "frames_per_s": global_batch * num_frames / median,
@@ -159,8 +180,23 @@ def bench_settings(
     return results
 
 
+def matmul_peak_gflops(repeats: int = 20) -> float:
+    """Best float32 GEMM rate (GFLOP/s) of one device at ViViT-B's MLP shape,
+    ``[3137, 768] x [768, 3072]``: the yardstick for a model run's achieved GFLOP/s."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (3137, 768), np.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (768, 3072), np.float32)
+    dot = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(dot(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2 * 3137 * 768 * 3072 / best / 1e9
+
+
 def run_info(batch_size: int) -> dict[str, Any]:
-    """Where and how the numbers were measured."""
+    """Where and how the numbers were measured, with this device's float32 matmul peak."""
     device = jax.devices()[0]
     return {
         "platform": device.platform,
@@ -170,6 +206,7 @@ def run_info(batch_size: int) -> dict[str, Any]:
         "batch_per_device": batch_size,
         "global_batch": batch_size * len(jax.devices()),
         "jax": jax.__version__,
+        "matmul_peak_gflop_per_s": matmul_peak_gflops(),
     }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError, expected_failure
@@ -44,11 +45,16 @@ def _convert(args: argparse.Namespace) -> None:
                 f"--class-splits add up to {sum(splits)}, the classifier has "
                 f"{record.num_classes} classes"
             )
-    record = dataclasses.replace(
-        record,
-        class_splits=splits,
-        converted_from={"source": args.source, "path": os.path.abspath(args.input)},
-    )
+    converted_from = {"source": args.source, "path": os.path.abspath(args.input)}
+    if args.source == "hf" and not os.path.exists(args.input):  # a Hub id, read from the cache
+        from vtm_jax.convert.hub import cached_snapshot
+
+        converted_from = {
+            "source": "hf",
+            "repo_id": args.input,
+            "path": cached_snapshot(args.input),
+        }
+    record = dataclasses.replace(record, class_splits=splits, converted_from=converted_from)
     save_checkpoint(args.output, params, record)
     print(f"wrote {args.output} ({record.architecture})")
 
@@ -148,9 +154,10 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     from vtm_jax.reduction import ReductionSettings
 
     config = load_config(config_args, command="bench")
-    if args.output:  # every file the results go to, before anything is timed
+    stem = _bench_stem(args)
+    if stem:  # every file the results go to, before anything is timed
         for suffix in (".json", ".md", ".png"):
-            check_output_file(_bench_stem(args.output) + suffix, what="--output")
+            check_output_file(stem + suffix, what="--workdir" if args.workdir else "--output")
     record = record_from_config(config)
     bench = config.get("bench", {})
     settings = sweep(
@@ -186,8 +193,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         say(f"  GMACs per layer:  {[float(f'{g:.4g}') for g in r['gmacs_per_layer']]}")
     table = format_table(results)
     say("\n" + table)
-    if args.output and lead:
-        stem = _bench_stem(args.output)
+    if stem and lead:
         write_json(
             stem + ".json",
             {"config": config.to_dict(), "run": info, "results": results},
@@ -200,17 +206,72 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         print(f"\nresults written to {stem}.json, {stem}.md and {stem}.png")
 
 
-def _bench_stem(output: str) -> str:
-    check_output_file(output, what="--output")
-    return output[: -len(".json")] if output.endswith(".json") else output
+def _bench_stem(args: argparse.Namespace) -> str | None:
+    """Where bench's results go, without the suffix: ``WORKDIR/bench`` or ``--output``'s."""
+    if args.workdir:
+        if args.output:
+            raise UserError("give --workdir or --output, not both")
+        _make_workdir(args.workdir)
+        return os.path.join(args.workdir, "bench")
+    if not args.output:
+        return None
+    check_output_file(args.output, what="--output")
+    return args.output[: -len(".json")] if args.output.endswith(".json") else args.output
+
+
+def _make_workdir(workdir: str) -> None:
+    """Check ``--workdir`` and create it, so the files in it can be checked before work."""
+    check_output_dir(workdir, what="--workdir")
+    os.makedirs(workdir, exist_ok=True)
+
+
+EVAL_RESULTS = "eval.json"
 
 
 def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
+    import jax
+
     from vtm_jax.config import load_config
+    from vtm_jax.evaluate import format_results
     from vtm_jax.run_eval import eval_config
 
-    eval_config(load_config(config_args, command="eval"), verify=args.verify)
+    config = load_config(config_args, command="eval")
+    if args.workdir:
+        if config.get("results_path"):
+            raise UserError("give --workdir or --config.results_path, not both")
+        _make_workdir(args.workdir)
+        with config.unlocked():
+            config.results_path = os.path.join(args.workdir, EVAL_RESULTS)
+    path = config.get("results_path")
+    table = None
+    if path:  # the table beside the JSON, as bench and demo write theirs
+        table = (path[: -len(".json")] if path.endswith(".json") else path) + ".md"
+        check_output_file(table, what="results_path's table")
+    results = eval_config(config, verify=args.verify)
+    lead = jax.process_index() == 0
+    if table and lead:
+        with atomic_file(table) as f:
+            f.write(format_results(results) + "\n")
+        print(f"table written to {table}")
+    if args.workdir:
+        _log_eval_scalars(config, results, args.workdir, lead=lead)
+
+
+def _log_eval_scalars(config, results: dict, workdir: str, *, lead: bool) -> None:
+    """The metrics as TensorBoard scalars in the workdir (clu.metric_writers, as Scenic's
+    evaluators), at the step the checkpoint was trained to (0 when it does not say)."""
+    from vtm_jax.checkpoint import load_record
+    from vtm_jax.metrics import metric_writer
+    from vtm_jax.scenic.checkpoint import checkpoint_record
+
+    record = load_record(config.checkpoint, scenic_record=checkpoint_record(config))
+    step = int((record.trained or {}).get("steps", 0))
+    scalars = {f"eval/{name}": value for name, value in results["metrics"].items()}
+    scalars["eval/clips_per_s"] = results["clips_per_s"]
+    writer = metric_writer(workdir, lead=lead)
+    writer.write_scalars(step, scalars)
+    writer.close()
 
 
 def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:
@@ -235,14 +296,23 @@ def _demo(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     for block in ("dataset_configs", "token_merging", "demo"):
         if not config.get(block):
             raise UserError(f"demo needs config.{block}")
-    check_output_dir(args.out, what="--out")
-    run_demo(config, checkpoint=checkpoint, out_dir=args.out)
+    out = _workdir_or_out(args, "out/demo")
+    run_demo(config, checkpoint=checkpoint, out_dir=out)
+
+
+def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
+    """The output directory of demo and visualize: ``--workdir``, or ``--out`` as before;
+    checked, and named in messages by the flag that gave it."""
+    if args.workdir and args.out:
+        raise UserError("give --workdir or --out (the same setting), not both")
+    flag, path = ("--out", args.out) if args.out else ("--workdir", args.workdir or default)
+    return check_output_dir(path, what=flag)
 
 
 def _visualize(args: argparse.Namespace) -> None:
     from vtm_jax.visualize import visualize
 
-    check_output_dir(args.out, what="--out")
+    out = _workdir_or_out(args, "out/visualize")
     merging = None
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
         from vtm_jax.checkpoint import load_record
@@ -252,7 +322,7 @@ def _visualize(args: argparse.Namespace) -> None:
         args.checkpoint,
         args.video,
         layers=args.layers,  # None: a third, two thirds and all of the way through
-        out_dir=args.out,
+        out_dir=out,
         merging=merging,
         attention=args.attention,
         verify=args.verify,
@@ -297,10 +367,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtm-jax", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vtm-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    pred = _add_predict(sub)
+    bench, evaluate = _add_bench(sub), _add_eval(sub)
+    _add_train(sub)
+    vis = _add_visualize(sub)
+    _add_demo(sub)
+    _add_sweep(sub)
+    for loads_checkpoint in (pred, evaluate, vis):
+        loads_checkpoint.add_argument(
+            "--no-verify",
+            dest="verify",
+            action="store_false",
+            help="skip the checkpoint's digest and finiteness checks (faster for large ones)",
+        )
+    for multi_host in (bench, evaluate):
+        multi_host.add_argument(
+            "--distributed", action="store_true", help="jax.distributed, auto-detected"
+        )
+        multi_host.add_argument(
+            "--coordinator", help="HOST:PORT of process 0 (explicit multi-host)"
+        )
+        multi_host.add_argument("--num-processes", type=int)
+        multi_host.add_argument("--process-id", type=int)
+    return parser
 
+
+def _add_convert(sub: Any) -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="PyTorch/HF or Scenic weights -> checkpoint directory")
     convert.add_argument("--source", choices=SOURCES, required=True)
-    convert.add_argument("--input", required=True, help="HF model directory or checkpoint file")
+    convert.add_argument(
+        "--input",
+        required=True,
+        help="checkpoint file, HF model directory, or (hf) a Hub repo id in the local HF cache",
+    )
     convert.add_argument("--output", required=True, help="new checkpoint directory")
     # Not for hf: config.json says. Default: the file's cfg, else the model's usual.
     convert.add_argument("--num-frames", type=int, help="input frames (default 32 for Scenic)")
@@ -310,41 +410,68 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-splits",
         help="sizes of the heads in one concatenated classifier, e.g. 97,300 for EPIC-KITCHENS",
     )
+    return convert
 
-    pred = sub.add_parser("predict", help="classify one clip")
-    pred.add_argument("--checkpoint", required=True)
-    pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
-    pred.add_argument("--mode", help=MODE_HELP)
-    pred.add_argument("--r", type=int, help="tokens removed per layer")
-    pred.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
-    pred.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
-    pred.add_argument(
+
+def _add_merging_options(parser: argparse.ArgumentParser) -> None:
+    """The reduction flags of the commands that take a checkpoint without a config file."""
+    parser.add_argument("--mode", help=MODE_HELP)
+    parser.add_argument("--r", type=int, help="tokens removed per layer")
+    parser.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
+    parser.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
+    parser.add_argument(
         "--prop-attn",
         action=argparse.BooleanOptionalAction,
         help="proportional attention (default: as stored with the checkpoint)",
     )
-    pred.add_argument("--head-aggregation", choices=("mean", "concat"))
-    pred.add_argument(
+    parser.add_argument("--head-aggregation", choices=("mean", "concat"))
+    parser.add_argument(
         "--motionformer-concat-keys",
         action="store_const",
         const=True,
         help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
     )
-    pred.add_argument("--seed", type=int, help="seed of the random modes")
-    pred.add_argument("--attention", default="auto", help="attention backend")
-    pred.add_argument("--save-logits", metavar="OUT.npy")
+    parser.add_argument("--seed", type=int, help="seed of the random modes")
+    parser.add_argument("--attention", default="auto", help="attention backend")
 
+
+def _add_predict(sub: Any) -> argparse.ArgumentParser:
+    pred = sub.add_parser("predict", help="classify one clip")
+    pred.add_argument("--checkpoint", required=True)
+    pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
+    _add_merging_options(pred)
+    pred.add_argument("--save-logits", metavar="OUT.npy")
+    return pred
+
+
+def _add_bench(sub: Any) -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="throughput at r=0 and the config's merging",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
+    bench.add_argument(
+        "--workdir", help="directory for the results: bench.json, bench.md (table), bench.png"
+    )
     bench.add_argument("--output", help="results: OUT.json, plus OUT.md (table) and OUT.png (plot)")
+    return bench
+
+
+def _add_eval(sub: Any) -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         help="accuracy of a checkpoint on a dataset, on every device",
         description="--config=FILE.py and --config.field=value overrides, as in Scenic",
     )
+    evaluate.add_argument(
+        "--workdir",
+        help=f"directory for {EVAL_RESULTS}, eval.md (table) and TensorBoard events (rerun to "
+        "resume); or --config.results_path=FILE.json for the results file alone, with FILE.md",
+    )
+    return evaluate
+
+
+def _add_train(sub: Any) -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train or fine-tune with optax (optionally with merging); resumes when rerun",
@@ -355,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="checkpoints, train_log.jsonl and the exported model/ (rerun to resume)",
     )
+    return train
+
+
+def _add_visualize(sub: Any) -> argparse.ArgumentParser:
     vis = sub.add_parser("visualize", help="draw which tokens merged, as PNG grids and a GIF")
     vis.add_argument("--checkpoint", required=True)
     vis.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
@@ -365,29 +496,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="draw after these layers (1-based; default: a third, two thirds and the last)",
     )
-    vis.add_argument("--out", default="out/visualize", help="directory for the pictures")
-    vis.add_argument("--mode", help=MODE_HELP)
-    vis.add_argument("--r", type=int, help="tokens removed per layer")
-    vis.add_argument("--schedule", type=float)
-    vis.add_argument("--threshold", type=float)
-    vis.add_argument("--prop-attn", action=argparse.BooleanOptionalAction)
-    vis.add_argument("--head-aggregation", choices=("mean", "concat"))
-    vis.add_argument(
-        "--motionformer-concat-keys",
-        action="store_const",
-        const=True,
-        help="Motionformer: really concatenate the heads' keys with --head-aggregation concat",
-    )
-    vis.add_argument("--seed", type=int)
-    vis.add_argument("--attention", default="auto", help="attention backend")
+    vis.add_argument("--workdir", help="directory for the pictures (default out/visualize)")
+    vis.add_argument("--out", help="the same as --workdir (its older name)")
+    _add_merging_options(vis)
+    return vis
 
+
+def _add_demo(sub: Any) -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the paper's table in miniature on the shipped checkpoint (the README's first command)",
         description="optional --config=FILE.py (default: the checkpoint's own training config)",
     )
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
-    demo.add_argument("--out", default="out/demo", help="directory for results and pictures")
+    demo.add_argument("--workdir", help="directory for results and pictures (default out/demo)")
+    demo.add_argument("--out", help="the same as --workdir (its older name)")
+    return demo
+
+
+def _add_sweep(sub: Any) -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep",
         help="the paper's experiment families over your checkpoints, as its tables",
@@ -413,23 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="r values of the r-curve families: this many equal steps up to the largest r",
     )
-    for loads_checkpoint in (pred, evaluate, vis):
-        loads_checkpoint.add_argument(
-            "--no-verify",
-            dest="verify",
-            action="store_false",
-            help="skip the checkpoint's digest and finiteness checks (faster for large ones)",
-        )
-    for multi_host in (bench, evaluate):
-        multi_host.add_argument(
-            "--distributed", action="store_true", help="jax.distributed, auto-detected"
-        )
-        multi_host.add_argument(
-            "--coordinator", help="HOST:PORT of process 0 (explicit multi-host)"
-        )
-        multi_host.add_argument("--num-processes", type=int)
-        multi_host.add_argument("--process-id", type=int)
-    return parser
+    return sw
 
 
 def main(argv: Sequence[str] | None = None) -> int:

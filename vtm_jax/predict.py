@@ -1,7 +1,8 @@
-"""Classify one clip with a checkpoint: load, preprocess, run, top-5."""
+"""Classify clips with a checkpoint: load, preprocess, run (compiled once), top-5."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -18,16 +19,52 @@ from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 
 
-def load_clip(path: str, record: ModelRecord) -> np.ndarray:
-    """A model-ready float32 clip ``[T, S, S, 3]`` from a ``.npy`` array or a video file.
+def prepare_clip(frames: Any, record: ModelRecord, *, what: str = "the clip") -> np.ndarray:
+    """A model-ready float32 clip ``[T, S, S, 3]`` from an array ``[T, H, W, 3]``.
 
     A float array is taken as already normalised and must have the model's exact input shape;
-    uint8 arrays and video files become one view under the record's preprocessing and input
-    protocol (``vtm_jax.data.protocols``; ``centred`` for records that name none).
+    a uint8 array holds raw pixels and becomes one view under the record's preprocessing and
+    input protocol (``vtm_jax.data.protocols``; ``centred`` for records that name none).
+    ``what`` names the array in error messages.
     """
+    frames = np.asarray(frames)
+    expected = (record.num_frames, record.image_size, record.image_size, 3)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise UserError(f"{what}: expected an array (T, H, W, 3), got shape {frames.shape}")
+    if np.issubdtype(frames.dtype, np.floating):
+        if frames.shape != expected:
+            raise UserError(
+                f"{what}: a float array is taken as model-ready and must have shape "
+                f"{expected}, got {frames.shape}"
+            )
+        check_finite(frames, what=what)
+        with np.errstate(over="ignore"):  # said below, in words
+            frames = frames.astype(np.float32)
+        # float64 values beyond float32's range have become infinities.
+        check_finite(frames, what=f"{what} (as float32)")
+        return frames
+    if frames.dtype != np.uint8:
+        raise UserError(f"{what}: expected float (normalised) or uint8 pixels, got {frames.dtype}")
+    return _one_view({"video": frames, "video_id": what}, record, what)
+
+
+def _one_view(example: dict[str, Any], record: ModelRecord, what: str) -> np.ndarray:
     from vtm_jax.data.pipeline import eval_views
 
     expected = (record.num_frames, record.image_size, record.image_size, 3)
+    clip = eval_views(example, record.resolve_preprocessing())[0]
+    if clip.shape != expected:
+        raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
+    check_finite(clip, what=f"{what} after preprocessing")
+    return clip
+
+
+def load_clip(video: str | os.PathLike | np.ndarray, record: ModelRecord) -> np.ndarray:
+    """A model-ready float32 clip ``[T, S, S, 3]`` from a ``.npy`` array, a video file or an
+    array (:func:`prepare_clip` says how arrays are read)."""
+    if not isinstance(video, str | os.PathLike):
+        return prepare_clip(video, record)
+    path = os.fspath(video)
     if not os.path.isfile(path):
         raise UserError(f"no such file: {path}")
     if path.endswith(".npy"):
@@ -35,33 +72,10 @@ def load_clip(path: str, record: ModelRecord) -> np.ndarray:
             frames = np.load(path, allow_pickle=False)
         except (ValueError, EOFError, OSError) as e:
             raise UserError(f"cannot read {path} as a numpy array: {e}") from None
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise UserError(f"{path}: expected an array (T, H, W, 3), got shape {frames.shape}")
-        if np.issubdtype(frames.dtype, np.floating):
-            if frames.shape != expected:
-                raise UserError(
-                    f"{path}: a float array is taken as model-ready and must have shape "
-                    f"{expected}, got {frames.shape}"
-                )
-            check_finite(frames, what=path)
-            with np.errstate(over="ignore"):  # said below, in words
-                frames = frames.astype(np.float32)
-            # float64 values beyond float32's range have become infinities.
-            check_finite(frames, what=f"{path} (as float32)")
-            return frames
-        if frames.dtype != np.uint8:
-            raise UserError(
-                f"{path}: expected float (normalised) or uint8 pixels, got {frames.dtype}"
-            )
-        example = {"video": frames, "video_id": path}
-    else:
-        with open(path, "rb") as f:
-            example = {"video": np.frombuffer(f.read(), np.uint8), "video_id": path}
-    clip = eval_views(example, record.resolve_preprocessing())[0]
-    if clip.shape != expected:
-        raise UserError(f"preprocessing gave shape {clip.shape}, the model needs {expected}")
-    check_finite(clip, what=f"{path} after preprocessing")
-    return clip
+        return prepare_clip(frames, record, what=path)
+    with open(path, "rb") as f:
+        example = {"video": np.frombuffer(f.read(), np.uint8), "video_id": path}
+    return _one_view(example, record, path)
 
 
 def load_model(
@@ -99,29 +113,52 @@ def check_logits(logits: Any, *, what: str) -> np.ndarray:
     return logits
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model: Any, params: Any, videos: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, videos)
+
+
+def forward(model: Any, params: Any, videos: Any, *, where: str | None = None) -> jax.Array:
+    """Logits ``[B, num_classes]`` of model-ready clips ``[B, T, S, S, 3]``.
+
+    The model is a static argument of one module-level ``jax.jit``: Flax modules compare by
+    their fields, so calls with the same model (or an equal one, rebuilt from the same
+    checkpoint and settings) and the same input shape reuse one compiled program, across
+    calls and across loads. ``where``: the checkpoint the parameters came from, named when
+    its model.json does not describe them.
+    """
+    try:
+        return _apply(model, params, jnp.asarray(videos))
+    except flax.errors.FlaxError as e:
+        # A model.json that does not fit the stored parameters (edited by hand, mixed up), or
+        # a library caller's parameters of another model.
+        if where is None:
+            message = f"the parameters do not fit {type(model).__name__}: {e}"
+        else:
+            message = f"{where}: parameters do not fit model.json: {e}"
+        raise UserError(message.splitlines()[0]) from None
+
+
 def predict(
     checkpoint: str,
-    video: str,
+    video: str | os.PathLike | np.ndarray,
     merging: ReductionSettings | None = None,
     attention: str = "auto",
     *,
     verify: bool = True,
 ) -> tuple[np.ndarray, ModelRecord]:
-    """Logits ``[num_classes]`` of one clip, and the checkpoint record.
+    """Logits ``[num_classes]`` of one clip (a ``.npy`` or video path, or an array), and the
+    checkpoint record.
 
     Non-finite input values, or a model output that overflows, are a UserError, never NaN
-    scores.
+    scores. The compiled forward pass is reused by later calls with the same checkpoint and
+    settings (:func:`forward`).
     """
     model, params, record = load_model(checkpoint, merging, attention, verify=verify)
     clip = load_clip(video, record)
-    try:
-        logits = jax.jit(model.apply)({"params": params}, jnp.asarray(clip)[None])
-    except flax.errors.FlaxError as e:
-        # A model.json that does not fit the stored parameters (edited by hand, mixed up).
-        raise UserError(
-            f"{checkpoint}: parameters do not fit model.json: {e}".splitlines()[0]
-        ) from None
-    return check_logits(logits[0], what=video), record
+    logits = forward(model, params, clip[None], where=checkpoint)
+    what = os.fspath(video) if isinstance(video, str | os.PathLike) else "the clip"
+    return check_logits(logits[0], what=what), record
 
 
 def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:

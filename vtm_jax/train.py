@@ -11,8 +11,10 @@ while training: gradients flow through the merged values, the merge indices are 
 The order of the training examples is a pure function of ``(rng_seed, epoch)``, and the
 optimiser state is checkpointed with orbax's CheckpointManager every ``checkpoint_steps``, so a
 run that is killed resumes from its last checkpoint and ends with the same parameters as one
-that was never interrupted. When it ends, the parameters are exported as a vtm-jax checkpoint
-directory (``workdir/model``) whose record says how it was trained.
+that was never interrupted. Scalars go to ``train_log.jsonl`` and, through
+``clu.metric_writers``, to TensorBoard event files in the workdir. When it ends, the
+parameters are exported as a vtm-jax checkpoint directory (``workdir/model``) whose record
+says how it was trained.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def train(
     from vtm_jax.checkpoint import save_checkpoint
     from vtm_jax.config import preprocessing_from_config, record_from_config
     from vtm_jax.data.datasets import open_split
+    from vtm_jax.metrics import metric_writer
     from vtm_jax.models.registry import build_model
     from vtm_jax.outputs import check_output_dir
 
@@ -277,6 +280,9 @@ def train(
     )
     began = time.time()
     metrics: dict[str, float] = {}
+    # TensorBoard event files in the workdir, as Scenic's trainers write them (the JSONL log
+    # stays the record that a resumed run trims and rewrites).
+    writer = metric_writer(workdir, lead=jax.process_index() == 0)
     with open(log_path, "a") as log:
         for step in range(start, total_steps):
             idx = batch_indices(seed, step, batch_size, len(train_data))
@@ -297,6 +303,8 @@ def train(
                     )
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
+                writer.write_scalars(done, {k: v for k, v in entry.items() if k != "step"})
+                writer.flush()
             if done % save_every == 0 or done == total_steps:
                 manager.save(done, args=ocp.args.StandardSave(state))
                 manager.wait_until_finished()
@@ -304,6 +312,7 @@ def train(
             if on_step is not None:
                 on_step(done)
     bar.close()
+    writer.close()
     manager.close()
     accuracy = test_accuracy(state["params"])
     params = jax.device_get(state["params"])

@@ -136,6 +136,11 @@ def load_source(
 
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
+    if source == "hf" and not os.path.exists(path):
+        from vtm_jax.convert.hub import cached_snapshot, looks_like_repo_id
+
+        if looks_like_repo_id(path):  # a Hub repo id: its snapshot in the local cache
+            path = cached_snapshot(path)
     if not os.path.exists(path):
         raise UserError(f"no such file or directory: {path}")
     given = {"num_frames": num_frames, "image_size": image_size, "num_heads": num_heads}

@@ -1,0 +1,237 @@
+"""The Python API: what ``import vtm_jax`` gives a notebook or a script.
+
+::
+
+    import vtm_jax
+
+    model, params, record = vtm_jax.load(vtm_jax.demo_checkpoint())
+    logits = vtm_jax.classify(model, params, clip, record=record)  # [T, H, W, 3] or a batch
+    vtm_jax.top_k(logits, record.labels)
+    fast = vtm_jax.classify(model, params, clip, record=record, merging={"mode": "merge", "r": 64})
+
+Everything here is importable from the top-level package (``vtm_jax.load`` ...), lazily: the
+package itself imports nothing until a name is used, so ``import vtm_jax`` stays instant.
+Bad arguments raise :class:`vtm_jax.UserError`, a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from vtm_jax.demo import shipped_checkpoint as demo_checkpoint
+from vtm_jax.errors import UserError
+from vtm_jax.merge import (
+    Match,
+    bipartite_soft_matching,
+    cosine_scores,
+    drop,
+    merge_wavg,
+    random_scores,
+    unmerge,
+)
+from vtm_jax.predict import check_logits, forward, load_clip, prepare_clip, top_k
+from vtm_jax.record import ModelRecord
+from vtm_jax.reduction import (
+    RULES,
+    ReductionSettings,
+    Rule,
+    Tokens,
+    reduce_tokens,
+    register_rule,
+)
+from vtm_jax.schedule import register_schedule
+
+__all__ = [
+    "RULES",
+    "Match",
+    "ModelRecord",
+    "ReductionSettings",
+    "Rule",
+    "Tokens",
+    "UserError",
+    "bipartite_soft_matching",
+    "classify",
+    "cosine_scores",
+    "demo_checkpoint",
+    "drop",
+    "load",
+    "load_clip",
+    "merge_wavg",
+    "prepare_clip",
+    "random_scores",
+    "reduce_tokens",
+    "register_rule",
+    "register_schedule",
+    "settings",
+    "token_counts",
+    "top_k",
+    "unmerge",
+    "with_merging",
+]
+
+Merging = ReductionSettings | Mapping[str, Any] | None
+
+
+def settings(merging: Merging = None, **fields: Any) -> ReductionSettings:
+    """Reduction settings from a ``ReductionSettings``, a dict (a config's ``token_merging``
+    block) or keywords: ``settings(mode="merge", r=64)``. ``None`` and no keywords: r=0."""
+    if isinstance(merging, ReductionSettings):
+        return dataclasses.replace(merging, **fields) if fields else merging
+    if merging is not None and not isinstance(merging, Mapping):
+        raise UserError(
+            f"merging must be ReductionSettings, a dict or None, not {type(merging).__name__}"
+        )
+    return ReductionSettings.from_dict({**(merging or {}), **fields})
+
+
+def load(
+    checkpoint: str | os.PathLike,
+    *,
+    source: str | None = None,
+    merging: Merging = None,
+    attention: str = "auto",
+    verify: bool = True,
+    num_frames: int | None = None,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+) -> tuple[nn.Module, Any, ModelRecord]:
+    """``(model, params, record)`` of a checkpoint, the parameters checked against the model.
+
+    Args:
+      checkpoint: a vtm-jax checkpoint directory (``vtm-jax convert`` or ``train`` wrote it;
+        :func:`demo_checkpoint` is the shipped one). With ``source``, what ``vtm-jax convert
+        --source SOURCE --input`` reads: a HuggingFace directory or a Hub repo id in the local
+        cache (``hf``), a Scenic msgpack file, a ``.pyth``/``.pth`` file; converted in memory,
+        nothing written.
+      source: None for a checkpoint directory, else one of ``vtm_jax.convert.sources.SOURCES``.
+      merging: the model's reduction settings (``ReductionSettings`` or a dict); None: those
+        stored with the checkpoint (``record.token_merging``).
+      attention: attention backend (``vtm_jax.attention.get_attention``).
+      verify: check a checkpoint directory's digests and finiteness (slower for large ones).
+      num_frames, image_size, num_heads: for sources whose files do not say them, as
+        ``vtm-jax convert``'s flags.
+    """
+    from vtm_jax.attention import get_attention
+    from vtm_jax.models.registry import build_model
+    from vtm_jax.predict import load_model
+
+    path = os.fspath(checkpoint)
+    if merging is not None:
+        merging = settings(merging)
+    if source is None:
+        given = [
+            name
+            for name, value in (
+                ("num_frames", num_frames),
+                ("image_size", image_size),
+                ("num_heads", num_heads),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UserError(
+                f"{', '.join(given)} apply to a converted source (source=...); a checkpoint "
+                "directory's model.json says them"
+            )
+        return load_model(path, merging, attention, verify=verify)
+    from vtm_jax.convert.sources import load_source
+
+    params, record = load_source(
+        source, path, num_frames=num_frames, image_size=image_size, num_heads=num_heads
+    )
+    if merging is None:
+        merging = ReductionSettings.from_dict(record.token_merging)
+    # load_source has checked the parameters against this architecture already.
+    return build_model(record, merging, get_attention(attention)), params, record
+
+
+def with_merging(model: nn.Module, merging: Merging = None, **fields: Any) -> nn.Module:
+    """``model`` with other reduction settings (its parameters still fit: merging adds none).
+
+    ``merging`` (settings or a dict) replaces the model's settings; keywords change fields of
+    them, or of the model's own when ``merging`` is None: ``with_merging(model, r=32)``. A
+    setting the architecture would ignore is a UserError, as when a record is built.
+    """
+    from vtm_jax.models.registry import ARCHITECTURES, check_settings_apply
+
+    if not isinstance(getattr(model, "merging", None), ReductionSettings):
+        raise UserError(f"{type(model).__name__} is not a vtm-jax model")
+    new = settings(model.merging if merging is None else merging, **fields)
+    names = [name for name, cls in ARCHITECTURES.items() if type(model) is cls]
+    if names:  # a subclass or another module with `merging` is trusted to read its settings
+        check_settings_apply(names[0], new)
+    return model.clone(merging=new)
+
+
+def classify(
+    model: nn.Module,
+    params: Any,
+    video: Any,
+    *,
+    record: ModelRecord | None = None,
+    merging: Merging = None,
+) -> np.ndarray:
+    """Logits of one clip ``[num_classes]``, or of a batch ``[B, num_classes]``.
+
+    ``video``: a model-ready float array ``[T, S, S, 3]`` or ``[B, T, S, S, 3]`` (normalised,
+    at the model's input size); raw uint8 pixels ``[T, H, W, 3]`` / ``[B, T, H, W, 3]``; or
+    the path of a ``.npy`` or video file. Raw pixels and paths are sampled, resized, cropped
+    and normalised as ``record`` says (one view), so they need ``record``.
+
+    ``merging`` overrides the model's reduction settings for this call (:func:`with_merging`).
+    The compiled forward pass is cached per model and input shape, so calling again (with the
+    same settings and batch size) runs without compiling; non-finite inputs or outputs are a
+    UserError, never NaN scores.
+    """
+    if merging is not None:
+        model = with_merging(model, merging)
+    single = True
+    if isinstance(video, str | os.PathLike):
+        clips = load_clip(video, _need_record(record, "a path"))[None]
+    else:
+        array = np.asarray(video)
+        if array.ndim == 5:
+            single = False
+            clips = np.stack([_ready(clip, record, f"clip {i}") for i, clip in enumerate(array)])
+        else:
+            clips = _ready(array, record, "the clip")[None]
+    logits = forward(model, params, clips)
+    logits = check_logits(logits, what="this input")
+    return logits[0] if single else logits
+
+
+def _ready(array: np.ndarray, record: ModelRecord | None, what: str) -> np.ndarray:
+    """A model-ready clip: float arrays pass as they are (the model checks their shape)."""
+    if record is not None:
+        return prepare_clip(array, record, what=what)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise UserError(f"{what}: expected an array (T, H, W, 3), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        _need_record(None, f"raw {array.dtype} pixels")
+    from vtm_jax.integrity import check_finite
+
+    check_finite(array, what=what)
+    return array.astype(np.float32)
+
+
+def _need_record(record: ModelRecord | None, what: str) -> ModelRecord:
+    if record is None:
+        raise UserError(
+            f"classify needs record= (from vtm_jax.load) to preprocess {what}; model-ready "
+            "float clips need none"
+        )
+    return record
+
+
+def token_counts(model: nn.Module, record: ModelRecord, merging: Merging = None) -> list[int]:
+    """Tokens after each layer for one clip of the record's input size (the static plan the
+    compiled model follows); ``merging`` overrides the model's settings."""
+    if merging is not None:
+        model = with_merging(model, merging)
+    return [plan.tokens_out for plan in model.token_plan(record.num_frames, record.image_size)]
