@@ -82,8 +82,9 @@ class Backbone(Protocol):
     """The contract every backbone meets (see README "Adding a backbone").
 
     * ``__call__(video, *, train=False, merge_rng=None)``: logits ``[B, classes]`` for a video
-      ``[B, T, H, W, 3]``. Each step's random draws use ``layer_key(merging, step, merge_rng)``
-      (:func:`encoder_steps`), so a run is reproducible from ``merging.seed`` or ``merge_rng``.
+      ``[B, T, H, W, 3]``. It first resolves its base key with :func:`merge_key` (an explicit
+      ``merge_rng``, else the ``'merge'`` RNG stream, else None: ``merging.seed``); each step's
+      random draws then use ``layer_key(merging, step, key)`` (:func:`encoder_steps`).
       With ``merging.trace_source`` set, the final source is sown as ``intermediates/source``
       (:func:`sow_source`), laid out as :meth:`source_layout` says.
     * ``token_plan(num_frames, image_size)``: the static token count entering and leaving each
@@ -162,6 +163,25 @@ def prepend_class_token(module: nn.Module, x: jax.Array, name: str = "cls") -> j
 
 # ---------------------------------------------------------------------------------------------
 # Encoder steps
+
+# The Flax RNG stream random modes draw from when no explicit key is given:
+# ``model.apply(variables, video, rngs={"merge": key})``, as a trainer passes ``"dropout"``.
+MERGE_STREAM = "merge"
+
+
+def merge_key(module: nn.Module, merge_rng: jax.Array | None) -> jax.Array | None:
+    """The base key of one call's random draws, in order of precedence: ``merge_rng`` when
+    given (evaluation keys each video this way); else a key from the ``'merge'`` stream when
+    the caller passes one, so a trainer's per-step ``rngs`` give a new draw each step; else
+    None, and each step draws from ``PRNGKey(merging.seed)`` (:func:`layer_key`).
+
+    Call it once at the top of a backbone's ``__call__``, before any key is derived.
+    """
+    if merge_rng is not None:
+        return merge_rng
+    if module.has_rng(MERGE_STREAM):
+        return module.make_rng(MERGE_STREAM)
+    return None
 
 
 class Step(NamedTuple):

@@ -65,6 +65,7 @@ from vtm_jax.models.base import (
     encoder_steps,
     head_macs,
     macs_total,
+    merge_key,
     sow_source,
 )
 from vtm_jax.models.layers import MlpBlock
@@ -267,6 +268,7 @@ class Motionformer(nn.Module):
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout: the released checkpoints use rate 0 at test time
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_head_aggregation(self.merging)
         t, ph, pw = self.patch_size

@@ -43,6 +43,7 @@ from vtm_jax.models.base import (
     encoder_steps,
     head_macs,
     macs_total,
+    merge_key,
     prepend_class_token,
     sow_source,
 )
@@ -210,6 +211,7 @@ class TimeSformer(nn.Module):
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout or drop-path at inference
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         if self.merging.head_aggregation != "mean":
             raise UserError(

@@ -35,6 +35,7 @@ from vtm_jax.models.base import (
     head_macs,
     macs_total,
     mean_pool,
+    merge_key,
     sow_source,
     step_macs,
 )
@@ -90,6 +91,7 @@ class VideoMAE(nn.Module):
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout: the paper's test configs set every rate to 0
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         x = embed_tubelets(video, self.hidden_size, self.patch_size)
         grid = tuple(x.shape[1:4])

@@ -26,6 +26,7 @@ from vtm_jax.models.base import (
     embedding_macs,
     head_macs,
     macs_total,
+    merge_key,
     pool,
     prepend_class_token,
     sow_source,
@@ -67,6 +68,7 @@ class ViViT(nn.Module):
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout: the checkpoints this serves were trained with rate 0
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_classifier(self.classifier)
         x = embed_tubelets(video, self.hidden_size, self.patch_size)

@@ -28,6 +28,7 @@ from vtm_jax.models.base import (
     embedding_macs,
     head_macs,
     macs_total,
+    merge_key,
     pool,
     prepend_class_token,
     sow_source,
@@ -87,6 +88,7 @@ class FactorisedEncoderViViT(nn.Module):
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_classifier(self.classifier)
         x = embed_tubelets(video, self.hidden_size, self.patch_size)
