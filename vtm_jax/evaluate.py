@@ -123,11 +123,7 @@ def evaluate(
     state = store.start_state(run, info, heads, shard, process, processes)
     state = _resumed(state, spec, state_path, process, processes)
 
-    from vtm_jax.attention import get_attention
-    from vtm_jax.models.registry import build_model, check_params_fit
-
-    model = build_model(record, merging, get_attention(spec.attention))
-    check_params_fit(model, params, record.input)
+    step = _compiled_step(record, merging, params, heads, spec)
     view_shape = (spec.views, record.num_frames, record.image_size, record.image_size, 3)
     load = eval_input.ExampleLoader(
         source,
@@ -145,7 +141,7 @@ def evaluate(
         state,
         shard,
         load,
-        loop.pmapped_step(model, heads, spec, merging.seed),
+        step,
         loop.replicate(params, jax.local_devices()),
         batch_size=spec.batch_size,
         heads=heads,
@@ -157,6 +153,18 @@ def evaluate(
         scores_dir=scores_dir,
     )
     return _finish(state, run, info, source, spec, heads, scores_dir)
+
+
+def _compiled_step(
+    record: ModelRecord, merging: ReductionSettings, params: Any, heads: list, spec: EvalSpec
+) -> Any:
+    """The model with its merging, checked against the parameters, as a pmap-ed step."""
+    from vtm_jax.attention import get_attention
+    from vtm_jax.models.registry import build_model, check_params_fit
+
+    model = build_model(record, merging, get_attention(spec.attention))
+    check_params_fit(model, params, record.input)
+    return loop.pmapped_step(model, heads, spec, merging.seed)
 
 
 def _override(spec: EvalSpec) -> dict[str, Any] | None:
