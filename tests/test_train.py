@@ -121,6 +121,22 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(batch_indices(1, 0, 8, 50), first[0])
 
 
+def test_streamed_batches_follow_batch_indices():
+    """grain's stream from any step reads exactly ``batch_indices`` of each step, in order,
+    across epoch boundaries: a resumed run reads what an uninterrupted one does."""
+    from vtm_jax.training.input import TrainExamples, train_batches
+
+    class Indices(TrainExamples):
+        def __call__(self, position):
+            return {"index": np.int64(self.index(position))}
+
+    examples = Indices(range(50), {}, seed=0, batch_size=8)  # 6 batches per epoch
+    streamed = [b["index"] for b in train_batches(examples, 3, 14, workers=2)]
+    assert len(streamed) == 11
+    for step, indices in enumerate(streamed, 3):
+        np.testing.assert_array_equal(indices, batch_indices(0, step, 8, 50))
+
+
 def test_training_learns_and_exports_a_checkpoint(tmp_path):
     config = tiny_config(str(tmp_path / "data"), num_training_steps=30, log_eval_steps=12)
     summary = train(config, str(tmp_path / "run"), progress=False)
