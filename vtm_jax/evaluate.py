@@ -113,7 +113,7 @@ def evaluate(
     eval_input.check_source_classes(source, record, heads)
     num_examples = len(source) if spec.limit is None else min(spec.limit, len(source))
     run = _run_description(checkpoint_dir, source, spec, record, merging, prep, frames)
-    run["num_examples"] = num_examples
+    run["num_examples"] = num_examples  # in its place: the run's key order stays the file's
     process, processes = jax.process_index(), jax.process_count()
     from vtm_jax.data.pipeline import shard_indices
 
@@ -219,7 +219,7 @@ def _run_description(
             "params_digest": record.params_digest,
             "architecture": record.architecture,
             "dataset": spec.dataset or eval_input.dataset_name(source),
-            "num_examples": None,  # set by the caller, from the limit
+            "num_examples": None,  # the caller's, from the limit
             "preprocessing": prep,
             "num_clips": spec.num_clips,
             "three_crops": spec.three_crops,
