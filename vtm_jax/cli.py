@@ -364,7 +364,7 @@ def _sweep(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 
 CONFIG_COMMANDS = ("bench", "eval", "train", "demo", "sweep")
 # Modes are checked by ReductionSettings, so registered rules and 'module:attr' paths work too.
-MODE_HELP = f"reduction mode: {', '.join(RULES)}, tube_merge, or a 'package.module:attribute' rule"
+MODE_HELP = f"reduction mode: {', '.join(RULES)}, or a 'package.module:attribute' rule"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,12 +45,13 @@ import numpy as np
 
 from vtm_jax.convert.common import (
     KeyMap,
+    Params,
     concat_heads,
     default_num_heads,
+    format_keys,
     parse_cfg_yaml,
     read_torch_checkpoint,
 )
-from vtm_jax.convert.scenic import Params, format_keys
 from vtm_jax.errors import UserError
 
 ARCHITECTURES = ("vivit", "videomae", "timesformer", "motionformer")
