@@ -221,8 +221,9 @@ def test_output_checks_accept_gcs(gcs):
 def test_remote_storage_errors_are_one_line(gcs):
     with pytest.raises(OSError) as caught:
         paths.read_bytes("gs://bucket/absent.mp4")
-    assert expected_failure(caught.value) == caught.value.args[0]
-    assert "gs://bucket/absent.mp4" in expected_failure(caught.value)
+    assert expected_failure(caught.value) == "gs://bucket/absent.mp4: No such file or directory"
+    # Raised past vtm_jax.paths (inside orbax, say), the message names the path: one line too.
+    assert expected_failure(FileNotFoundError("gs://bucket/x: gone")) == "gs://bucket/x: gone"
     # An OSError that names no remote path is still a bug with a traceback.
     assert expected_failure(FileNotFoundError("no such asset")) is None
 
@@ -388,3 +389,113 @@ def test_visualize_writes_to_gcs(gcs, tiny_checkpoint):
     ]
     with Image.open(gcs._local("gs://bucket/pictures/clip_layer1.png")) as image:
         assert image.format == "PNG"
+
+
+class TfRam(epath_backend.Backend):
+    """``gs://`` on TensorFlow's in-memory ``ram://`` file system, through epath's own
+    ``tf.io.gfile`` backend: gfile's semantics (lazy opens, its errors), no network."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix  # ram://<unique>/ : the ram file system lives as long as the process
+        self.tf = epath_backend.tf_backend
+
+    def _m(self, path):
+        path = os.fspath(path)
+        assert path.startswith(PREFIX), path
+        return self.prefix + path[len(PREFIX) :]
+
+    def _r(self, path):
+        return PREFIX + os.fspath(path)[len(self.prefix) :]
+
+    def open(self, path, mode):
+        return self.tf.open(self._m(path), mode)
+
+    def exists(self, path):
+        return self.tf.exists(self._m(path))
+
+    def isdir(self, path):
+        return self.tf.isdir(self._m(path))
+
+    def listdir(self, path):
+        return self.tf.listdir(self._m(path))
+
+    def glob(self, path):
+        return [self._r(p) for p in self.tf.glob(self._m(path))]
+
+    def walk(self, top, *, top_down=True, on_error=None):
+        for root, dirs, files in self.tf.walk(self._m(top), top_down=top_down, on_error=on_error):
+            yield self._r(root), dirs, files
+
+    def makedirs(self, path, *, exist_ok=False, mode=None):
+        self.tf.makedirs(self._m(path), exist_ok=exist_ok)
+
+    def mkdir(self, path, *, exist_ok=False, mode=None):
+        self.tf.mkdir(self._m(path), exist_ok=exist_ok)
+
+    def rmtree(self, path):
+        self.tf.rmtree(self._m(path))
+
+    def remove(self, path):
+        self.tf.remove(self._m(path))
+
+    def rename(self, path, dst):
+        self.tf.rename(self._m(path), self._m(dst))
+
+    def replace(self, path, dst):
+        self.tf.replace(self._m(path), self._m(dst))
+
+    def copy(self, path, dst, overwrite=False):
+        self.tf.copy(self._m(path), self._m(dst), overwrite=overwrite)
+
+    def stat(self, path):
+        return self.tf.stat(self._m(path))
+
+
+@pytest.fixture
+def tf_gcs(tmp_path, monkeypatch) -> Iterator[TfRam]:
+    pytest.importorskip("tensorflow")
+    import uuid
+
+    fake = TfRam(f"ram://{uuid.uuid4().hex}/")
+    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fake)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    monkeypatch.setattr(gpath, "_GCS_BACKENDS", frozenset({fake}))
+    monkeypatch.chdir(tmp_path)
+    yield fake
+    assert not os.listdir(tmp_path), "a gs:// path was used as a local one"
+
+
+def test_results_and_frames_through_tf_gfile(tf_gcs):
+    """The same writes, checks and reads on tf.io.gfile's semantics (in memory)."""
+    from vtm_jax.data.readers import reader_for
+
+    paths.makedirs("gs://bucket/runs")
+    outputs.write_json("gs://bucket/runs/a.json", {"top1": 0.25})
+    outputs.write_json("gs://bucket/runs/a.json", {"top1": 0.5})  # replaced in place
+    assert json.loads(paths.read_text("gs://bucket/runs/a.json")) == {"top1": 0.5}
+    assert paths.listdir("gs://bucket/runs") == ["a.json"]
+    assert outputs.check_output_file("gs://bucket/runs/b.json", what="--output")
+    with pytest.raises(UserError, match="is a directory"):
+        outputs.check_output_file("gs://bucket/runs", what="--output")
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3), np.uint8)
+    frames = [f"gs://bucket/frames/{i:05d}.jpg" for i in range(2)]
+    paths.makedirs("gs://bucket/frames")
+    for name, frame in zip(frames, pixels, strict=True):
+        paths.as_path(name).write_bytes(_jpeg(frame))
+    decoded = reader_for({"video_id": "v", "frame_paths": frames}).frames([1, 0])
+    assert decoded.shape == (2, 16, 16, 3)
+    # gfile fails at the first read, with an empty message: the error still names the path.
+    with pytest.raises(FileNotFoundError) as caught:
+        paths.read_bytes("gs://bucket/absent.mp4")
+    assert expected_failure(caught.value) == "gs://bucket/absent.mp4: No such file or directory"
+
+
+def test_tf_errors_are_named_and_one_line():
+    tf = pytest.importorskip("tensorflow")
+    with pytest.raises(PermissionError) as caught:
+        with paths.named_errors("gs://bucket/x"):
+            raise tf.errors.PermissionDeniedError(None, None, "403 Forbidden")
+    assert expected_failure(caught.value) == "gs://bucket/x: 403 Forbidden"
+    # A tf error that names its gs:// path but reaches the command line unconverted.
+    error = tf.errors.PermissionDeniedError(None, None, "gs://bucket/x: 403 Forbidden")
+    assert expected_failure(error) == "gs://bucket/x: 403 Forbidden"

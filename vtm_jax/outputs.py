@@ -159,9 +159,10 @@ def _remote_atomic_file(path: str, tmp: str, mode: str) -> Iterator[IO]:
     """
     remote_tmp = paths.as_path(tmp)
     try:
-        with remote_tmp.open(mode) as f:
+        with paths.open_file(tmp, mode) as f:
             yield f
-        remote_tmp.replace(path)
+        with paths.named_errors(path):
+            remote_tmp.replace(path)
     except BaseException:
         with contextlib.suppress(OSError):
             remote_tmp.unlink(missing_ok=True)

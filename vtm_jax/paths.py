@@ -9,6 +9,8 @@ absolute, symlinks followed in walks, files handed to readers by name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 from collections.abc import Iterator
@@ -17,6 +19,22 @@ from typing import IO, Any
 from etils import epath
 
 PathLike = str | os.PathLike
+
+# epath's backends re-raise tf.io.gfile's failures as these, with a message and no errno
+# (tf's NotFoundError on a missing object has an empty one); some pass tf.errors through.
+_ERRNOS = {
+    FileNotFoundError: errno.ENOENT,
+    PermissionError: errno.EACCES,
+    FileExistsError: errno.EEXIST,
+    IsADirectoryError: errno.EISDIR,
+    NotADirectoryError: errno.ENOTDIR,
+}
+_TF_ERRORS = {
+    "NotFoundError": FileNotFoundError,
+    "PermissionDeniedError": PermissionError,
+    "UnauthenticatedError": PermissionError,
+    "AlreadyExistsError": FileExistsError,
+}
 
 
 def is_remote(path: PathLike) -> bool:
@@ -48,24 +66,62 @@ def parent(path: PathLike) -> str:
     return os.path.dirname(os.path.abspath(path))
 
 
+@contextlib.contextmanager
+def named_errors(path: PathLike) -> Iterator[None]:
+    """Remote storage failures as the ``OSError`` a local file would raise, naming ``path``.
+
+    So they read ``gs://bucket/x: No such file or directory`` and end the command line in one
+    line (``vtm_jax.errors``), whichever epath backend raised them and however.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or type(e) not in _ERRNOS:
+            raise
+        code = _ERRNOS[type(e)]
+        raise type(e)(code, _reason(str(e), path, code), os.fspath(path)) from None
+    except Exception as e:
+        kind = _TF_ERRORS.get(type(e).__name__)
+        if kind is None or not (type(e).__module__ or "").startswith("tensorflow"):
+            raise
+        code = _ERRNOS[kind]
+        raise kind(code, _reason(getattr(e, "message", ""), path, code), os.fspath(path)) from None
+
+
+def _reason(message: str, path: PathLike, code: int) -> str:
+    """The failure without the path (the error's filename says it), or the errno's words."""
+    message = message.removeprefix(f"{os.fspath(path)}: ").strip()
+    return message or os.strerror(code)
+
+
 def exists(path: PathLike) -> bool:
-    return as_path(path).exists() if is_remote(path) else os.path.exists(path)
+    if is_remote(path):
+        with named_errors(path):
+            return as_path(path).exists()
+    return os.path.exists(path)
 
 
 def is_dir(path: PathLike) -> bool:
-    return as_path(path).is_dir() if is_remote(path) else os.path.isdir(path)
+    if is_remote(path):
+        with named_errors(path):
+            return as_path(path).is_dir()
+    return os.path.isdir(path)
 
 
 def is_file(path: PathLike) -> bool:
     if is_remote(path):
         remote = as_path(path)
-        return remote.exists() and not remote.is_dir()
+        with named_errors(path):
+            return remote.exists() and not remote.is_dir()
     return os.path.isfile(path)
 
 
 def listdir(path: PathLike) -> list[str]:
     """The names in directory ``path``."""
-    return [p.name for p in as_path(path).iterdir()] if is_remote(path) else os.listdir(path)
+    if is_remote(path):
+        with named_errors(path):
+            return [p.name for p in as_path(path).iterdir()]
+    return os.listdir(path)
 
 
 def walk(root: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -76,26 +132,37 @@ def walk(root: PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     if not is_remote(root):
         yield from os.walk(root, followlinks=True)
         return
-    for directory, subdirs, files in as_path(root).walk():
-        yield str(directory), subdirs, files
+    with named_errors(root):
+        for directory, subdirs, files in as_path(root).walk():
+            yield str(directory), subdirs, files
 
 
 def makedirs(path: PathLike) -> None:
     """Create directory ``path`` and its parents; nothing to do where it exists."""
     if is_remote(path):
-        as_path(path).mkdir(parents=True, exist_ok=True)
+        with named_errors(path):
+            as_path(path).mkdir(parents=True, exist_ok=True)
     else:
         os.makedirs(path, exist_ok=True)
 
 
-def open_file(path: PathLike, mode: str = "r", **kwargs: Any) -> IO:
-    """``open`` for local and remote files (text is UTF-8)."""
+def open_file(
+    path: PathLike, mode: str = "r", **kwargs: Any
+) -> contextlib.AbstractContextManager[IO]:
+    """``open`` for local and remote files (text is UTF-8), for a ``with`` statement."""
     if is_remote(path):
         # epath takes no newline= or errors=; a remote file is opened as it is stored.
-        return as_path(path).open(mode)
+        return _open_remote(path, mode)
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     return open(path, mode, **kwargs)
+
+
+@contextlib.contextmanager
+def _open_remote(path: PathLike, mode: str) -> Iterator[IO]:
+    # tf.io.gfile opens lazily: a missing object fails at the first read, inside the block.
+    with named_errors(path), as_path(path).open(mode) as f:
+        yield f
 
 
 def read_bytes(path: PathLike) -> bytes:
