@@ -7,6 +7,10 @@ no errno. Orbax writes array data with tensorstore, which has its own GCS driver
 points that driver at the same local root, so orbax's metadata (through epath) and its arrays
 (through tensorstore) meet in one fake bucket.
 
+A second fake (:class:`TfRam`) puts ``gs://`` on TensorFlow's in-memory ``ram://`` file
+system through epath's own ``tf.io.gfile`` backend, the one a TPU host with TensorFlow uses:
+its lazy opens and its errors (a missing object's NotFoundError has an empty message).
+
 Code that used ``os`` on a ``gs://`` string instead of epath would create or look for a local
 ``gs:`` folder in the working directory: each test runs in an empty one and checks it stays
 empty.
