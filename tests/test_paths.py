@@ -455,22 +455,20 @@ class TfRam(epath_backend.Backend):
         return self.tf.stat(self._m(path))
 
 
-@pytest.fixture
-def tf_gcs(tmp_path, monkeypatch) -> Iterator[TfRam]:
-    pytest.importorskip("tensorflow")
+def _install_tf_ram(work: str) -> TfRam:
+    """``gs://`` on a fresh ``ram://`` tree, as the ``gcs`` fixture installs FakeGcs."""
     import uuid
 
     fake = TfRam(f"ram://{uuid.uuid4().hex}/")
-    monkeypatch.setitem(gpath._PREFIX_TO_BACKEND, "gs", fake)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    monkeypatch.setattr(gpath, "_GCS_BACKENDS", frozenset({fake}))
-    monkeypatch.chdir(tmp_path)
-    yield fake
-    assert not os.listdir(tmp_path), "a gs:// path was used as a local one"
+    gpath._PREFIX_TO_BACKEND["gs"] = fake
+    gpath._is_tf_installed = lambda: False
+    gpath._GCS_BACKENDS = frozenset({fake})
+    os.chdir(work)
+    return fake
 
 
-def test_results_and_frames_through_tf_gfile(tf_gcs):
-    """The same writes, checks and reads on tf.io.gfile's semantics (in memory)."""
+def _tf_gfile_checks() -> None:
+    """Writes, checks and reads on tf.io.gfile's semantics (run in a child process)."""
     from vtm_jax.data.readers import reader_for
 
     paths.makedirs("gs://bucket/runs")
@@ -494,8 +492,9 @@ def test_results_and_frames_through_tf_gfile(tf_gcs):
     assert expected_failure(caught.value) == "gs://bucket/absent.mp4: No such file or directory"
 
 
-def test_tf_errors_are_named_and_one_line():
-    tf = pytest.importorskip("tensorflow")
+def _tf_error_checks() -> None:
+    import tensorflow as tf
+
     with pytest.raises(PermissionError) as caught:
         with paths.named_errors("gs://bucket/x"):
             raise tf.errors.PermissionDeniedError(None, None, "403 Forbidden")
@@ -503,3 +502,33 @@ def test_tf_errors_are_named_and_one_line():
     # A tf error that names its gs:// path but reaches the command line unconverted.
     error = tf.errors.PermissionDeniedError(None, None, "gs://bucket/x: 403 Forbidden")
     assert expected_failure(error) == "gs://bucket/x: 403 Forbidden"
+
+
+def _in_child(tmp_path, checks: str) -> None:
+    """Run ``checks`` of this module in a fresh interpreter: TensorFlow, once imported, stays
+    in ``sys.modules``, and other tests check that vtm-jax never imports it."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tensorflow") is None:  # found, not imported here
+        pytest.skip("needs TensorFlow (the tensorboard extra)")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    code = f"import tests.test_paths as t; t._install_tf_ram({str(work)!r}); t.{checks}()"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not os.listdir(work), "a gs:// path was used as a local one"
+
+
+def test_results_and_frames_through_tf_gfile(tmp_path):
+    """The same writes, checks and reads as above on tf.io.gfile (in memory)."""
+    _in_child(tmp_path, "_tf_gfile_checks")
+
+
+def test_tf_errors_are_named_and_one_line(tmp_path):
+    _in_child(tmp_path, "_tf_error_checks")

@@ -164,7 +164,7 @@ def _remote_atomic_file(path: str, tmp: str, mode: str) -> Iterator[IO]:
         with paths.named_errors(path):
             remote_tmp.replace(path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):  # tf.errors too: the first failure is the one to tell
             remote_tmp.unlink(missing_ok=True)
         raise
 
