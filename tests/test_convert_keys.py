@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from vtm_jax.convert.hf_vivit import convert_vivit, load_hf_vivit, read_state_dict
-from vtm_jax.convert.scenic import flatten_params, read_scenic_checkpoint, vivit_config_from_params
+from vtm_jax.convert.common import flatten, read_state_dict
+from vtm_jax.convert.hf_vivit import convert_vivit, load_hf_vivit
+from vtm_jax.convert.scenic import read_scenic_checkpoint, vivit_config_from_params
 from vtm_jax.errors import UserError
 
 torch = pytest.importorskip("torch")
@@ -58,11 +59,11 @@ def expected_shapes(d, h, m, layers, tubelet, n, classes, cls=True, rep=None):
 
 
 def tree_shapes(params):
-    return {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+    return {k: tuple(v.shape) for k, v in flatten(params).items()}
 
 
 def assert_trees_equal(a, b):
-    fa, fb = flatten_params(a), flatten_params(b)
+    fa, fb = flatten(a), flatten(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
@@ -95,7 +96,7 @@ def loaded(hf_dir):
 def test_load_hf_vivit_gives_the_scenic_tree(loaded):
     assert set(loaded) == {"params", "model", "input", "labels", "preprocessing"}
     assert tree_shapes(loaded["params"]) == expected_shapes(D, H, M, L, (2, 8, 8), N, C)
-    for leaf in flatten_params(loaded["params"]).values():
+    for leaf in flatten(loaded["params"]).values():
         assert isinstance(leaf, np.ndarray) and leaf.dtype == np.float32
     assert loaded["model"] == {
         "num_classes": C,
@@ -225,7 +226,7 @@ def test_missing_paths_are_user_errors(tmp_path):
 
 def test_values_match_the_hf_layers(hf_model, loaded):
     """q kernel is the transposed weight split into heads; the maps compute the same thing."""
-    params = flatten_params(loaded["params"])
+    params = flatten(loaded["params"])
     state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
     w_q = state["vivit.layers.0.attention.q_proj.weight"]
     b_q = state["vivit.layers.0.attention.q_proj.bias"]
@@ -252,7 +253,7 @@ def test_values_match_the_hf_layers(hf_model, loaded):
 
 
 def test_tubelet_embedding_matches_conv3d(hf_model, loaded):
-    params = flatten_params(loaded["params"])
+    params = flatten(loaded["params"])
     video = torch.randn(1, 3, 4, 32, 32)  # (B, C, T, H, W), what HF's Conv3d sees
     with torch.no_grad():
         ref = hf_model.vivit.embeddings.patch_embeddings.projection(video)  # (1, D, 2, 4, 4)

@@ -326,14 +326,14 @@ def test_conversion_errors_name_keys(hf_timesformer, tmp_path):
 
 def test_live_state_dict_converts_like_the_saved_one(hf_timesformer):
     """transformers 5 names TimeSformer weights the same in memory and on disk."""
+    from vtm_jax.convert.common import flatten
     from vtm_jax.convert.hf_timesformer import convert_timesformer
-    from vtm_jax.convert.scenic import flatten_params
 
     hf, converted, path = hf_timesformer
     assert set(hf.state_dict()) == set(load_file(path / "model.safetensors"))
     params, model, inputs = convert_timesformer(hf.state_dict(), hf.config.to_dict())
     assert (model, inputs) == (converted["model"], converted["input"])
-    ours, saved = flatten_params(params), flatten_params(converted["params"])
+    ours, saved = flatten(params), flatten(converted["params"])
     assert list(ours) == list(saved)
     for key in ours:
         np.testing.assert_array_equal(ours[key], saved[key])

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.reference.torch_videomae import tome_videomae_forward
 from vtm_jax.attention import get_attention
-from vtm_jax.convert.hf_videomae import convert_videomae, load_hf_videomae, videomae_param_shapes
-from vtm_jax.convert.scenic import flatten_params
+from vtm_jax.convert.common import flatten
+from vtm_jax.convert.hf_videomae import convert_videomae, load_hf_videomae
 from vtm_jax.errors import UserError
 from vtm_jax.models.videomae import VideoMAE, sinusoid_positions
 from vtm_jax.models.vivit import EncoderBlock
@@ -107,10 +107,45 @@ def block_token_counts(model, params, video):
 FULL_VIDEO = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
 
 
+def videomae_param_shapes(model_config):
+    """Every parameter path of a VideoMAE classifier and its shape, written out independently
+    of the model (the converter takes its shapes from the model itself)."""
+    d_model = model_config["hidden_size"]
+    heads = model_config["num_heads"]
+    head_dim = d_model // heads
+    mlp = model_config["mlp_dim"]
+    t, h, w = model_config["patch_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "embedding/kernel": (t, h, w, 3, d_model),
+        "embedding/bias": (d_model,),
+    }
+    for i in range(model_config["num_layers"]):
+        block = f"Transformer/encoderblock_{i}"
+        attn = f"{block}/MultiHeadDotProductAttention_0"
+        for norm in ("LayerNorm_0", "LayerNorm_1"):
+            shapes[f"{block}/{norm}/scale"] = (d_model,)
+            shapes[f"{block}/{norm}/bias"] = (d_model,)
+        for proj in ("query", "key", "value"):
+            shapes[f"{attn}/{proj}/kernel"] = (d_model, heads, head_dim)
+        shapes[f"{attn}/query/bias"] = (heads, head_dim)
+        shapes[f"{attn}/value/bias"] = (heads, head_dim)
+        shapes[f"{attn}/out/kernel"] = (heads, head_dim, d_model)
+        shapes[f"{attn}/out/bias"] = (d_model,)
+        shapes[f"{block}/MlpBlock_0/Dense_0/kernel"] = (d_model, mlp)
+        shapes[f"{block}/MlpBlock_0/Dense_0/bias"] = (mlp,)
+        shapes[f"{block}/MlpBlock_0/Dense_1/kernel"] = (mlp, d_model)
+        shapes[f"{block}/MlpBlock_0/Dense_1/bias"] = (d_model,)
+    shapes["fc_norm/scale"] = (d_model,)
+    shapes["fc_norm/bias"] = (d_model,)
+    shapes["output_projection/kernel"] = (d_model, model_config["num_classes"])
+    shapes["output_projection/bias"] = (model_config["num_classes"],)
+    return shapes
+
+
 def test_param_tree_is_videomae_b():
     model = VideoMAE(num_classes=400)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), FULL_VIDEO)["params"]
-    flat = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+    flat = {k: tuple(v.shape) for k, v in flatten(params).items()}
     config = dict(hidden_size=768, num_heads=12, mlp_dim=3072, num_layers=12)
     assert flat == videomae_param_shapes({**config, "patch_size": (2, 16, 16), "num_classes": 400})
     # ViT-B/16 without a class token or position parameters, key projections without bias.

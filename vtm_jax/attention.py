@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vtm_jax import plugins
 from vtm_jax.errors import UserError
 
 AttentionFn = Callable[..., jax.Array]
@@ -325,6 +326,30 @@ BACKENDS: dict[str, AttentionFn] = {
     "pallas_tpu": pallas_tpu_attention,
 }
 NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
+
+
+def register_attention(
+    name: str, fn: AttentionFn, *, platform: str | None = None, replace: bool = False
+) -> AttentionFn:
+    """Add an attention backend, selectable as ``get_attention(name)`` or ``--attention name``.
+
+    ``fn(q, k, v, *, bias=None)`` takes ``[B, N, H, d]`` queries, keys and values and an
+    optional additive logit bias broadcastable to ``[B, H, Nq, Nk]``, and returns
+    ``[B, Nq, H, d]``; it must be jit-traceable. ``platform`` (``gpu``, ``tpu``) makes
+    :func:`get_attention` refuse it elsewhere. Registering the same function twice is a no-op;
+    another under a taken name needs ``replace=True``. Returns ``fn``.
+    """
+    if not callable(fn):
+        raise TypeError(f"an attention backend must be callable, not {type(fn).__name__}")
+    if name == "auto":
+        raise ValueError("'auto' picks a backend by platform; register under another name")
+    plugins.check_name(BACKENDS, name, fn, replace=replace)
+    BACKENDS[name] = fn
+    if platform is None:
+        NEEDS_PLATFORM.pop(name, None)
+    else:
+        NEEDS_PLATFORM[name] = platform
+    return fn
 
 
 def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> AttentionFn:

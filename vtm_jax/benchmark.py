@@ -258,5 +258,8 @@ def plot_speed(results: Sequence[dict[str, Any]], path: str, title: str) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    from vtm_jax.paths import open_file
+
+    with open_file(path, "wb") as f:  # local or remote (gs://)
+        fig.savefig(f, format="png")
     plt.close(fig)

@@ -11,11 +11,10 @@ imported on first use (see :func:`get_rule`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,27 +22,13 @@ import jax.numpy as jnp
 from vtm_jax import merge as mg
 from vtm_jax import plugins
 from vtm_jax.errors import UserError
+from vtm_jax.extensions.tube import tube_merge
 from vtm_jax.schedule import apply_schedule, get_schedule, parse_r
+from vtm_jax.tokens import ReduceContext, Rule, RuleFn, Tokens  # rules import them from here too
 
 HEAD_AGGREGATIONS = ("mean", "concat")
 TRACE_SOURCE = ("none", "index", "dense")
 MOTIONFORMER_GROUPS = ("paper", "per_frame")
-
-
-class Tokens(NamedTuple):
-    """What a reduction step changes: hidden states, sizes and (optionally) source tracking.
-
-    ``size`` is ``None`` until the first reduction (every token then counts 1). ``source`` is
-    ``None`` (not tracked), ``[B, N0]`` group ids (index form) or ``[B, N, N0]`` (dense form).
-    ``pos`` is ``None`` unless the mode's rule declares ``needs_positions``: then ``[B, N, 3]``
-    float32, each token's size-weighted centroid ``(t, y, x)`` on the patch grid (see
-    :func:`initial_positions`; a class token sits at ``(-1, -1, -1)``).
-    """
-
-    x: jax.Array
-    size: jax.Array | None = None
-    source: jax.Array | None = None
-    pos: jax.Array | None = None
 
 
 class PerLayerR(tuple):
@@ -258,21 +243,6 @@ def _track(source: jax.Array | None, match: mg.Match, n: int, **dest_kwargs) -> 
     return mg.merge(source, match, reduce="max", dst_keep=dest_kwargs.get("dst_keep"))
 
 
-class ReduceContext(NamedTuple):
-    """What a rule may read besides the tokens, the metric and r (static apart from ``key``).
-
-    ``grid`` is the ``(t, h, w)`` patch grid of a backbone that tracks positions, else None.
-    """
-
-    settings: ReductionSettings
-    class_token: bool
-    key: jax.Array | None = None
-    grid: tuple[int, int, int] | None = None
-
-
-RuleFn = Callable[[Tokens, jax.Array, int, ReduceContext], Tokens]
-
-
 def _apply_merge(tokens: Tokens, scores: jax.Array, r: int, class_token: bool, threshold=None):
     n = tokens.x.shape[1]
     match = mg.bipartite_soft_matching(scores, r, class_token=class_token)
@@ -311,19 +281,6 @@ def _random_drop(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) 
     return _apply_drop(tokens, mg.random_scores(ctx.key, metric), r, ctx.class_token)
 
 
-class Rule(NamedTuple):
-    """A reduction mode: one pure function doing both the matching and its application.
-
-    ``needs_positions``: the rule reads ``tokens.pos``; the encoder then tracks positions
-    (only backbones that know their patch grid can), and ``pos`` must be returned reduced too.
-    ``random``: the rule draws from ``ctx.key``, so evaluation records how draws are keyed.
-    """
-
-    apply: RuleFn
-    needs_positions: bool = False
-    random: bool = False
-
-
 RULES: dict[str, Rule | None] = {
     "none": None,
     "merge": Rule(_merge),
@@ -331,10 +288,9 @@ RULES: dict[str, Rule | None] = {
     "drop": Rule(_drop),
     "random_drop": Rule(_random_drop, random=True),
     "hybrid": Rule(_hybrid),
+    # Shipped beyond the paper's modes: registered here, so every name is listed from the start.
+    "tube_merge": tube_merge,
 }
-
-# Extensions shipped with vtm_jax, registered (by the public API) the first time a name misses.
-BUNDLED_EXTENSIONS = ("vtm_jax.extensions",)
 
 
 def register_rule(
@@ -378,9 +334,6 @@ def get_rule(name: str) -> Rule | None:
             raise UserError(f"mode {name!r} names a {kind}, not a rule")
         plugins.check_function(obj, name, what="mode", arguments=("tokens", "metric", "r", "ctx"))
         return Rule(obj)
-    if name not in RULES:
-        for module in BUNDLED_EXTENSIONS:
-            importlib.import_module(module)
     if name not in RULES:
         raise UserError(f"unknown mode {name!r}; valid: {plugins.valid_names(RULES)}")
     return RULES[name]

@@ -1,17 +1,34 @@
-"""Pieces every converter shares: torch-to-Flax tensor layouts, labels, lazy torch import, and
-the reader of torch checkpoint files (SlowFast, MCG-NJU, bare state dicts) with their cfg."""
+"""Pieces every converter shares.
+
+A converter maps *names*: a table from each checkpoint key to the Flax leaf (or leaves) it
+fills and the layout that turns one into the other (:func:`map_tensors`). Shapes are never
+written out by hand: the model says what it expects (``registry.architecture_param_shapes``,
+``jax.eval_shape`` of its ``init``), and a checkpoint tensor is checked against that, named
+the checkpoint's way. Also here: the HuggingFace directory reader (:func:`read_hf_directory`),
+the key checks (:func:`check_keys`), labels, a lazy torch import, and the reader of torch
+checkpoint files (SlowFast, MCG-NJU, bare state dicts) with their cfg.
+
+Files are named by :class:`etils.epath.Path`, so a checkpoint may sit on ``gs://``; the
+readers that want a local file (safetensors' ``load_file``, ``torch.load`` by name) get the
+remote one's bytes instead (:func:`_local_or_bytes`).
+"""
 
 from __future__ import annotations
 
+import io
+import json
 import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils.epath import Path
+from flax import traverse_util
 
-from vtm_jax.convert.scenic import format_keys
+from vtm_jax import paths
 from vtm_jax.errors import UserError
+
+Params = dict[str, Any]
 
 CONVERT_EXTRA = "pip install 'vtm-jax[convert]'"
 
@@ -19,33 +36,42 @@ CONVERT_EXTRA = "pip install 'vtm-jax[convert]'"
 # approximation; "gelu" is the exact erf form.
 GELU_APPROXIMATE = {"gelu_fast": True, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
 
-# How a torch tensor becomes a Flax leaf; the torch shape follows from the Flax shape.
-IDENTITY, LINEAR, QKV_KERNEL, QKV_BIAS, OUT_KERNEL, CONV = (
+# How a torch tensor becomes a Flax leaf (its layout); the torch shape follows from the Flax
+# shape. QKV_KERNEL: a Linear weight ``[H d, D]`` to ``(D, H, d)``, or to any ``(D, ...)``
+# (Motionformer's ``proj_kv``: ``(D, 2, H, d)``); QKV_BIAS: a flat bias to ``(H, d)`` or any
+# shape; CONV: a 3-D conv ``(out, in, t, h, w)``; CONV2D: a 2-D conv ``(out, in, h, w)``.
+IDENTITY, LINEAR, QKV_KERNEL, QKV_BIAS, OUT_KERNEL, CONV, CONV2D = (
     "identity",
     "linear",
     "qkv_kernel",
     "qkv_bias",
     "out_kernel",
     "conv",
+    "conv2d",
 )
 
 
 def torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape of a tensor that becomes a Flax leaf of ``shape`` under ``kind``."""
     if kind == LINEAR:
         return shape[::-1]
     if kind == QKV_KERNEL:
-        return (shape[1] * shape[2], shape[0])
+        return (int(np.prod(shape[1:])), shape[0])
     if kind == QKV_BIAS:
-        return (shape[0] * shape[1],)
+        return (int(np.prod(shape)),)
     if kind == OUT_KERNEL:
-        return (shape[2], shape[0] * shape[1])
+        return (shape[-1], int(np.prod(shape[:-1])))
     if kind == CONV:
         t, h, w, cin, cout = shape
         return (cout, cin, t, h, w)
+    if kind == CONV2D:
+        h, w, cin, cout = shape
+        return (cout, cin, h, w)
     return shape
 
 
 def to_flax(kind: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A torch tensor (as numpy) laid out as the Flax leaf of ``shape``: a fresh float32 copy."""
     source = array
     if kind in (LINEAR, QKV_KERNEL, OUT_KERNEL):
         array = array.T.reshape(shape)
@@ -53,9 +79,249 @@ def to_flax(kind: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         array = array.reshape(shape)
     elif kind == CONV:
         array = array.transpose(2, 3, 4, 1, 0)  # (out, in, t, h, w) -> (t, h, w, in, out)
+    elif kind == CONV2D:
+        array = array.transpose(2, 3, 1, 0)  # (out, in, h, w) -> (h, w, in, out)
     array = np.ascontiguousarray(array, dtype=np.float32)
     # Arrays from a live torch state dict share its memory: never hand those out.
     return array.copy() if np.may_share_memory(array, source) else array
+
+
+# ---------------------------------------------------------------------------------------------
+# Name tables: checkpoint key -> Flax leaf (or leaves) and layout
+
+# One checkpoint key's target: a Flax path, or several for a fused tensor (a ``qkv`` weight
+# whose rows are the query, key and value projections in turn), and the layout of each part.
+Target = tuple[str | tuple[str, ...], str]
+
+
+def format_keys(keys: Iterable[str], limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 7 more (12 in all)``: for one-line error messages."""
+    keys = list(keys)
+    shown = ", ".join(str(k) for k in keys[:limit])
+    if len(keys) > limit:
+        return f"{shown} and {len(keys) - limit} more ({len(keys)} in all)"
+    return shown
+
+
+def check_keys(
+    keys: Iterable[str], expected: Iterable[str], what: str, *, optional: Iterable[str] = ()
+) -> None:
+    """A UserError naming every unknown and every missing key of a ``what`` checkpoint."""
+    keys, expected = list(keys), list(expected)
+    known = set(expected) | set(optional)
+    present = set(keys)
+    unknown = [k for k in keys if k not in known]
+    missing = [k for k in expected if k not in present]
+    if unknown or missing:
+        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
+        parts += [f"missing {format_keys(missing)}"] if missing else []
+        raise UserError(f"{what} checkpoint keys do not match: {'; '.join(parts)}")
+
+
+def _paths(target: Target) -> tuple[str, ...]:
+    paths = target[0]
+    return (paths,) if isinstance(paths, str) else paths
+
+
+def map_tensors(
+    state: Mapping[str, Any],
+    table: Mapping[str, Target],
+    shapes: Mapping[str, tuple[int, ...]],
+    what: str,
+    *,
+    zeros: Iterable[str] = (),
+) -> Params:
+    """The Flax tree ``table`` makes of ``state``: every key checked, then laid out.
+
+    ``shapes`` are the model's own (``registry.architecture_param_shapes``); a tensor whose
+    shape does not give its leaf's is named with its torch shape and the one expected.
+    ``zeros``: leaves the checkpoint does not store that are zero (VideoMAE without q/v
+    biases). Every key of ``state`` must be in ``table`` and the reverse.
+    """
+    check_keys(state, table, what)
+    arrays = {k: as_float32(state[k]) for k in table}
+    mis_shaped = []
+    for key, target in table.items():
+        parts = [torch_shape(target[1], shapes[p]) for p in _paths(target)]
+        want = parts[0] if len(parts) == 1 else (sum(p[0] for p in parts), *parts[0][1:])
+        if arrays[key].shape != want:
+            mis_shaped.append(f"{key} {arrays[key].shape} (expected {want})")
+    if mis_shaped:
+        raise UserError(f"{what} checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}")
+    flat = {}
+    for key, target in table.items():
+        paths = _paths(target)
+        for path, part in zip(paths, np.split(arrays[key], len(paths)), strict=True):
+            flat[path] = to_flax(target[1], part, shapes[path])
+    flat.update({path: np.zeros(shapes[path], np.float32) for path in zeros})
+    unfilled = [p for p in shapes if p not in flat]
+    if unfilled:  # the table and the model disagree: a converter's fault, named all the same
+        raise UserError(f"{what} checkpoint leaves model parameters unset: {format_keys(unfilled)}")
+    return unflatten(flat)
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dicts to ``{'a/b/c': leaf}``, in insertion order."""
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def unflatten(flat: Mapping[str, Any]) -> Params:
+    """``{'a/b/c': leaf}`` back to nested dicts."""
+    return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def model_shapes(
+    architecture: str, model_config: Mapping[str, Any], input_config: Mapping[str, int]
+) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of the model a converter describes, from the model itself."""
+    from vtm_jax.models.registry import architecture_param_shapes
+
+    return architecture_param_shapes(architecture, model_config, input_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# HuggingFace directories (config.json plus safetensors or pytorch_model.bin, maybe sharded)
+
+
+def _local_or_bytes(path: Path) -> str | io.BytesIO:
+    """A local file by name (readers map or seek it); a remote one read into memory, as
+    ``torch.load`` and safetensors read only local files by name."""
+    if paths.is_remote(path):
+        return io.BytesIO(path.read_bytes())
+    return str(path)
+
+
+def _safetensors_load(path: Path, numpy: bool) -> dict[str, Any]:
+    """safetensors' ``load_file`` (numpy or torch arrays), or ``load`` of a remote file's bytes."""
+    if numpy:
+        from safetensors import numpy as module
+    else:
+        from safetensors import torch as module
+    source = _local_or_bytes(path)
+    if isinstance(source, str):
+        return module.load_file(source)
+    return module.load(source.getvalue())
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError as error:
+        raise UserError(f"{path} needs safetensors: {CONVERT_EXTRA}") from error
+
+    try:
+        return {k: as_float32(v) for k, v in _safetensors_load(path, numpy=True).items()}
+    except TypeError:
+        # numpy has no bfloat16: read such files through torch.
+        import_torch(f"{path} (bfloat16)")
+        return {k: torch_to_numpy(v) for k, v in _safetensors_load(path, numpy=False).items()}
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+
+
+def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    torch = import_torch(str(path))
+    try:
+        state = torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
+        # One line naming what was refused; never torch's advice to unpickle unsafely.
+        raise unsafe_pickle_error(path, error) from None
+    if not isinstance(state, Mapping):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f"{path} is not a flat state dict: non-tensor {format_keys(not_tensors)}")
+    return {k: torch_to_numpy(v) for k, v in state.items()}
+
+
+def _shard_files(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot read the shard index {index_path}: {error}") from error
+    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise UserError(f"{index_path} lists shards that are not there: {format_keys(absent)}")
+    return files
+
+
+def read_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
+    """Read an HF checkpoint directory's weights as ``{key: numpy array}`` (floats as float32).
+
+    Order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
+    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``; the last two need PyTorch.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    candidates = (
+        ("model.safetensors", False, _load_safetensors),
+        ("model.safetensors.index.json", True, _load_safetensors),
+        ("pytorch_model.bin", False, _load_torch_bin),
+        ("pytorch_model.bin.index.json", True, _load_torch_bin),
+    )
+    found = next(((n, i, f) for n, i, f in candidates if (directory / n).is_file()), None)
+    if found is None:
+        raise UserError(
+            f"no weights in {directory}: expected model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin"
+        )
+    name, is_index, load = found
+    files = _shard_files(directory / name) if is_index else [directory / name]
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        part = load(file)
+        repeated = [k for k in part if k in state]
+        if repeated:
+            raise UserError(f"{file} repeats keys of another shard: {format_keys(repeated)}")
+        state.update(part)
+    return state
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    """An HF checkpoint directory's ``config.json``, which must be a JSON object."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"no config.json in {directory}")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {config_path}: {error}") from error
+    if not isinstance(hf_config, Mapping):
+        raise UserError(f"{config_path} is not a JSON object")
+    return hf_config
+
+
+def read_hf_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(config.json, weights)`` of an HF checkpoint directory (:func:`read_state_dict`)."""
+    return read_hf_config(directory), read_state_dict(directory)
+
+
+def hf_num_classes(hf_config: Mapping[str, Any]) -> int | None:
+    """The classes an HF config names (``id2label``, else ``num_labels``); None: the weights say."""
+    id2label = hf_config.get("id2label")
+    if id2label:
+        return len(id2label)
+    if hf_config.get("num_labels") is not None:
+        return int(hf_config["num_labels"])
+    return None
+
+
+def read_processor_config(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The directory's ``preprocessor_config.json`` (or the video one) and its path; None: none."""
+    directory = Path(directory)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                return path, json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise UserError(f"cannot read {path}: {error}") from error
+    return None
 
 
 def import_torch(what: str) -> Any:
@@ -134,18 +400,18 @@ def unsafe_pickle_error(path: Path, error: Exception) -> UserError:
 def _load_pickle(path: Path) -> Any:
     torch = import_torch(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise unsafe_pickle_error(path, error) from None
 
 
 def _load_safetensors_file(path: Path) -> dict[str, Any]:
     try:
-        from safetensors.torch import load_file
+        import safetensors.torch  # noqa: F401
     except ImportError as error:
         raise UserError(f"{path} needs safetensors and PyTorch: {CONVERT_EXTRA}") from error
     try:
-        return dict(load_file(path))
+        return dict(_safetensors_load(path, numpy=False))
     except Exception as error:  # SafetensorError, OSError
         raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
 

@@ -8,20 +8,31 @@ transformers 5 uses the same key names in memory and on disk for TimeSformer
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
+    CONV2D,
     GELU_APPROXIMATE,
-    as_float32,
+    IDENTITY,
+    LINEAR,
+    OUT_KERNEL,
+    QKV_BIAS,
+    QKV_KERNEL,
+    Params,
+    Target,
+    check_keys,
+    format_keys,
     hf_labels,
+    hf_num_classes,
+    map_tensors,
+    model_shapes,
+    read_hf_directory,
+    read_processor_config,
 )
-from vtm_jax.convert.hf_vivit import read_state_dict
-from vtm_jax.convert.scenic import format_keys, unflatten_params
 from vtm_jax.errors import UserError
 
 # TimesformerConfig's defaults: save_pretrained may leave out keys whose value equals them.
@@ -57,101 +68,49 @@ _ATTN = {
     "temporal_attention": "MultiHeadDotProductAttention_temporal",
 }
 
-Convert = Callable[[np.ndarray], dict[str, np.ndarray]]
+_QKV = ("query", "key", "value")
 
 
-class _Entry:
-    """One HF tensor: its expected shape and how it becomes one or more Flax leaves."""
+def _name_table(num_layers: int) -> dict[str, Target]:
+    """Every key of a TimesformerForVideoClassification state dict with ``num_layers`` layers.
 
-    def __init__(self, shape: tuple[int, ...], convert: Convert):
-        self.shape = shape
-        self.convert = convert
-
-
-def _copy(path: str) -> Convert:
-    return lambda a: {path: a}
-
-
-def _linear(path: str) -> Convert:
-    return lambda a: {f"{path}/kernel": a.T}
-
-
-def _qkv_weight(attn: str, heads: int) -> Convert:
-    def convert(a: np.ndarray) -> dict[str, np.ndarray]:
-        width = a.shape[1]
-        parts = a.reshape(3, width, width)  # rows are [query; key; value], heads major
-        return {
-            f"{attn}/{name}/kernel": part.T.reshape(width, heads, width // heads)
-            for name, part in zip(("query", "key", "value"), parts, strict=True)
-        }
-
-    return convert
-
-
-def _qkv_bias(attn: str, heads: int) -> Convert:
-    def convert(a: np.ndarray) -> dict[str, np.ndarray]:
-        parts = a.reshape(3, heads, -1)
-        return {
-            f"{attn}/{name}/bias": part
-            for name, part in zip(("query", "key", "value"), parts, strict=True)
-        }
-
-    return convert
-
-
-def _out_weight(attn: str, heads: int) -> Convert:
-    return lambda a: {f"{attn}/out/kernel": a.T.reshape(heads, a.shape[1] // heads, a.shape[0])}
-
-
-def _conv(path: str) -> Convert:
-    return lambda a: {path: a.transpose(2, 3, 1, 0)}  # (out, in, h, w) -> (h, w, in, out)
-
-
-def _table(settings: Mapping[str, Any], num_classes: int) -> dict[str, _Entry]:
-    """Every key of a TimesformerForVideoClassification state dict, for these settings."""
-    d, m, heads = settings["hidden_size"], settings["mlp_dim"], settings["num_heads"]
-    ph, pw = settings["patch_size"]
-    patches = (settings["image_size"] // ph) * (settings["image_size"] // pw)
+    The fused ``qkv`` weight and bias each fill the query, key and value leaves, in that order.
+    """
     emb = "timesformer.embeddings."
-    table = {
-        f"{emb}cls_token": _Entry((1, 1, d), _copy("cls")),
-        f"{emb}position_embeddings": _Entry(
-            (1, patches + 1, d), _copy("posembed_input/pos_embedding")
-        ),
-        f"{emb}time_embeddings": _Entry((1, settings["num_frames"], d), _copy("time_embedding")),
-        f"{emb}patch_embeddings.projection.weight": _Entry(
-            (d, 3, ph, pw), _conv("embedding/kernel")
-        ),
-        f"{emb}patch_embeddings.projection.bias": _Entry((d,), _copy("embedding/bias")),
-        "timesformer.layernorm.weight": _Entry((d,), _copy("Transformer/encoder_norm/scale")),
-        "timesformer.layernorm.bias": _Entry((d,), _copy("Transformer/encoder_norm/bias")),
-        "classifier.weight": _Entry((num_classes, d), _linear("output_projection")),
-        "classifier.bias": _Entry((num_classes,), _copy("output_projection/bias")),
+    table: dict[str, Target] = {
+        f"{emb}cls_token": ("cls", IDENTITY),
+        f"{emb}position_embeddings": ("posembed_input/pos_embedding", IDENTITY),
+        f"{emb}time_embeddings": ("time_embedding", IDENTITY),
+        f"{emb}patch_embeddings.projection.weight": ("embedding/kernel", CONV2D),
+        f"{emb}patch_embeddings.projection.bias": ("embedding/bias", IDENTITY),
+        "timesformer.layernorm.weight": ("Transformer/encoder_norm/scale", IDENTITY),
+        "timesformer.layernorm.bias": ("Transformer/encoder_norm/bias", IDENTITY),
+        "classifier.weight": ("output_projection/kernel", LINEAR),
+        "classifier.bias": ("output_projection/bias", IDENTITY),
     }
-    for i in range(settings["num_layers"]):
+    for i in range(num_layers):
         hf, ours = f"timesformer.encoder.layer.{i}.", f"Transformer/encoderblock_{i}/"
         for norm, name in (
             ("temporal_layernorm", "LayerNorm_temporal"),
             ("layernorm_before", "LayerNorm_0"),
             ("layernorm_after", "LayerNorm_1"),
         ):
-            table[f"{hf}{norm}.weight"] = _Entry((d,), _copy(f"{ours}{name}/scale"))
-            table[f"{hf}{norm}.bias"] = _Entry((d,), _copy(f"{ours}{name}/bias"))
+            table[f"{hf}{norm}.weight"] = (f"{ours}{name}/scale", IDENTITY)
+            table[f"{hf}{norm}.bias"] = (f"{ours}{name}/bias", IDENTITY)
         for hf_attn, attn in _ATTN.items():
             attn = ours + attn
-            table[f"{hf}{hf_attn}.attention.qkv.weight"] = _Entry(
-                (3 * d, d), _qkv_weight(attn, heads)
-            )
-            table[f"{hf}{hf_attn}.attention.qkv.bias"] = _Entry((3 * d,), _qkv_bias(attn, heads))
-            table[f"{hf}{hf_attn}.output.dense.weight"] = _Entry((d, d), _out_weight(attn, heads))
-            table[f"{hf}{hf_attn}.output.dense.bias"] = _Entry((d,), _copy(f"{attn}/out/bias"))
-        for hf_dense, dense, shape in (
-            ("temporal_dense", "temporal_fc", (d, d)),
-            ("intermediate.dense", "MlpBlock_0/Dense_0", (m, d)),
-            ("output.dense", "MlpBlock_0/Dense_1", (d, m)),
+            qkv = f"{hf}{hf_attn}.attention.qkv"
+            table[f"{qkv}.weight"] = (tuple(f"{attn}/{p}/kernel" for p in _QKV), QKV_KERNEL)
+            table[f"{qkv}.bias"] = (tuple(f"{attn}/{p}/bias" for p in _QKV), QKV_BIAS)
+            table[f"{hf}{hf_attn}.output.dense.weight"] = (f"{attn}/out/kernel", OUT_KERNEL)
+            table[f"{hf}{hf_attn}.output.dense.bias"] = (f"{attn}/out/bias", IDENTITY)
+        for hf_dense, dense in (
+            ("temporal_dense", "temporal_fc"),
+            ("intermediate.dense", "MlpBlock_0/Dense_0"),
+            ("output.dense", "MlpBlock_0/Dense_1"),
         ):
-            table[f"{hf}{hf_dense}.weight"] = _Entry(shape, _linear(ours + dense))
-            table[f"{hf}{hf_dense}.bias"] = _Entry(shape[:1], _copy(f"{ours}{dense}/bias"))
+            table[f"{hf}{hf_dense}.weight"] = (f"{ours}{dense}/kernel", LINEAR)
+            table[f"{hf}{hf_dense}.bias"] = (f"{ours}{dense}/bias", IDENTITY)
     return table
 
 
@@ -198,15 +157,8 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         raise UserError(
             f"config.json hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
         )
-    id2label = hf_config.get("id2label")
-    if id2label:
-        num_classes = len(id2label)
-    elif hf_config.get("num_labels") is not None:
-        num_classes = int(hf_config["num_labels"])
-    else:
-        num_classes = None  # taken from the classifier weight
     return {
-        "num_classes": num_classes,
+        "num_classes": hf_num_classes(hf_config),  # None: taken from the classifier weight
         "hidden_size": hidden,
         "num_heads": heads,
         "mlp_dim": int(get("intermediate_size")),
@@ -221,7 +173,7 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def convert_timesformer(
     state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+) -> tuple[Params, dict[str, Any], dict[str, int]]:
     """Map an HF TimeSformer state dict to vtm_jax's tree.
 
     Returns ``(params, model_config, input_config)``. Any unknown, missing or mis-shaped key
@@ -246,34 +198,14 @@ def convert_timesformer(
             )
         settings["num_classes"] = int(np.shape(state_dict["classifier.weight"])[0])
 
-    table = _table(settings, settings["num_classes"])
-    unknown = [k for k in keys if k not in table]
-    missing = [k for k in table if k not in state_dict]
-    if unknown or missing:
-        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
-        parts += [f"missing {format_keys(missing)}"] if missing else []
-        raise UserError(f"HF TimeSformer checkpoint keys do not match: {'; '.join(parts)}")
-
-    arrays = {k: as_float32(v) for k, v in state_dict.items()}
-    mis_shaped = [
-        f"{k} {arrays[k].shape} (expected {entry.shape})"
-        for k, entry in table.items()
-        if arrays[k].shape != entry.shape
-    ]
-    if mis_shaped:
-        raise UserError(
-            f"HF TimeSformer checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}"
-        )
-
-    flat: dict[str, np.ndarray] = {}
-    for k, entry in table.items():
-        for path, value in entry.convert(arrays[k]).items():
-            # Fresh contiguous copies: arrays from a live torch state dict share its memory.
-            flat[path] = np.array(value, dtype=np.float32, order="C")
+    table = _name_table(settings["num_layers"])
+    check_keys(keys, table, "HF TimeSformer")
     model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
     model_config["patch_size"] = list(model_config["patch_size"])
     input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
-    return unflatten_params(flat), model_config, input_config
+    shapes = model_shapes("timesformer", model_config, input_config)
+    params = map_tensors(state_dict, table, shapes, "HF TimeSformer")
+    return params, model_config, input_config
 
 
 def _per_channel(value: Any, name: str, path: Path) -> list[float]:
@@ -302,21 +234,10 @@ def read_preprocessing(
         "mean": list(DEFAULT_MEAN),
         "std": list(DEFAULT_STD),
     }
-    directory = Path(directory)
-    path = next(
-        (
-            directory / name
-            for name in ("preprocessor_config.json", "video_preprocessor_config.json")
-            if (directory / name).is_file()
-        ),
-        None,
-    )
-    if path is None:
+    found = read_processor_config(directory)
+    if found is None:
         return prep
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
+    path, cfg = found
     if cfg.get("do_resize", True) and "size" in cfg:
         size = cfg["size"]
         if isinstance(size, int):
@@ -350,19 +271,8 @@ def load_hf_timesformer(directory: str | Path) -> dict[str, Any]:
     arguments, ``{'num_frames', 'image_size'}``, class names from ``id2label`` (or None),
     :func:`read_preprocessing`'s settings and ``class_splits`` (None: one head).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"checkpoint directory not found: {directory}")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"no config.json in {directory}")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {config_path}: {error}") from error
-    if not isinstance(hf_config, Mapping):
-        raise UserError(f"{config_path} is not a JSON object")
-    params, model_config, input_config = convert_timesformer(read_state_dict(directory), hf_config)
+    hf_config, state = read_hf_directory(directory)
+    params, model_config, input_config = convert_timesformer(state, hf_config)
     num_classes = model_config["num_classes"]
     return {
         "params": params,

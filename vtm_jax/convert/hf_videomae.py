@@ -8,12 +8,10 @@ accepted, never a mix. Keys have no bias (in both). The position table is fixed 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     CONV,
@@ -22,13 +20,16 @@ from vtm_jax.convert.common import (
     OUT_KERNEL,
     QKV_BIAS,
     QKV_KERNEL,
-    as_float32,
+    Params,
+    Target,
+    check_keys,
+    format_keys,
     hf_labels,
-    to_flax,
-    torch_shape,
+    hf_num_classes,
+    map_tensors,
+    model_shapes,
+    read_hf_directory,
 )
-from vtm_jax.convert.hf_vivit import read_state_dict
-from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
 from vtm_jax.errors import UserError
 
 # VideoMAEConfig's defaults: a config.json may leave out keys whose value equals them.
@@ -96,40 +97,6 @@ _BIAS_NAMINGS = {
 }
 
 
-def videomae_param_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every parameter path of :class:`vtm_jax.models.videomae.VideoMAE` and its shape."""
-    d_model = model_config["hidden_size"]
-    heads = model_config["num_heads"]
-    head_dim = d_model // heads
-    mlp = model_config["mlp_dim"]
-    t, h, w = model_config["patch_size"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "embedding/kernel": (t, h, w, 3, d_model),
-        "embedding/bias": (d_model,),
-    }
-    for i in range(model_config["num_layers"]):
-        block = f"Transformer/encoderblock_{i}"
-        attn = f"{block}/{_ATTN}"
-        for norm in ("LayerNorm_0", "LayerNorm_1"):
-            shapes[f"{block}/{norm}/scale"] = (d_model,)
-            shapes[f"{block}/{norm}/bias"] = (d_model,)
-        for proj in ("query", "key", "value"):
-            shapes[f"{attn}/{proj}/kernel"] = (d_model, heads, head_dim)
-        shapes[f"{attn}/query/bias"] = (heads, head_dim)
-        shapes[f"{attn}/value/bias"] = (heads, head_dim)
-        shapes[f"{attn}/out/kernel"] = (heads, head_dim, d_model)
-        shapes[f"{attn}/out/bias"] = (d_model,)
-        shapes[f"{block}/MlpBlock_0/Dense_0/kernel"] = (d_model, mlp)
-        shapes[f"{block}/MlpBlock_0/Dense_0/bias"] = (mlp,)
-        shapes[f"{block}/MlpBlock_0/Dense_1/kernel"] = (mlp, d_model)
-        shapes[f"{block}/MlpBlock_0/Dense_1/bias"] = (d_model,)
-    shapes["fc_norm/scale"] = (d_model,)
-    shapes["fc_norm/bias"] = (d_model,)
-    shapes["output_projection/kernel"] = (d_model, model_config["num_classes"])
-    shapes["output_projection/bias"] = (model_config["num_classes"],)
-    return shapes
-
-
 def _pair(value: Any, name: str) -> int:
     """An int, or a square ``[a, a]``, from config.json."""
     if isinstance(value, (list, tuple)):
@@ -167,15 +134,8 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         )
     patch = _pair(get("patch_size"), "patch_size")
     tubelet = _pair(get("tubelet_size"), "tubelet_size")
-    id2label = hf_config.get("id2label")
-    if id2label:
-        num_classes = len(id2label)
-    elif hf_config.get("num_labels") is not None:
-        num_classes = int(hf_config["num_labels"])
-    else:
-        num_classes = None  # taken from the classifier weight
     return {
-        "num_classes": num_classes,
+        "num_classes": hf_num_classes(hf_config),  # None: taken from the classifier weight
         "hidden_size": hidden,
         "num_heads": heads,
         "mlp_dim": int(get("intermediate_size")),
@@ -202,17 +162,8 @@ def _bias_naming(keys: list[str]) -> str:
     return "memory" if found["memory"] else "disk"
 
 
-def convert_videomae(
-    state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
-) -> tuple[Params, dict[str, Any], dict[str, int]]:
-    """Map an HF VideoMAE classifier state dict (either naming) to vtm_jax's VideoMAE tree.
-
-    Returns ``(params, model_config, input_config)``. Any unknown, missing or mis-shaped key
-    is a UserError that names it. Without q/v biases (``qv_bias=false``) they are zeros.
-    """
-    settings = _settings(hf_config)
-    qv_bias = settings.pop("qv_bias")
-    keys = list(state_dict)
+def _check_is_classifier(keys: list[str]) -> None:
+    """A clear error for a base model or a pre-training checkpoint (no classifier)."""
     if not any(k.startswith(("videomae.", "classifier.", "fc_norm.")) for k in keys):
         if any(k.startswith(("embeddings.", "encoder.layer.")) for k in keys):
             raise UserError(
@@ -228,26 +179,37 @@ def convert_videomae(
             "convert a VideoMAEForVideoClassification checkpoint"
         )
 
+
+def _name_table(keys: list[str], num_layers: int, qv_bias: bool) -> dict[str, Target]:
+    """Every HF key of a VideoMAE classifier, q/v biases in the naming ``keys`` use."""
     layer_keys = dict(_LAYER_KEYS)
     if qv_bias:
         q_bias, v_bias = _BIAS_NAMINGS[_bias_naming(keys)]
         layer_keys[q_bias] = (f"{_ATTN}/query/bias", QKV_BIAS)
         layer_keys[v_bias] = (f"{_ATTN}/value/bias", QKV_BIAS)
-    table = dict(_COMMON_KEYS)
-    for i in range(settings["num_layers"]):
+    table: dict[str, Target] = dict(_COMMON_KEYS)
+    for i in range(num_layers):
         for suffix, (path, kind) in layer_keys.items():
             table[f"{_LAYER_PREFIX}{i}.{suffix}"] = (f"Transformer/encoderblock_{i}/{path}", kind)
+    return table
 
-    unknown = [k for k in keys if k not in table]
-    missing = [k for k in table if k not in state_dict]
-    if unknown or missing:
-        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
-        parts += [f"missing {format_keys(missing)}"] if missing else []
-        raise UserError(f"HF VideoMAE checkpoint keys do not match: {'; '.join(parts)}")
 
-    arrays = {k: as_float32(v) for k, v in state_dict.items()}
+def convert_videomae(
+    state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
+) -> tuple[Params, dict[str, Any], dict[str, int]]:
+    """Map an HF VideoMAE classifier state dict (either naming) to vtm_jax's VideoMAE tree.
+
+    Returns ``(params, model_config, input_config)``. Any unknown, missing or mis-shaped key
+    is a UserError that names it. Without q/v biases (``qv_bias=false``) they are zeros.
+    """
+    settings = _settings(hf_config)
+    qv_bias = settings.pop("qv_bias")
+    keys = list(state_dict)
+    _check_is_classifier(keys)
+    table = _name_table(keys, settings["num_layers"], qv_bias)
+    check_keys(keys, table, "HF VideoMAE")
     if settings["num_classes"] is None:
-        settings["num_classes"] = int(arrays["classifier.weight"].shape[0])
+        settings["num_classes"] = int(state_dict["classifier.weight"].shape[0])
     model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
     input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
     t, p, _ = model_config["patch_size"]
@@ -256,26 +218,15 @@ def convert_videomae(
             f"config.json num_frames={input_config['num_frames']} / image_size="
             f"{input_config['image_size']} are not multiples of the tubelet {(t, p, p)}"
         )
-    shapes = videomae_param_shapes(model_config)
-
-    expected_hf = {k: torch_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
-    mis_shaped = [
-        f"{k} {arrays[k].shape} (expected {expected_hf[k]})"
-        for k in table
-        if arrays[k].shape != expected_hf[k]
+    shapes = model_shapes("videomae", model_config, input_config)
+    # Without q/v biases in the file, the model's query and value biases are zero.
+    zeros = [
+        f"Transformer/encoderblock_{i}/{_ATTN}/{name}/bias"
+        for i in range(0 if qv_bias else model_config["num_layers"])
+        for name in ("query", "value")
     ]
-    if mis_shaped:
-        raise UserError(f"HF VideoMAE checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}")
-
-    by_path = {path: (k, kind) for k, (path, kind) in table.items()}
-    flat = {}
-    for path, shape in shapes.items():  # the model's order
-        if path in by_path:
-            key, kind = by_path[path]
-            flat[path] = to_flax(kind, arrays[key], shape)
-        else:  # q/v biases of a qv_bias=false model
-            flat[path] = np.zeros(shape, np.float32)
-    return unflatten_params(flat), model_config, input_config
+    params = map_tensors(state_dict, table, shapes, "HF VideoMAE", zeros=zeros)
+    return params, model_config, input_config
 
 
 def paper_preprocessing(input_config: Mapping[str, int]) -> dict[str, Any]:
@@ -300,17 +251,8 @@ def load_hf_videomae(directory: str | Path) -> dict[str, Any]:
     preprocessing, ``None`` (one head), and the paper's merging defaults for VideoMAE
     (proportional attention off).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"checkpoint directory not found: {directory}")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"no config.json in {directory}")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {config_path}: {error}") from error
-    params, model_config, input_config = convert_videomae(read_state_dict(directory), hf_config)
+    hf_config, state = read_hf_directory(directory)
+    params, model_config, input_config = convert_videomae(state, hf_config)
     return {
         "params": params,
         "model": model_config,

@@ -7,38 +7,32 @@ transformers 5 names the weights one way in memory (``vivit.layers.N.attention.q
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     CONV,
-    CONVERT_EXTRA,
     GELU_APPROXIMATE,
     IDENTITY,
     LINEAR,
     OUT_KERNEL,
     QKV_BIAS,
     QKV_KERNEL,
-    as_float32,
-    hf_labels,
-    import_torch,
-    to_flax,
-    torch_shape,
-    torch_to_numpy,
-    unsafe_pickle_error,
-)
-from vtm_jax.convert.scenic import (
     Params,
+    Target,
+    check_keys,
     format_keys,
-    num_tokens,
-    unflatten_params,
-    vivit_param_shapes,
-    vivit_preprocessing,
+    hf_labels,
+    hf_num_classes,
+    map_tensors,
+    model_shapes,
+    read_hf_directory,
+    read_processor_config,
 )
+from vtm_jax.convert.scenic import num_tokens, vivit_preprocessing
 from vtm_jax.errors import UserError
 
 # VivitConfig's defaults: save_pretrained may leave out keys whose value equals them.
@@ -123,89 +117,6 @@ _NAMINGS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading weights
-
-
-def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    try:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-    except ImportError as error:
-        raise UserError(f"{path} needs safetensors: {CONVERT_EXTRA}") from error
-
-    try:
-        return {k: as_float32(v) for k, v in load_file(path).items()}
-    except TypeError:
-        # numpy has no bfloat16: read such files through torch.
-        import_torch(f"{path} (bfloat16)")
-        from safetensors.torch import load_file as load_torch_file
-
-        return {k: torch_to_numpy(v) for k, v in load_torch_file(path).items()}
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
-
-
-def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    torch = import_torch(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
-        # One line naming what was refused; never torch's advice to unpickle unsafely.
-        raise unsafe_pickle_error(path, error) from None
-    if not isinstance(state, Mapping):
-        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict")
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise UserError(f"{path} is not a flat state dict: non-tensor {format_keys(not_tensors)}")
-    return {k: torch_to_numpy(v) for k, v in state.items()}
-
-
-def _shard_files(index_path: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot read the shard index {index_path}: {error}") from error
-    files = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
-    absent = [f.name for f in files if not f.is_file()]
-    if absent:
-        raise UserError(f"{index_path} lists shards that are not there: {format_keys(absent)}")
-    return files
-
-
-def read_state_dict(directory: str | Path) -> dict[str, np.ndarray]:
-    """Read an HF checkpoint directory's weights as ``{key: numpy array}`` (floats as float32).
-
-    Order: ``model.safetensors``, ``model.safetensors.index.json`` (shards),
-    ``pytorch_model.bin``, ``pytorch_model.bin.index.json``; the last two need PyTorch.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"checkpoint directory not found: {directory}")
-    candidates = (
-        ("model.safetensors", False, _load_safetensors),
-        ("model.safetensors.index.json", True, _load_safetensors),
-        ("pytorch_model.bin", False, _load_torch_bin),
-        ("pytorch_model.bin.index.json", True, _load_torch_bin),
-    )
-    found = next(((n, i, f) for n, i, f in candidates if (directory / n).is_file()), None)
-    if found is None:
-        raise UserError(
-            f"no weights in {directory}: expected model.safetensors, "
-            "model.safetensors.index.json or pytorch_model.bin"
-        )
-    name, is_index, load = found
-    files = _shard_files(directory / name) if is_index else [directory / name]
-    state: dict[str, np.ndarray] = {}
-    for file in files:
-        part = load(file)
-        repeated = [k for k in part if k in state]
-        if repeated:
-            raise UserError(f"{file} repeats keys of another shard: {format_keys(repeated)}")
-        state.update(part)
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
 # Converting
 
 
@@ -241,15 +152,8 @@ def _settings(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         raise UserError(
             f"config.json hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
         )
-    id2label = hf_config.get("id2label")
-    if id2label:
-        num_classes = len(id2label)
-    elif hf_config.get("num_labels") is not None:
-        num_classes = int(hf_config["num_labels"])
-    else:
-        num_classes = None  # taken from the classifier weight
     return {
-        "num_classes": num_classes,
+        "num_classes": hf_num_classes(hf_config),  # None: taken from the classifier weight
         "hidden_size": hidden,
         "num_heads": heads,
         "mlp_dim": int(get("intermediate_size")),
@@ -284,6 +188,16 @@ def _detect_naming(keys: list[str]) -> str:
     raise UserError(f"not a HuggingFace ViViT checkpoint; keys: {format_keys(keys) or 'none'}")
 
 
+def _name_table(keys: list[str], num_layers: int) -> dict[str, Target]:
+    """Every HF key of a ViViT with ``num_layers`` layers, in the naming ``keys`` use."""
+    prefix, layer_keys = _NAMINGS[_detect_naming(keys)]
+    table: dict[str, Target] = dict(_COMMON_KEYS)
+    for i in range(num_layers):
+        for suffix, (path, kind) in layer_keys.items():
+            table[f"{prefix}{i}.{suffix}"] = (f"Transformer/encoderblock_{i}/{path}", kind)
+    return table
+
+
 def convert_vivit(
     state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]
 ) -> tuple[Params, dict[str, Any], dict[str, int]]:
@@ -294,53 +208,21 @@ def convert_vivit(
     """
     settings = _settings(hf_config)
     keys = list(state_dict)
-    prefix, layer_keys = _NAMINGS[_detect_naming(keys)]
-
-    table = dict(_COMMON_KEYS)
-    for i in range(settings["num_layers"]):
-        for suffix, (path, kind) in layer_keys.items():
-            table[f"{prefix}{i}.{suffix}"] = (f"Transformer/encoderblock_{i}/{path}", kind)
-
+    table = _name_table(keys, settings["num_layers"])
     if not any(k.startswith("classifier.") for k in keys):
         raise UserError(
             "no classifier head (no classifier.weight / classifier.bias): convert a "
             "VivitForVideoClassification checkpoint"
         )
-    unknown = [k for k in keys if k not in table]
-    missing = [k for k in table if k not in state_dict]
-    if unknown or missing:
-        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
-        parts += [f"missing {format_keys(missing)}"] if missing else []
-        raise UserError(f"HF ViViT checkpoint keys do not match: {'; '.join(parts)}")
-
+    check_keys(keys, table, "HF ViViT")
     if settings["num_classes"] is None:
         settings["num_classes"] = int(np.shape(state_dict["classifier.weight"])[0])
     model_config = {k: v for k, v in settings.items() if k not in ("num_frames", "image_size")}
     input_config = {"num_frames": settings["num_frames"], "image_size": settings["image_size"]}
-    n_tokens = num_tokens(
-        num_frames=input_config["num_frames"],
-        image_size=input_config["image_size"],
-        patch_size=model_config["patch_size"],
-        classifier="token",
-    )
-    shapes = vivit_param_shapes(model_config, n_tokens)
-
-    arrays = {k: as_float32(v) for k, v in state_dict.items()}
-    expected_hf = {k: torch_shape(kind, shapes[path]) for k, (path, kind) in table.items()}
-    mis_shaped = [
-        f"{k} {arrays[k].shape} (expected {expected_hf[k]})"
-        for k in table
-        if arrays[k].shape != expected_hf[k]
-    ]
-    if mis_shaped:
-        raise UserError(f"HF ViViT checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}")
-
-    by_path = {path: (k, kind) for k, (path, kind) in table.items()}
-    flat = {}
-    for path, shape in shapes.items():  # Scenic's order
-        key, kind = by_path[path]
-        flat[path] = to_flax(kind, arrays[key], shape)
-    return unflatten_params(flat), model_config, input_config
+    # A clear error for an input the tubelet cannot cut, before the model is asked its shapes.
+    num_tokens(**input_config, patch_size=model_config["patch_size"], classifier="token")
+    shapes = model_shapes("vivit", model_config, input_config)
+    return map_tensors(state_dict, table, shapes, "HF ViViT"), model_config, input_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,17 +255,11 @@ def read_preprocessing(directory: str | Path, input_config: Mapping[str, int]) -
     """
     image_size = int(input_config["image_size"])
     prep = vivit_preprocessing(int(input_config["num_frames"]), image_size)
-    directory = Path(directory)
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
-        path = directory / name
-        if path.is_file():
-            break
-    else:
+    found = read_processor_config(directory)
+    if found is None:
         return prep
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {error}") from error
+    path, cfg = found
+    name = path.name
 
     if cfg.get("do_resize", True):
         size = cfg.get("size", {"shortest_edge": 256})
@@ -423,17 +299,8 @@ def load_hf_vivit(directory: str | Path) -> dict[str, Any]:
     the model config, ``{'num_frames', 'image_size'}``, class names from ``id2label`` (or
     None) and :func:`read_preprocessing`'s settings.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"checkpoint directory not found: {directory}")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"no config.json in {directory}")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {config_path}: {error}") from error
-    params, model_config, input_config = convert_vivit(read_state_dict(directory), hf_config)
+    hf_config, state = read_hf_directory(directory)
+    params, model_config, input_config = convert_vivit(state, hf_config)
     return {
         "params": params,
         "model": model_config,

@@ -14,8 +14,8 @@ w) = (2, 16, 16)``, ``P = 196`` patches per slot at 224 px, ``F = 8`` slots for 
 * ``temp_embed`` ``[1, F, D]`` -> ``temporal_embedding``
 * ``patch_embed_3d.proj.weight`` ``[D, 3, t, h, w]``, ``.bias`` ``[D]`` -> ``embedding``
   (kernel ``(t, h, w, 3, D)``)
-* ``patch_embed.proj.weight`` ``[D, 3, h, w]``, ``.bias`` ``[D]``: optional and dropped; the
-  original always builds this 2-D embedding but never uses it with a tubelet
+* ``patch_embed.proj.weight`` ``[D, 3, h, w]``, ``.bias`` ``[D]``: optional and dropped unread;
+  the original always builds this 2-D embedding but never uses it with a tubelet
 * ``blocks.{i}.norm1.weight`` / ``.bias`` ``[D]`` -> ``encoderblock_{i}/LayerNorm_0``
 * ``blocks.{i}.attn.qkv.weight`` ``[3D, D]``, ``.bias`` ``[3D]`` -> ``.../TrajectoryAttention_0/``
   ``query``, ``key``, ``value`` (kernels ``(D, H, d)``, biases ``(H, d)``)
@@ -47,13 +47,30 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from etils.epath import Path
 
-from vtm_jax.convert.common import import_torch, parse_cfg_yaml, read_torch_checkpoint
-from vtm_jax.convert.scenic import Params, format_keys, unflatten_params
+from vtm_jax.convert.common import (
+    CONV,
+    IDENTITY,
+    LINEAR,
+    OUT_KERNEL,
+    QKV_BIAS,
+    QKV_KERNEL,
+    Params,
+    Target,
+    as_float32,
+    check_keys,
+    concat_heads,
+    format_keys,
+    import_torch,
+    map_tensors,
+    model_shapes,
+    parse_cfg_yaml,
+    read_torch_checkpoint,
+)
 from vtm_jax.errors import UserError
 
 # The paper's Motionformer test pipeline (docs/method.md §3.8): 16 frames at stride 4, pixels
@@ -71,6 +88,8 @@ DEFAULT_PREPROCESSING = {
 _ATTN = "TrajectoryAttention_0"
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _HEAD = re.compile(r"head(\d*)\.(weight|bias)")
+_UNUSED = ("patch_embed.proj.weight", "patch_embed.proj.bias")  # the original's 2-D embedding
+_QKV = ("query", "key", "value")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,40 +123,116 @@ def _check_cfg(model_cfg: Mapping[str, Any]) -> None:
 # Converting
 
 
-def _expected_shapes(
-    dim: int, mlp: int, layers: int, slots: int, patches: int, tubelet: tuple[int, int, int]
-) -> dict[str, tuple[int, ...]]:
-    t, h, w = tubelet
-    shapes = {
-        "cls_token": (1, 1, dim),
-        "pos_embed": (1, 1 + patches, dim),
-        "temp_embed": (1, slots, dim),
-        "patch_embed_3d.proj.weight": (dim, 3, t, h, w),
-        "patch_embed_3d.proj.bias": (dim,),
-        "norm.weight": (dim,),
-        "norm.bias": (dim,),
+class _Sizes(NamedTuple):
+    """What the tensors say about the model (the head count comes from the cfg)."""
+
+    dim: int
+    tubelet: tuple[int, int, int]
+    slots: int
+    grid: int  # patches per side of the stored position table
+    layers: int
+    mlp: int
+    qkv_bias: bool
+    pre_logits: bool
+
+
+def _check_trajectory(state: Mapping[str, np.ndarray]) -> None:
+    """A clear error for a checkpoint that is not the trajectory-attention Motionformer."""
+    if "st_embed" in state or any(".timeattn." in k for k in state):
+        raise UserError(
+            "this is a joint/divided-attention checkpoint (st_embed or timeattn keys); only "
+            "trajectory attention (the Motionformer proper) is supported"
+        )
+    for needed in ("patch_embed_3d.proj.weight", "temp_embed", "pos_embed"):
+        if needed not in state:
+            raise UserError(f"not a Motionformer checkpoint: missing {needed}")
+
+
+def _sizes(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any]) -> _Sizes:
+    """The model's sizes, read from the embeddings and the blocks' keys."""
+    conv = state["patch_embed_3d.proj.weight"]
+    if conv.ndim != 5 or conv.shape[1] != 3:
+        raise UserError(
+            f"patch_embed_3d.proj.weight has shape {conv.shape}; expected [D, 3, t, h, w]"
+        )
+    dim, tubelet = int(conv.shape[0]), tuple(int(s) for s in conv.shape[2:])
+    if tubelet[1] != tubelet[2]:
+        raise UserError(f"patch_embed_3d.proj.weight has non-square patches {tubelet[1:]}")
+    pos_patches = int(np.shape(state["pos_embed"])[1]) - 1
+    grid = round(math.sqrt(pos_patches))
+    if grid * grid != pos_patches:
+        raise UserError(f"pos_embed has {pos_patches} patches, not a square grid")
+    layers = 1 + max((int(m.group(1)) for k in state if (m := _BLOCK.match(k))), default=-1)
+    if layers == 0:
+        raise UserError("no transformer blocks (blocks.N.*) in the checkpoint")
+    pre_logits = "pre_logits.fc.weight" in state or "pre_logits.fc.bias" in state
+    if "USE_MLP" in model_cfg and bool(model_cfg["USE_MLP"]) != pre_logits:
+        raise UserError(
+            f"cfg says USE_MLP={model_cfg['USE_MLP']} but pre_logits.fc is "
+            f"{'present' if pre_logits else 'absent'}"
+        )
+    fc1 = state.get("blocks.0.mlp.fc1.weight")  # absent: the key check names it
+    return _Sizes(
+        dim=dim,
+        tubelet=tubelet,
+        slots=int(np.shape(state["temp_embed"])[1]),
+        grid=grid,
+        layers=layers,
+        mlp=int(np.shape(fc1)[0]) if fc1 is not None else 4 * dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        pre_logits=pre_logits,
+    )
+
+
+def _one_head(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """``head`` as it is, or EPIC-KITCHENS' ``head0``, ``head1``, ... as one ``head``."""
+    found = sorted({m.group(1) for k in state if (m := _HEAD.fullmatch(k))})
+    if found == [""]:
+        head = state.get("head.bias", state.get("head.weight", np.zeros(0)))
+        return dict(state), [int(np.shape(head)[0])]
+    if found and "" not in found:
+        return concat_heads(state, [f"head{i}" for i in range(len(found))], "head")
+    raise UserError(
+        "expected one classifier 'head' or heads 'head0', 'head1', ...; found "
+        f"{format_keys(['head' + h for h in found]) or 'none'}"
+    )
+
+
+def _name_table(sizes: _Sizes) -> dict[str, Target]:
+    """Every key of the checkpoint and the Flax leaf (or leaves, for ``qkv``) it fills."""
+    table: dict[str, Target] = {
+        "cls_token": ("cls", IDENTITY),
+        "pos_embed": ("pos_embedding", IDENTITY),
+        "temp_embed": ("temporal_embedding", IDENTITY),
+        "patch_embed_3d.proj.weight": ("embedding/kernel", CONV),
+        "patch_embed_3d.proj.bias": ("embedding/bias", IDENTITY),
+        "norm.weight": ("encoder_norm/scale", IDENTITY),
+        "norm.bias": ("encoder_norm/bias", IDENTITY),
+        "head.weight": ("output_projection/kernel", LINEAR),
+        "head.bias": ("output_projection/bias", IDENTITY),
     }
-    for i in range(layers):
-        block = {
-            "norm1.weight": (dim,),
-            "norm1.bias": (dim,),
-            "attn.qkv.weight": (3 * dim, dim),
-            "attn.qkv.bias": (3 * dim,),
-            "attn.proj_q.weight": (dim, dim),
-            "attn.proj_q.bias": (dim,),
-            "attn.proj_kv.weight": (2 * dim, dim),
-            "attn.proj_kv.bias": (2 * dim,),
-            "attn.proj.weight": (dim, dim),
-            "attn.proj.bias": (dim,),
-            "norm2.weight": (dim,),
-            "norm2.bias": (dim,),
-            "mlp.fc1.weight": (mlp, dim),
-            "mlp.fc1.bias": (mlp,),
-            "mlp.fc2.weight": (dim, mlp),
-            "mlp.fc2.bias": (dim,),
-        }
-        shapes.update({f"blocks.{i}.{k}": v for k, v in block.items()})
-    return shapes
+    if sizes.pre_logits:
+        table["pre_logits.fc.weight"] = ("pre_logits/kernel", LINEAR)
+        table["pre_logits.fc.bias"] = ("pre_logits/bias", IDENTITY)
+    for i in range(sizes.layers):
+        src, dst = f"blocks.{i}.", f"encoderblock_{i}/"
+        attn = f"{dst}{_ATTN}/"
+        for norm, name in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
+            table[f"{src}{norm}.weight"] = (f"{dst}{name}/scale", IDENTITY)
+            table[f"{src}{norm}.bias"] = (f"{dst}{name}/bias", IDENTITY)
+        table[f"{src}attn.qkv.weight"] = (tuple(f"{attn}{p}/kernel" for p in _QKV), QKV_KERNEL)
+        table[f"{src}attn.proj_q.weight"] = (f"{attn}proj_q/kernel", QKV_KERNEL)
+        table[f"{src}attn.proj_kv.weight"] = (f"{attn}proj_kv/kernel", QKV_KERNEL)  # (D, 2, H, d)
+        if sizes.qkv_bias:
+            table[f"{src}attn.qkv.bias"] = (tuple(f"{attn}{p}/bias" for p in _QKV), QKV_BIAS)
+            table[f"{src}attn.proj_q.bias"] = (f"{attn}proj_q/bias", QKV_BIAS)
+            table[f"{src}attn.proj_kv.bias"] = (f"{attn}proj_kv/bias", QKV_BIAS)
+        table[f"{src}attn.proj.weight"] = (f"{attn}out/kernel", OUT_KERNEL)
+        table[f"{src}attn.proj.bias"] = (f"{attn}out/bias", IDENTITY)
+        for fc, name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            table[f"{src}mlp.{fc}.weight"] = (f"{dst}MlpBlock_0/{name}/kernel", LINEAR)
+            table[f"{src}mlp.{fc}.bias"] = (f"{dst}MlpBlock_0/{name}/bias", IDENTITY)
+    return table
 
 
 def _interpolate_pos(pos: np.ndarray, grid: int) -> np.ndarray:
@@ -154,6 +249,21 @@ def _interpolate_pos(pos: np.ndarray, grid: int) -> np.ndarray:
     return np.concatenate([pos[:, :1], table], axis=1)
 
 
+def _input_size(
+    state: dict[str, np.ndarray], cfg: Mapping[str, Any], sizes: _Sizes
+) -> dict[str, int]:
+    """The input the model is made for; a crop other than the table's resizes ``pos_embed``
+    in ``state``, once, as the original does on every forward pass."""
+    patch = sizes.tubelet[1]
+    image_size = sizes.grid * patch
+    crop = int((cfg.get("DATA") or {}).get("TRAIN_CROP_SIZE", image_size))
+    if crop != image_size:
+        if crop % patch:
+            raise UserError(f"crop size {crop} is not a multiple of the patch size {patch}")
+        state["pos_embed"] = _interpolate_pos(as_float32(state["pos_embed"]), crop // patch)
+    return {"num_frames": sizes.slots * sizes.tubelet[0], "image_size": crop}
+
+
 def convert_motionformer(
     state: Mapping[str, np.ndarray], cfg: Mapping[str, Any] | None = None
 ) -> tuple[Params, dict[str, Any], dict[str, int], list[int] | None]:
@@ -165,158 +275,32 @@ def convert_motionformer(
     cfg = dict(cfg or {})
     model_cfg = _model_cfg(cfg)
     _check_cfg(model_cfg)
-    keys = list(state)
-    if "st_embed" in state or any(".timeattn." in k for k in keys):
-        raise UserError(
-            "this is a joint/divided-attention checkpoint (st_embed or timeattn keys); only "
-            "trajectory attention (the Motionformer proper) is supported"
-        )
-    for needed in ("patch_embed_3d.proj.weight", "temp_embed", "pos_embed"):
-        if needed not in state:
-            raise UserError(f"not a Motionformer checkpoint: missing {needed}")
-    conv = state["patch_embed_3d.proj.weight"]
-    if conv.ndim != 5 or conv.shape[1] != 3:
-        raise UserError(
-            f"patch_embed_3d.proj.weight has shape {conv.shape}; expected [D, 3, t, h, w]"
-        )
-    dim, tubelet = conv.shape[0], tuple(int(s) for s in conv.shape[2:])
-    if tubelet[1] != tubelet[2]:
-        raise UserError(f"patch_embed_3d.proj.weight has non-square patches {tubelet[1:]}")
-    slots = int(np.shape(state["temp_embed"])[1])
-    pos_patches = int(np.shape(state["pos_embed"])[1]) - 1
-    grid = round(math.sqrt(pos_patches))
-    if grid * grid != pos_patches:
-        raise UserError(f"pos_embed has {pos_patches} patches, not a square grid")
-
-    layers = 1 + max((int(m.group(1)) for k in keys if (m := _BLOCK.match(k))), default=-1)
-    if layers == 0:
-        raise UserError("no transformer blocks (blocks.N.*) in the checkpoint")
+    _check_trajectory(state)
+    sizes = _sizes(state, model_cfg)
     # Heads cannot be read from the shapes: the cfg says, else ViT's 64-wide heads.
-    heads = int(model_cfg.get("NUM_HEADS", max(1, dim // 64)))
-    if dim % heads:
-        raise UserError(f"width {dim} is not a multiple of {heads} heads")
-    mlp = int(np.shape(state.get("blocks.0.mlp.fc1.weight", np.zeros((4 * dim, dim))))[0])
-    qkv_bias = "blocks.0.attn.qkv.bias" in state
-    expected = _expected_shapes(dim, mlp, layers, slots, pos_patches, tubelet)
-    if not qkv_bias:
-        for suffix in ("qkv", "proj_q", "proj_kv"):
-            for i in range(layers):
-                expected.pop(f"blocks.{i}.attn.{suffix}.bias")
-    has_pre_logits = "pre_logits.fc.weight" in state or "pre_logits.fc.bias" in state
-    if has_pre_logits:
-        expected["pre_logits.fc.weight"] = (dim, dim)
-        expected["pre_logits.fc.bias"] = (dim,)
-    if "USE_MLP" in model_cfg and bool(model_cfg["USE_MLP"]) != has_pre_logits:
-        raise UserError(
-            f"cfg says USE_MLP={model_cfg['USE_MLP']} but pre_logits.fc is "
-            f"{'present' if has_pre_logits else 'absent'}"
-        )
-    heads_found = sorted({m.group(1) for k in keys if (m := _HEAD.fullmatch(k))})
-    if heads_found == [""]:
-        head_names = ["head"]
-    elif heads_found and "" not in heads_found:
-        head_names = [f"head{i}" for i in range(len(heads_found))]
-    else:
-        raise UserError(
-            "expected one classifier 'head' or heads 'head0', 'head1', ...; found "
-            f"{format_keys(['head' + h for h in heads_found]) or 'none'}"
-        )
-    for name in head_names:
-        classes = int(np.shape(state.get(f"{name}.weight", state.get(f"{name}.bias", [0])))[0])
-        expected[f"{name}.weight"] = (classes, dim)
-        expected[f"{name}.bias"] = (classes,)
-    optional = {"patch_embed.proj.weight": (dim, 3) + tubelet[1:], "patch_embed.proj.bias": (dim,)}
-
-    unknown = [k for k in keys if k not in expected and k not in optional]
-    missing = [k for k in expected if k not in state]
-    if unknown or missing:
-        parts = [f"unknown {format_keys(unknown)}"] if unknown else []
-        parts += [f"missing {format_keys(missing)}"] if missing else []
-        raise UserError(f"Motionformer checkpoint keys do not match: {'; '.join(parts)}")
-    shapes = {**expected, **{k: v for k, v in optional.items() if k in state}}
-    mis_shaped = [
-        f"{k} {tuple(np.shape(state[k]))} (expected {v})"
-        for k, v in shapes.items()
-        if tuple(np.shape(state[k])) != v
-    ]
-    if mis_shaped:
-        raise UserError(
-            f"Motionformer checkpoint has mis-shaped tensors: {format_keys(mis_shaped)}"
-        )
-
-    def get(key: str) -> np.ndarray:
-        return np.asarray(state[key], dtype=np.float32)
-
-    h, d = heads, dim // heads
-    image_size = grid * tubelet[1]
-    crop = int((cfg.get("DATA") or {}).get("TRAIN_CROP_SIZE", image_size))
-    pos = get("pos_embed")
-    if crop != image_size:  # the original resizes pos_embed for other crops
-        if crop % tubelet[1]:
-            raise UserError(f"crop size {crop} is not a multiple of the patch size {tubelet[1]}")
-        pos = _interpolate_pos(pos, crop // tubelet[1])
-        image_size = crop
-
-    flat: dict[str, np.ndarray] = {
-        "embedding/kernel": get("patch_embed_3d.proj.weight").transpose(2, 3, 4, 1, 0),
-        "embedding/bias": get("patch_embed_3d.proj.bias"),
-        "cls": get("cls_token"),
-        "pos_embedding": pos,
-        "temporal_embedding": get("temp_embed"),
-    }
-    for i in range(layers):
-        src, dst = f"blocks.{i}.", f"encoderblock_{i}/"
-        attn = f"{dst}{_ATTN}/"
-        for ln, name in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
-            flat[f"{dst}{name}/scale"] = get(f"{src}{ln}.weight")
-            flat[f"{dst}{name}/bias"] = get(f"{src}{ln}.bias")
-        qkv = get(f"{src}attn.qkv.weight").reshape(3, h, d, dim)
-        for j, name in enumerate(("query", "key", "value")):
-            flat[f"{attn}{name}/kernel"] = qkv[j].transpose(2, 0, 1)
-        flat[f"{attn}proj_q/kernel"] = (
-            get(f"{src}attn.proj_q.weight").reshape(h, d, dim).transpose(2, 0, 1)
-        )
-        flat[f"{attn}proj_kv/kernel"] = (
-            get(f"{src}attn.proj_kv.weight").reshape(2, h, d, dim).transpose(3, 0, 1, 2)
-        )
-        if qkv_bias:
-            qkv_b = get(f"{src}attn.qkv.bias").reshape(3, h, d)
-            for j, name in enumerate(("query", "key", "value")):
-                flat[f"{attn}{name}/bias"] = qkv_b[j]
-            flat[f"{attn}proj_q/bias"] = get(f"{src}attn.proj_q.bias").reshape(h, d)
-            flat[f"{attn}proj_kv/bias"] = get(f"{src}attn.proj_kv.bias").reshape(2, h, d)
-        flat[f"{attn}out/kernel"] = get(f"{src}attn.proj.weight").T.reshape(h, d, dim)
-        flat[f"{attn}out/bias"] = get(f"{src}attn.proj.bias")
-        for fc, name in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-            flat[f"{dst}MlpBlock_0/{name}/kernel"] = get(f"{src}mlp.{fc}.weight").T
-            flat[f"{dst}MlpBlock_0/{name}/bias"] = get(f"{src}mlp.{fc}.bias")
-    flat["encoder_norm/scale"] = get("norm.weight")
-    flat["encoder_norm/bias"] = get("norm.bias")
-    if has_pre_logits:
-        flat["pre_logits/kernel"] = get("pre_logits.fc.weight").T
-        flat["pre_logits/bias"] = get("pre_logits.fc.bias")
-    flat["output_projection/kernel"] = np.concatenate(
-        [get(f"{n}.weight").T for n in head_names], axis=1
-    )
-    flat["output_projection/bias"] = np.concatenate([get(f"{n}.bias") for n in head_names])
-    flat = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}
-
-    splits = [int(np.shape(state[f"{n}.bias"])[0]) for n in head_names]
+    heads = int(model_cfg.get("NUM_HEADS", max(1, sizes.dim // 64)))
+    if sizes.dim % heads:
+        raise UserError(f"width {sizes.dim} is not a multiple of {heads} heads")
+    state, splits = _one_head(state)
+    table = _name_table(sizes)
+    check_keys(state, table, "Motionformer", optional=_UNUSED)
+    state = {k: v for k, v in state.items() if k not in _UNUSED}
+    input_config = _input_size(state, cfg, sizes)
     model_config = {
         "num_classes": sum(splits),
-        "hidden_size": int(dim),
-        "num_heads": h,
-        "mlp_dim": mlp,
-        "num_layers": layers,
-        "patch_size": list(tubelet),
-        "representation_size": int(dim) if has_pre_logits else None,
+        "hidden_size": sizes.dim,
+        "num_heads": heads,
+        "mlp_dim": sizes.mlp,
+        "num_layers": sizes.layers,
+        "patch_size": list(sizes.tubelet),
+        "representation_size": sizes.dim if sizes.pre_logits else None,
         "layer_norm_eps": 1e-6,
-        "qkv_bias": qkv_bias,
+        "qkv_bias": sizes.qkv_bias,
         "original_temporal_values": bool(model_cfg.get("USE_ORIGINAL_TRAJ_ATTN_CODE", True)),
     }
-    input_config = {"num_frames": slots * tubelet[0], "image_size": image_size}
-    class_splits = splits if len(splits) > 1 else None
-    return unflatten_params(flat), model_config, input_config, class_splits
+    shapes = model_shapes("motionformer", model_config, input_config)
+    params = map_tensors(state, table, shapes, "Motionformer")
+    return params, model_config, input_config, splits if len(splits) > 1 else None
 
 
 def _preprocessing(cfg: Mapping[str, Any], input_config: Mapping[str, int]) -> dict[str, Any]:

@@ -1,24 +1,25 @@
 """Scenic ViViT checkpoints (legacy Flax msgpack) and the spatio-temporal ViViT parameter tree.
 
 The tree is exactly Scenic's (``scenic/projects/vivit/model.py``, attention type ``spacetime``),
-so a Scenic checkpoint's params load into vtm_jax's ViViT without renaming. The helpers here
-that describe the tree (:func:`vivit_param_shapes`, :func:`flatten_params`) are shared with the
-HuggingFace converter.
+so a Scenic checkpoint's params load into vtm_jax's ViViT without renaming: reading one is
+finding the model config its shapes imply and checking the tree against that model's own
+(``registry.check_params_fit``).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
+from vtm_jax.convert.common import Params, flatten, format_keys
 from vtm_jax.errors import UserError
-
-Params = dict[str, Any]
+from vtm_jax.models.registry import check_params_fit
+from vtm_jax.models.vivit import ViViT
 
 # Scenic's ViViT uses Flax's LayerNorm default epsilon and nn.gelu (tanh approximation).
 SCENIC_LAYER_NORM_EPS = 1e-6
@@ -43,39 +44,6 @@ _TOP_OPTIONAL = ("cls", "pre_logits")
 _CHECKPOINT_STEP = re.compile(r"checkpoint_(\d+)")
 
 
-def format_keys(keys: Iterable[str], limit: int = 5) -> str:
-    """``a, b, c`` or ``a, b, c, d, e and 7 more (12 in all)``: for one-line error messages."""
-    keys = list(keys)
-    shown = ", ".join(str(k) for k in keys[:limit])
-    if len(keys) > limit:
-        return f"{shown} and {len(keys) - limit} more ({len(keys)} in all)"
-    return shown
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to ``{'a/b/c': leaf}``, in insertion order."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, prefix=f"{path}/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> Params:
-    """``{'a/b/c': leaf}`` back to nested dicts."""
-    tree: Params = {}
-    for path, value in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = value
-    return tree
-
-
 def num_tokens(
     *, num_frames: int, image_size: int, patch_size: tuple[int, int, int], classifier: str
 ) -> int:
@@ -93,70 +61,6 @@ def num_tokens(
     if bad:
         raise UserError(f"input size does not fit tubelet {tuple(patch_size)}: {'; '.join(bad)}")
     return (num_frames // t) * (image_size // h) * (image_size // w) + int(classifier == "token")
-
-
-def vivit_param_shapes(
-    model_config: Mapping[str, Any], n_tokens: int
-) -> dict[str, tuple[int, ...]]:
-    """Every parameter path of the spatio-temporal ViViT and its shape, for ``n_tokens`` tokens."""
-    d_model = model_config["hidden_size"]
-    heads = model_config["num_heads"]
-    head_dim = d_model // heads
-    mlp = model_config["mlp_dim"]
-    t, h, w = model_config["patch_size"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    if model_config["classifier"] == "token":
-        shapes["cls"] = (1, 1, d_model)
-    shapes["embedding/kernel"] = (t, h, w, 3, d_model)
-    shapes["embedding/bias"] = (d_model,)
-    shapes["Transformer/posembed_input/pos_embedding"] = (1, n_tokens, d_model)
-    for i in range(model_config["num_layers"]):
-        block = f"Transformer/encoderblock_{i}"
-        attn = f"{block}/MultiHeadDotProductAttention_0"
-        for norm in ("LayerNorm_0", "LayerNorm_1"):
-            shapes[f"{block}/{norm}/scale"] = (d_model,)
-            shapes[f"{block}/{norm}/bias"] = (d_model,)
-        for proj in ("query", "key", "value"):
-            shapes[f"{attn}/{proj}/kernel"] = (d_model, heads, head_dim)
-            shapes[f"{attn}/{proj}/bias"] = (heads, head_dim)
-        shapes[f"{attn}/out/kernel"] = (heads, head_dim, d_model)
-        shapes[f"{attn}/out/bias"] = (d_model,)
-        shapes[f"{block}/MlpBlock_0/Dense_0/kernel"] = (d_model, mlp)
-        shapes[f"{block}/MlpBlock_0/Dense_0/bias"] = (mlp,)
-        shapes[f"{block}/MlpBlock_0/Dense_1/kernel"] = (mlp, d_model)
-        shapes[f"{block}/MlpBlock_0/Dense_1/bias"] = (d_model,)
-    shapes["Transformer/encoder_norm/scale"] = (d_model,)
-    shapes["Transformer/encoder_norm/bias"] = (d_model,)
-    head_in = d_model
-    if model_config["representation_size"] is not None:
-        head_in = model_config["representation_size"]
-        shapes["pre_logits/kernel"] = (d_model, head_in)
-        shapes["pre_logits/bias"] = (head_in,)
-    shapes["output_projection/kernel"] = (head_in, model_config["num_classes"])
-    shapes["output_projection/bias"] = (model_config["num_classes"],)
-    return shapes
-
-
-def check_param_shapes(
-    flat: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str
-) -> None:
-    """Raise a UserError naming every unexpected, missing or mis-shaped path of ``flat``."""
-    unexpected = [k for k in flat if k not in expected]
-    missing = [k for k in expected if k not in flat]
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected {format_keys(unexpected)}")
-    if missing:
-        problems.append(f"missing {format_keys(missing)}")
-    if problems:
-        raise UserError(f"{what} is not a spatio-temporal ViViT tree: {'; '.join(problems)}")
-    mis_shaped = [
-        f"{k} {tuple(np.shape(v))} (expected {expected[k]})"
-        for k, v in flat.items()
-        if tuple(np.shape(v)) != expected[k]
-    ]
-    if mis_shaped:
-        raise UserError(f"{what} has mis-shaped parameters: {format_keys(mis_shaped)}")
 
 
 def _latest_checkpoint(directory: Path) -> Path:
@@ -281,7 +185,7 @@ def vivit_config_from_params(
             f"params are not a spatio-temporal ViViT (Scenic 'spacetime'): top-level "
             f"{'; '.join(parts)}"
         )
-    flat = flatten_params(params)
+    flat = flatten(params)
     block0 = "Transformer/encoderblock_0"
     needed = {
         "embedding/kernel": 5,
@@ -321,8 +225,6 @@ def vivit_config_from_params(
         "gelu_approximate": SCENIC_GELU_APPROXIMATE,
     }
     n_tokens = int(np.shape(flat["Transformer/posembed_input/pos_embedding"])[1])
-    check_param_shapes(flat, vivit_param_shapes(model_config, n_tokens), "params")
-
     try:
         expected: int | str = num_tokens(
             num_frames=num_frames,
@@ -340,7 +242,10 @@ def vivit_config_from_params(
             image_size=image_size,
             model_config=model_config,
         )
-    return model_config, {"num_frames": int(num_frames), "image_size": int(image_size)}
+    input_config = {"num_frames": int(num_frames), "image_size": int(image_size)}
+    # Everything else about the tree, against the model's own shapes for this input.
+    check_params_fit(ViViT(**model_config), params, input_config, where="params")
+    return model_config, input_config
 
 
 def factorised_config_from_params(
@@ -351,7 +256,7 @@ def factorised_config_from_params(
     The input size needs no flags here: the spatial position embedding has one entry per patch
     of a frame and the temporal one per tubelet slot (each plus a class token).
     """
-    flat = flatten_params(params)
+    flat = flatten(params)
     required = ["embedding/kernel", "output_projection/kernel"] + [
         f"{enc}/{path}"
         for enc in ("SpatialTransformer", "TemporalTransformer")

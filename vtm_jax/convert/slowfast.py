@@ -38,19 +38,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     KeyMap,
+    Params,
     concat_heads,
     default_num_heads,
+    format_keys,
     parse_cfg_yaml,
     read_torch_checkpoint,
 )
-from vtm_jax.convert.scenic import Params, format_keys
 from vtm_jax.errors import UserError
 
 ARCHITECTURES = ("vivit", "videomae", "timesformer", "motionformer")

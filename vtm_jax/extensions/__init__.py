@@ -1,7 +1,8 @@
-"""Extensions shipped with vtm_jax, each registered through the public extension API.
+"""Reduction rules shipped with vtm_jax beyond the paper's modes.
 
-``vtm_jax.reduction`` imports this package the first time a mode name is not registered, so
-shipped modes (``tube_merge``) can be named in a config without an import.
+Each is written against the rule types of :mod:`vtm_jax.tokens` alone, as an outside
+package's rule would be; :mod:`vtm_jax.reduction` imports them and registers them under their
+names (``tube_merge``) with the built-in modes, so they are listed and usable from the start.
 """
 
 from vtm_jax.extensions import tube as tube

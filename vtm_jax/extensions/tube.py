@@ -21,9 +21,10 @@ the ``r`` falls back to ordinary bipartite ``merge`` on the tubes' size-weighted
 token count always follows ``schedule.plan_tokens``; from then on groups span several
 locations. The class token is never merged and stays first.
 
-This module uses only the public extension API (``register_rule``), as an outside package
-would; importing it registers ``tube_merge``. It needs the patch grid, so it works in the
-global-merging ViViT and VideoMAE; other backbones raise a UserError.
+It is written against the rule types of :mod:`vtm_jax.tokens` only, as an outside package's
+rule would be; :mod:`vtm_jax.reduction` registers it as ``tube_merge`` when it is imported
+(the name is always listed). It needs the patch grid, so it works in the global-merging ViViT
+and VideoMAE; other backbones raise a UserError.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from vtm_jax import merge as mg
 from vtm_jax.errors import UserError
-from vtm_jax.reduction import ReduceContext, Tokens, register_rule
+from vtm_jax.tokens import ReduceContext, Rule, Tokens
 
 
 def tube_merge_rule(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
@@ -140,4 +141,5 @@ def _bipartite_merge(tokens: Tokens, metric: jax.Array, r: int, class_token: boo
     return Tokens(x, size, source, pos)
 
 
-tube_merge = register_rule("tube_merge", tube_merge_rule, needs_positions=True)
+# What the registry lists as ``tube_merge`` (and "vtm_jax.extensions.tube:tube_merge" names).
+tube_merge = Rule(tube_merge_rule, needs_positions=True)

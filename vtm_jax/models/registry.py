@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
@@ -67,16 +69,33 @@ def build_model(
         raise UserError(f"checkpoint model config does not fit {name}: {e}") from None
 
 
+def param_shapes(model: nn.Module, input_config: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every parameter path (``a/b/c``) of ``model`` and its shape, for that input size.
+
+    The model itself says (``jax.eval_shape`` of its ``init``: nothing is computed), so no
+    converter or check writes the shapes out again.
+    """
+    size = input_config["image_size"]
+    video = jax.ShapeDtypeStruct((1, input_config["num_frames"], size, size, 3), jnp.float32)
+    return _flat_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"])
+
+
+def architecture_param_shapes(
+    architecture: str, model_config: Mapping[str, Any], input_config: Mapping[str, int]
+) -> dict[str, tuple[int, ...]]:
+    """:func:`param_shapes` of the model ``architecture`` builds from ``model_config``."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()}
+    return param_shapes(ARCHITECTURES[architecture](**kwargs), input_config)
+
+
 def check_params_fit(
-    model: nn.Module, params: Any, input_config: dict[str, int], *, where: str | None = None
+    model: nn.Module, params: Any, input_config: Mapping[str, int], *, where: str | None = None
 ) -> None:
     """A UserError naming every missing, unexpected or mis-shaped parameter of ``model``.
 
     ``where`` (e.g. a checkpoint path) leads the message of a mismatch.
     """
-    size = input_config["image_size"]
-    video = jax.ShapeDtypeStruct((1, input_config["num_frames"], size, size, 3), jnp.float32)
-    expected = _flat_shapes(jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"])
+    expected = param_shapes(model, input_config)
     got = _flat_shapes(params)
     problems = []
     for label, keys in (
@@ -103,12 +122,6 @@ def check_params_fit(
         )
 
 
-def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) or hasattr(value, "items"):
-            flat.update(_flat_shapes(value, path + "/"))
-        else:
-            flat[path] = tuple(np.shape(value))
-    return flat
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = traverse_util.flatten_dict(dict(tree), sep="/")
+    return {path: tuple(np.shape(value)) for path, value in flat.items()}
