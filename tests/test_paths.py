@@ -532,3 +532,49 @@ def test_results_and_frames_through_tf_gfile(tmp_path):
 
 def test_tf_errors_are_named_and_one_line(tmp_path):
     _in_child(tmp_path, "_tf_error_checks")
+
+
+class _Clips:
+    """Eight random 16-frame 32x32 clips, as a dataset source gives them."""
+
+    name, split, num_classes, class_splits = "clips", "test", 8, None
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        video = np.random.default_rng(i).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        return {"video": video, "video_id": f"clip{i}", "label": np.int64(i % 8)}
+
+
+def test_evaluation_resumes_on_gcs(gcs, tiny_checkpoint):
+    from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
+    from vtm_jax.evaluate import evaluate
+
+    save_checkpoint("gs://bucket/ckpt", *load_checkpoint(tiny_checkpoint("vivit")))
+    run = dict(batch_size=2, progress=False, save_scores=True)
+    results = "gs://bucket/eval/results.json"
+    paths.makedirs("gs://bucket/eval")
+
+    def stop_after_two(state):
+        if state["done"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate("gs://bucket/ckpt", _Clips(), results_path=results, on_batch=stop_after_two, **run)
+    partial = json.loads(paths.read_text(results))
+    assert not partial["complete"] and partial["done"] == 4
+    done = []
+    resumed = evaluate(
+        "gs://bucket/ckpt",
+        _Clips(),
+        results_path=results,
+        on_batch=lambda state: done.append(state["done"]),
+        **run,
+    )
+    assert done == [6, 8]  # only the rest was evaluated
+    assert resumed["complete"] and resumed["run"]["checkpoint"] == "gs://bucket/ckpt"
+    fresh = evaluate(tiny_checkpoint("vivit"), _Clips(), batch_size=2, progress=False)
+    assert resumed["sums"] == fresh["sums"]
+    stored = sorted(paths.listdir("gs://bucket/eval"))
+    assert "results.json" in stored and any(name.endswith(".scores.npz") for name in stored)

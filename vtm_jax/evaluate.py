@@ -58,6 +58,7 @@ from vtm_jax.evaluation.results import (
 )
 from vtm_jax.evaluation.spec import ENSEMBLES, EvalSpec
 from vtm_jax.outputs import write_json
+from vtm_jax.paths import absolute
 from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings, is_random
 
@@ -214,7 +215,7 @@ def _run_description(
     """What makes two runs the same run: a resume must match it entry for entry."""
     return store.jsonable(
         {
-            "checkpoint": store.absolute(checkpoint_dir),
+            "checkpoint": absolute(checkpoint_dir),
             # The parameters by content: another checkpoint put at the same path is another run.
             "params_digest": record.params_digest,
             "architecture": record.architecture,

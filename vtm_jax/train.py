@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.errors import UserError
 from vtm_jax.outputs import atomic_file, write_json
+from vtm_jax.paths import absolute, join
 from vtm_jax.record import ModelRecord
 from vtm_jax.reduction import ReductionSettings
 from vtm_jax.training.input import (
@@ -136,7 +137,7 @@ def train(
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     _check_same_config(workdir, config)
     manager = ocp.CheckpointManager(
-        _absolute(os.path.join(workdir, STATE_DIR)),
+        absolute(join(workdir, STATE_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
     )
     state = jax.device_put(run.init(), run.replicated)
@@ -160,7 +161,7 @@ def train(
         "train_token_merging": run.merging.to_dict(),
         "seconds_this_run": round(time.time() - began, 1),
     }
-    export = os.path.join(workdir, MODEL_DIR)
+    export = join(workdir, MODEL_DIR)
     if not (epath.Path(export) / "params").exists():
         params = jax.device_get(state["params"])
         save_checkpoint(
@@ -260,7 +261,7 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
 
     from vtm_jax.metrics import metric_writer
 
-    log_path = os.path.join(run.workdir, LOG_FILE)
+    log_path = join(run.workdir, LOG_FILE)
     _trim_log(log_path, start)
     eval_every = int(run.config.get("log_eval_steps", 0) or 0)
     save_every = int(run.config.get("checkpoint_steps", 0) or 0) or run.total_steps
@@ -358,13 +359,9 @@ def _export_record(
     )
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """A workdir holds one run: resuming with another config would mix two trainings."""
-    path = os.path.join(workdir, "config.json")
+    path = join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if epath.Path(path).exists():
         saved = json.loads(epath.Path(path).read_text())

@@ -20,6 +20,7 @@ from etils import epath
 from vtm_jax.errors import UserError
 from vtm_jax.evaluation.metrics import sum_names, with_metrics
 from vtm_jax.outputs import atomic_file
+from vtm_jax.paths import absolute
 from vtm_jax.record import Head
 
 RESULTS_FORMAT = "vtm-jax-eval"
@@ -311,11 +312,6 @@ def prepare_scores_dir(results_path: str, fresh: bool) -> str:
         directory.rmtree()  # nothing of an earlier run is kept
     directory.mkdir(parents=True, exist_ok=True)
     return os.fspath(directory)
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute; a URL (``gs://...``) as it is."""
-    return path if "://" in path else os.path.abspath(path)
 
 
 def jsonable(value: Any) -> Any:
