@@ -8,6 +8,7 @@ videos.
 import csv
 import json
 import os
+import subprocess
 import sys
 
 import av
@@ -20,11 +21,11 @@ from vtm_jax.data.pipeline import (
     CorruptVideo,
     clip_indices,
     decode_bytes,
-    eval_loader,
     eval_views,
     shard_indices,
 )
 from vtm_jax.errors import UserError
+from vtm_jax.evaluation.input import ExampleLoader, host_batch, loaded_batches
 
 SYNTHETIC = {"train_examples": 64, "test_examples": 32}
 PREP = {
@@ -87,7 +88,18 @@ def test_synthetic_builds_and_reads_back(synthetic_train):
     assert np.bincount(labels, minlength=8).tolist() == [8] * 8
     ids = {source[i]["video_id"] for i in range(len(source))}
     assert len(ids) == 64
-    assert "tensorflow" not in sys.modules
+
+
+def test_datasets_are_built_and_read_without_tensorflow(tmp_path):
+    # In a fresh interpreter: other tests' TensorBoard writers import TensorFlow in this one.
+    config = {"train_examples": 4, "test_examples": 2}
+    script = (
+        "import sys; from vtm_jax.data.datasets import open_split; "
+        f"s = open_split('synthetic', 'train', data_dir={str(tmp_path)!r}, config={config!r}); "
+        "assert len(s) == 4 and s[0]['video'].shape == (16, 32, 32, 3); "
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
 
 
 def test_synthetic_is_deterministic(synthetic_train, tmp_path):
@@ -249,20 +261,23 @@ def test_kinetics_builder(kinetics):
         open_split("kinetics400", "test", data_dir=data_dir)
 
 
-def test_eval_loader_batches_pads_and_masks(kinetics):
+def test_evaluation_input_batches_pads_and_masks(kinetics):
     source = open_split("kinetics400", "validation", data_dir=str(kinetics / "data"), build=False)
     ids = [source[i]["video_id"] for i in range(len(source))]
-    batches = list(eval_loader(source, range(3), PREP, batch_size=2, num_clips=2))
-    assert len(batches) == 2
-    first, last = batches
-    assert first["inputs"].shape == (2, 2, 4, 16, 16, 3)
-    assert list(first["video_id"]) + list(last["video_id"][:1]) == ids
+    heads = [("label", 0, 3)]
+    view_shape = (2, 4, 16, 16, 3)
+    load = ExampleLoader(source, PREP, heads, num_clips=2, three_crops=False, view_shape=view_shape)
+    loaded = list(loaded_batches(load, range(3), host_batch=2, workers=2))
+    assert [len(items) for items in loaded] == [2, 1]
+    first, last = (host_batch(items, 2, view_shape, num_heads=1) for items in loaded)
+    assert first["inputs"].shape == (2, *view_shape)
+    assert [item.video_id for items in loaded for item in items] == ids
     corrupt = ids.index("ggggggggggg_000002_000012")
-    mask = np.concatenate([first["mask"], last["mask"]])
+    mask = np.concatenate([first["batch_mask"], last["batch_mask"]])
     assert mask.tolist() == [i != corrupt for i in range(3)] + [False]
-    errors = np.concatenate([first["error"], last["error"]])
-    assert [bool(e) for e in errors] == [i == corrupt for i in range(4)]
-    assert last["label"][1] == -1 and not last["inputs"][1].any()
+    reasons = [item.reason for items in loaded for item in items]
+    assert [bool(reason) for reason in reasons] == [i == corrupt for i in range(3)]
+    assert not last["inputs"][1].any() and not first["inputs"][corrupt].any()
 
 
 def test_real_datasets_need_their_files(tmp_path):

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -463,3 +464,38 @@ def test_scores_dump_and_max_ensemble(tmp_path):
         evaluate(checkpoint, source, limit=1, ensemble="mean", **RUN)
     with pytest.raises(UserError, match="save_scores needs a results_path"):
         evaluate(checkpoint, source, limit=1, save_scores=True, **RUN)
+
+
+class CountingSource(FakeSource):
+    """FakeSource that records, at every read, how far reading is ahead of the counted videos."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.reads, self.consumed, self.ahead = [], 0, []
+
+    def __getitem__(self, i):
+        with self.lock:
+            self.reads.append(i)
+            self.ahead.append(len(self.reads) - self.consumed)
+        return super().__getitem__(i)
+
+
+def test_examples_are_streamed(checkpoint):
+    """Videos are read a few at a time ahead of the devices, never the whole split at once."""
+    from vtm_jax.evaluate import PREFETCH_BATCHES
+
+    source = CountingSource()
+    workers, host_batch = 2, 1  # one device, one video per batch
+
+    def counted(state):
+        source.consumed = state["done"]
+
+    results = evaluate(
+        checkpoint, source, batch_size=1, workers=workers, on_batch=counted, progress=False
+    )
+    assert results["done"] == NUM_VIDEOS
+    assert sorted(source.reads) == list(range(NUM_VIDEOS))  # each video read once
+    # In memory at once: the prefetched batches, the batch on the devices, one per worker.
+    window = (PREFETCH_BATCHES + 1) * host_batch + workers
+    assert max(source.ahead) <= window < NUM_VIDEOS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import jax
 import ml_collections
@@ -120,6 +121,22 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(batch_indices(1, 0, 8, 50), first[0])
 
 
+def test_streamed_batches_follow_batch_indices():
+    """grain's stream from any step reads exactly ``batch_indices`` of each step, in order,
+    across epoch boundaries: a resumed run reads what an uninterrupted one does."""
+    from vtm_jax.training.input import TrainExamples, train_batches
+
+    class Indices(TrainExamples):
+        def __call__(self, position):
+            return {"index": np.int64(self.index(position))}
+
+    examples = Indices(range(50), {}, seed=0, batch_size=8)  # 6 batches per epoch
+    streamed = [b["index"] for b in train_batches(examples, 3, 14, workers=2)]
+    assert len(streamed) == 11
+    for step, indices in enumerate(streamed, 3):
+        np.testing.assert_array_equal(indices, batch_indices(0, step, 8, 50))
+
+
 def test_training_learns_and_exports_a_checkpoint(tmp_path):
     config = tiny_config(str(tmp_path / "data"), num_training_steps=30, log_eval_steps=12)
     summary = train(config, str(tmp_path / "run"), progress=False)
@@ -219,3 +236,49 @@ def test_a_workdir_holds_one_run(tmp_path):
     train(tiny_config(data, num_training_steps=4), str(tmp_path / "run"), progress=False)
     with pytest.raises(UserError, match="another config .*num_training_steps"):
         train(tiny_config(data, num_training_steps=8), str(tmp_path / "run"), progress=False)
+
+
+class CountingSplit:
+    """A split that records, at every read, how far reading is ahead of the trained steps."""
+
+    def __init__(self, source, batch_size):
+        self.source, self.batch_size = source, batch_size
+        self.lock = threading.Lock()
+        self.reads, self.consumed, self.ahead = 0, 0, []
+
+    def __getattr__(self, name):  # num_classes, labels, class_splits ...
+        return getattr(self.source, name)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        with self.lock:
+            self.reads += 1
+            self.ahead.append(self.reads - self.consumed)
+        return self.source[i]
+
+    def trained(self, step):
+        self.consumed = step * self.batch_size
+
+
+def test_training_streams_its_examples(tmp_path):
+    """Training reads each step's batch a few steps ahead, never the whole split up front."""
+    from vtm_jax.data.datasets import open_split
+    from vtm_jax.training.input import PREFETCH_BATCHES
+
+    data, batch = str(tmp_path / "data"), 4
+    config = tiny_config(data, batch_size=batch, num_training_steps=12, log_eval_steps=0)
+    config.training.workers = 2
+    split = open_split(
+        "synthetic", "train", data_dir=data, config=config.dataset_configs.builder_options
+    )
+    counting = CountingSplit(split, batch)
+    summary = train(
+        config, str(tmp_path / "run"), train_source=counting, on_step=counting.trained,
+        progress=False,
+    )  # fmt: skip
+    assert summary["steps"] == 12 and counting.reads == 12 * batch
+    # In memory at once: the prefetched batches, the batch being trained on, one per worker.
+    window = (PREFETCH_BATCHES + 1) * batch + config.training.workers
+    assert max(counting.ahead) <= window < len(split)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -120,64 +120,95 @@ def bench_settings(
     # Compile and warm up every setting first, then time them in turns (one pass of each per
     # round): a change in the machine's load hits every setting alike instead of skewing the
     # speedups, which are ratios of settings.
-    runs = []
-    for merging in settings:
-        model = build_model(record, merging, attention_fn)
-        progress(
-            f"compiling mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
-        )
-
-        def forward(p, x, model=model):
-            return model.apply({"params": p}, x)
-
-        start = time.perf_counter()
-        compiled = jax.jit(forward).lower(params, video).compile()
-        compile_s = time.perf_counter() - start
-        for _ in range(warmup):
-            jax.block_until_ready(compiled(params, video))
-        runs.append((merging, model, compiled, compile_s))
+    runs = [
+        _compiled_run(record, merging, attention_fn, params, video, warmup, progress)
+        for merging in settings
+    ]
     seconds: list[list[float]] = [[] for _ in runs]
     progress(f"timing {len(runs)} setting(s) in turns, {iterations} pass(es) each")
     for _ in range(iterations):
-        for i, (_, _, compiled, _) in enumerate(runs):
+        for i, run in enumerate(runs):
             start = time.perf_counter()
-            jax.block_until_ready(compiled(params, video))
+            jax.block_until_ready(run.compiled(params, video))
             seconds[i].append(time.perf_counter() - start)
-    results = []
-    for (merging, model, compiled, compile_s), times in zip(runs, seconds, strict=True):
-        plan = model.token_plan(num_frames, size)
-        macs = model.analytic_macs(num_frames, size)
-        xla_flops = _xla_flops(compiled)
-        median = float(np.median(times))
-        gmacs = macs["total"] / 1e9
-        results.append(
-            {
-                "mode": merging.mode,
-                "r": merging.to_dict()["r"],
-                "schedule": merging.schedule,
-                "settings": merging.to_dict(),
-                "tokens_per_layer": [p.tokens_out for p in plan],
-                "r_per_layer": [p.r for p in plan],
-                "gmacs_per_layer": [m / 1e9 for m in macs["layers"]],
-                "gmacs_per_clip": gmacs,
-                # XLA costs the program one device runs, on its share of the batch.
-                "xla_gflops_per_clip": (
-                    None if xla_flops is None else xla_flops / 1e9 / batch_size
-                ),
-                "compile_s": compile_s,
-                "seconds": times,
-                "clips_per_s": global_batch / median,
-                "clips_per_s_per_device": global_batch / median / len(jax.devices()),
-                "frames_per_s": global_batch * num_frames / median,
-                "achieved_gflop_per_s": 2 * gmacs * global_batch / median,
-            }
-        )
+    results = [
+        _result(run, times, num_frames, size, batch_size, global_batch)
+        for run, times in zip(runs, seconds, strict=True)
+    ]
     baseline = next((r for r in results if r["mode"] == "none"), None)
     for r in results:
         if baseline is not None:
             r["speedup"] = r["clips_per_s"] / baseline["clips_per_s"]
             r["flop_limit"] = baseline["gmacs_per_clip"] / r["gmacs_per_clip"]
     return results
+
+
+class _CompiledRun(NamedTuple):
+    merging: ReductionSettings
+    model: Any
+    compiled: Any
+    compile_s: float
+
+
+def _compiled_run(
+    record: ModelRecord,
+    merging: ReductionSettings,
+    attention_fn: Any,
+    params: Any,
+    video: jax.Array,
+    warmup: int,
+    progress: Callable[[str], None],
+) -> _CompiledRun:
+    """One setting's model, compiled for ``video`` and run ``warmup`` times."""
+    model = build_model(record, merging, attention_fn)
+    progress(
+        f"compiling mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
+    )
+
+    def forward(p, x):
+        return model.apply({"params": p}, x)
+
+    start = time.perf_counter()
+    compiled = jax.jit(forward).lower(params, video).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(params, video))
+    return _CompiledRun(merging, model, compiled, compile_s)
+
+
+def _result(
+    run: _CompiledRun,
+    times: list[float],
+    num_frames: int,
+    size: int,
+    batch_size: int,
+    global_batch: int,
+) -> dict[str, Any]:
+    """One setting's row: its tokens and multiply-adds per layer, and its measured rates."""
+    merging = run.merging
+    plan = run.model.token_plan(num_frames, size)
+    macs = run.model.analytic_macs(num_frames, size)
+    xla_flops = _xla_flops(run.compiled)
+    median = float(np.median(times))
+    gmacs = macs["total"] / 1e9
+    return {
+        "mode": merging.mode,
+        "r": merging.to_dict()["r"],
+        "schedule": merging.schedule,
+        "settings": merging.to_dict(),
+        "tokens_per_layer": [p.tokens_out for p in plan],
+        "r_per_layer": [p.r for p in plan],
+        "gmacs_per_layer": [m / 1e9 for m in macs["layers"]],
+        "gmacs_per_clip": gmacs,
+        # XLA costs the program one device runs, on its share of the batch.
+        "xla_gflops_per_clip": (None if xla_flops is None else xla_flops / 1e9 / batch_size),
+        "compile_s": run.compile_s,
+        "seconds": times,
+        "clips_per_s": global_batch / median,
+        "clips_per_s_per_device": global_batch / median / len(jax.devices()),
+        "frames_per_s": global_batch * num_frames / median,
+        "achieved_gflop_per_s": 2 * gmacs * global_batch / median,
+    }
 
 
 def matmul_peak_gflops(repeats: int = 20) -> float:
@@ -258,5 +289,8 @@ def plot_speed(results: Sequence[dict[str, Any]], path: str, title: str) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    from vtm_jax.paths import open_file
+
+    with open_file(path, "wb") as f:  # local or remote (gs://)
+        fig.savefig(f, format="png")
     plt.close(fig)

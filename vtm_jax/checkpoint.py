@@ -4,19 +4,21 @@ A directory holds ``params/`` (an orbax checkpoint) and ``model.json``: the arch
 model's constructor arguments, the input size, preprocessing, class labels and the stored
 reduction settings (a :class:`vtm_jax.record.ModelRecord`), so a checkpoint alone says how to
 build and feed its model.
+
+The directory may be local or remote (``gs://bucket/ckpt`` on a TPU pod): orbax and the
+record go through epath (:mod:`vtm_jax.paths`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import sys
 from typing import Any
 
 import numpy as np
 
-from vtm_jax import integrity
+from vtm_jax import integrity, paths
 from vtm_jax.errors import UserError, one_line
 from vtm_jax.record import ModelRecord, read_record, write_record
 
@@ -34,13 +36,13 @@ def save_checkpoint(directory: str, params: Any, record: ModelRecord) -> None:
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    params_dir = os.path.join(directory, PARAMS_DIR)
+    directory = paths.absolute(directory)
+    params_dir = paths.join(directory, PARAMS_DIR)
     check_new_checkpoint(directory, what="checkpoint directory")
     params = _to_numpy(params)
     integrity.check_finite_params(params, where=f"parameters for {directory}")
     digest = integrity.params_digest(params)
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
@@ -50,7 +52,7 @@ def save_checkpoint(directory: str, params: Any, record: ModelRecord) -> None:
         params_digest=digest,
         params_files=integrity.file_digests(params_dir),
     )
-    write_record(os.path.join(directory, RECORD_FILE), record)
+    write_record(paths.join(directory, RECORD_FILE), record)
 
 
 def check_new_checkpoint(directory: str, *, what: str) -> None:
@@ -58,7 +60,7 @@ def check_new_checkpoint(directory: str, *, what: str) -> None:
     from vtm_jax.outputs import check_output_dir
 
     check_output_dir(directory, what=what)
-    if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+    if paths.exists(paths.join(directory, PARAMS_DIR)):
         raise UserError(f"{directory} already holds a checkpoint; choose a new {what}")
 
 
@@ -71,8 +73,8 @@ def load_record(directory: str, *, scenic_record: ModelRecord | None = None) -> 
     """
     if scenic_record is not None:
         return dataclasses.replace(scenic_record, scenic_checkpoint=directory)
-    path = os.path.join(directory, RECORD_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(directory, RECORD_FILE)
+    if not paths.is_file(path):
         raise UserError(
             f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE}); a Scenic msgpack "
             "checkpoint is read with a Scenic ViViT config, or converted with "
@@ -95,16 +97,16 @@ def load_checkpoint(
 
     ``scenic_record``: read a bare Scenic checkpoint as this record's model (see load_record).
     """
-    directory = os.path.abspath(directory)
+    directory = paths.absolute(directory)
     if scenic_record is not None:
         return _load_scenic(
             directory, load_record(directory, scenic_record=scenic_record), verify=verify
         )
     record = load_record(directory)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    params_dir = paths.join(directory, PARAMS_DIR)
+    if not paths.is_dir(params_dir):
         raise UserError(f"{directory} has no {PARAMS_DIR}/ directory")
-    record_path = os.path.join(directory, RECORD_FILE)
+    record_path = paths.join(directory, RECORD_FILE)
     if verify and record.params_files:
         integrity.check_files(params_dir, record.params_files, label=params_dir, record=record_path)
     params = _to_numpy(_restore(params_dir))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vtm_jax import paths
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError, expected_failure
 from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file, write_json
@@ -45,8 +45,8 @@ def _convert(args: argparse.Namespace) -> None:
                 f"--class-splits add up to {sum(splits)}, the classifier has "
                 f"{record.num_classes} classes"
             )
-    converted_from = {"source": args.source, "path": os.path.abspath(args.input)}
-    if args.source == "hf" and not os.path.exists(args.input):  # a Hub id, read from the cache
+    converted_from = {"source": args.source, "path": paths.absolute(args.input)}
+    if args.source == "hf" and not paths.exists(args.input):  # a Hub id, read from the cache
         from vtm_jax.convert.hub import cached_snapshot
 
         converted_from = {
@@ -212,7 +212,7 @@ def _bench_stem(args: argparse.Namespace) -> str | None:
         if args.output:
             raise UserError("give --workdir or --output, not both")
         _make_workdir(args.workdir)
-        return os.path.join(args.workdir, "bench")
+        return paths.join(args.workdir, "bench")
     if not args.output:
         return None
     check_output_file(args.output, what="--output")
@@ -222,7 +222,7 @@ def _bench_stem(args: argparse.Namespace) -> str | None:
 def _make_workdir(workdir: str) -> None:
     """Check ``--workdir`` and create it, so the files in it can be checked before work."""
     check_output_dir(workdir, what="--workdir")
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
 
 
 EVAL_RESULTS = "eval.json"
@@ -242,7 +242,7 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             raise UserError("give --workdir or --config.results_path, not both")
         _make_workdir(args.workdir)
         with config.unlocked():
-            config.results_path = os.path.join(args.workdir, EVAL_RESULTS)
+            config.results_path = paths.join(args.workdir, EVAL_RESULTS)
     path = config.get("results_path")
     table = None
     if path:  # the table beside the JSON, as bench and demo write theirs

@@ -58,38 +58,7 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
     overrides = [a for a in args if not a.startswith("--config=")]
     if not files:
         raise UserError("no --config=FILE given")
-    path = files[-1][len("--config=") :]
-    file_path = path.split(":", 1)[0]  # absl's FILE:ARG passes ARG to get_config
-    if not os.path.isfile(file_path):
-        raise UserError(f"no config file {file_path}")
-    file_flags = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", flag_values=file_flags, lock_config=False, sys_argv=["vtm-jax", files[-1]]
-    )
-    try:
-        file_flags(["vtm-jax", files[-1]])
-        config = file_flags.config  # absl loads the file lazily: errors surface here
-    except ImportError as e:
-        hint = ""
-        if (e.name or "").split(".")[0] == "scenic":
-            hint = ' (the config imports Scenic: pip install "vtm-jax[scenic]")'
-        raise UserError(f"cannot load config {file_path}: {_cause(e)}{hint}") from None
-    except flags.Error as e:  # absl's wrapper: the cause is inside its message
-        raise UserError(f"cannot load config {file_path}: {_cause(e)}") from None
-    except Exception as e:  # the file is the user's code: whatever it raises is theirs
-        import traceback
-
-        here = os.path.abspath(file_path)
-        lines = [
-            frame.lineno
-            for frame in traceback.extract_tb(e.__traceback__)
-            if os.path.abspath(frame.filename) == here
-        ]
-        where = f" (line {lines[-1]})" if lines else ""
-        raise UserError(
-            f"cannot load config {file_path}: get_config() raised {type(e).__name__}: "
-            f"{_cause(e)}{where}"
-        ) from None
+    config = _read_config_file(files[-1])
     if config is None:
         raise UserError("no --config=FILE given")
     if not isinstance(config, ml_collections.ConfigDict):
@@ -125,6 +94,49 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
             ignored = scenic_config.finish(config, notes, command=command)
     if ignored:
         print(f"vtm-jax: ignored Scenic fields: {', '.join(ignored)}", file=sys.stderr)
+    return config
+
+
+def _read_config_file(flag: str) -> Any:
+    """What ``get_config()`` of the file ``--config=FILE[:ARG]`` returns, failures as one line."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    path = flag[len("--config=") :]
+    file_path = path.split(":", 1)[0]  # absl's FILE:ARG passes ARG to get_config
+    if "://" in file_path:
+        # absl imports the file as a Python module, which only a local file can be.
+        raise UserError(f"config file {file_path}: copy it to a local path (it is Python code)")
+    if not os.path.isfile(file_path):
+        raise UserError(f"no config file {file_path}")
+    file_flags = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", flag_values=file_flags, lock_config=False, sys_argv=["vtm-jax", flag]
+    )
+    try:
+        file_flags(["vtm-jax", flag])
+        config = file_flags.config  # absl loads the file lazily: errors surface here
+    except ImportError as e:
+        hint = ""
+        if (e.name or "").split(".")[0] == "scenic":
+            hint = ' (the config imports Scenic: pip install "vtm-jax[scenic]")'
+        raise UserError(f"cannot load config {file_path}: {_cause(e)}{hint}") from None
+    except flags.Error as e:  # absl's wrapper: the cause is inside its message
+        raise UserError(f"cannot load config {file_path}: {_cause(e)}") from None
+    except Exception as e:  # the file is the user's code: whatever it raises is theirs
+        import traceback
+
+        here = os.path.abspath(file_path)
+        lines = [
+            frame.lineno
+            for frame in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(frame.filename) == here
+        ]
+        where = f" (line {lines[-1]})" if lines else ""
+        raise UserError(
+            f"cannot load config {file_path}: get_config() raised {type(e).__name__}: "
+            f"{_cause(e)}{where}"
+        ) from None
     return config
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 from vtm_jax.reduction import ReductionSettings
 
@@ -79,7 +80,7 @@ def run_demo(
     from vtm_jax.evaluate import evaluate
 
     began = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     data = config.dataset_configs
     say(f"synthetic test set in {data.data_dir} (built on first use)")
     source = open_split(
@@ -120,7 +121,36 @@ def run_demo(
         params=params,
         progress=(lambda *_: None),
     )
-    rows = [
+    rows = _rows(everything, accuracy, speed)
+    table_rows = rows[: len(main)]
+    table = format_demo_table(table_rows, record.architecture)
+    say("\n" + table)
+    stem = paths.join(out_dir, "demo")
+    plot_accuracy_speed(rows, stem + ".png", title=f"{record.architecture} on synthetic")
+    pictures = _visualise(checkpoint, source, config, out_dir)
+    summary = {
+        "checkpoint": paths.absolute(checkpoint),
+        "dataset": f"{config.dataset_name}/{source.split}",
+        "test_examples": len(source),
+        "table": table_rows,
+        "curve": rows[len(main) :],
+        "devices": devices,
+        "device_kind": jax.devices()[0].device_kind,
+        "seconds": round(time.perf_counter() - began, 1),
+        "pictures": pictures,
+    }
+    _write_summary(stem, summary, table)
+    say(f"\nwritten: {stem}.json, {stem}.md, {stem}.png and {len(pictures)} pictures in {out_dir}")
+    return summary
+
+
+def _rows(
+    settings: Sequence[ReductionSettings],
+    accuracy: Sequence[float],
+    speed: Sequence[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One row per setting: its accuracy and bench's timing."""
+    return [
         {
             "mode": s.mode,
             "r": s.to_dict()["r"],
@@ -132,31 +162,16 @@ def run_demo(
             "flop_limit": t["flop_limit"],
             "tokens_per_layer": t["tokens_per_layer"],
         }
-        for s, acc, t in zip(everything, accuracy, speed, strict=True)
+        for s, acc, t in zip(settings, accuracy, speed, strict=True)
     ]
-    table_rows = rows[: len(main)]
-    table = format_demo_table(table_rows, record.architecture)
-    say("\n" + table)
-    stem = os.path.join(out_dir, "demo")
-    plot_accuracy_speed(rows, stem + ".png", title=f"{record.architecture} on synthetic")
-    pictures = _visualise(checkpoint, source, config, out_dir)
-    summary = {
-        "checkpoint": os.path.abspath(checkpoint),
-        "dataset": f"{config.dataset_name}/{source.split}",
-        "test_examples": len(source),
-        "table": table_rows,
-        "curve": rows[len(main) :],
-        "devices": devices,
-        "device_kind": jax.devices()[0].device_kind,
-        "seconds": round(time.perf_counter() - began, 1),
-        "pictures": pictures,
-    }
-    with open(stem + ".json", "w") as f:
+
+
+def _write_summary(stem: str, summary: dict[str, Any], table: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` (local or remote, gs://)."""
+    with paths.open_file(stem + ".json", "w") as f:
         json.dump(summary, f, indent=2)
-    with open(stem + ".md", "w") as f:
+    with paths.open_file(stem + ".md", "w") as f:
         f.write(table + "\n")
-    say(f"\nwritten: {stem}.json, {stem}.md, {stem}.png and {len(pictures)} pictures in {out_dir}")
-    return summary
 
 
 def format_demo_table(rows: Sequence[dict[str, Any]], architecture: str) -> str:
@@ -210,7 +225,8 @@ def plot_accuracy_speed(rows: Sequence[dict[str, Any]], path: str, *, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with paths.open_file(path, "wb") as f:  # local or remote (gs://)
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -221,8 +237,9 @@ def _visualise(
     from vtm_jax.visualize import visualize
 
     video = np.asarray(source[0]["video"])
-    path = os.path.join(out_dir, "demo_video.npy")
-    np.save(path, video)
+    path = paths.join(out_dir, "demo_video.npy")
+    with paths.open_file(path, "wb") as f:
+        np.save(f, video)
     layers = list(config.demo.get("visualize_layers", (2, 4, 6)))
     merging = ReductionSettings.from_dict(config.token_merging)
     return visualize(checkpoint, path, layers=layers, out_dir=out_dir, merging=merging)

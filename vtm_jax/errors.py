@@ -2,7 +2,9 @@
 
 Two kinds of exception are expected: :class:`UserError` (bad input, said in words by the code
 that found it) and an ``OSError`` about a named file that the user's environment caused (a
-read-only directory, a path that is a directory where a file is wanted, a full disk). Both end
+read-only directory, a path that is a directory where a file is wanted, a full disk), or a
+remote storage failure that names its ``gs://...`` path (epath's backends raise those without
+an errno, and ``tf.io.gfile`` raises its own ``OpError`` types). Both end
 ``vtm-jax`` with ``vtm-jax: error: <one line>`` and exit status 2. Anything else is a bug in
 vtm-jax and keeps its traceback, so that it can be reported.
 """
@@ -10,6 +12,7 @@ vtm-jax and keeps its traceback, so that it can be reported.
 from __future__ import annotations
 
 import errno
+import re
 
 # Failures of the file system that a user's paths or disks cause, not vtm-jax.
 _ENVIRONMENT_ERRNOS = frozenset(
@@ -53,7 +56,38 @@ def expected_failure(error: BaseException) -> str | None:
         and getattr(error, "filename", None) is not None
     ):
         return os_error_message(error)
+    if _remote_storage_error(error):
+        return one_line(error) or type(error).__name__
     return None
+
+
+# A path with a scheme, as remote storage names the file it failed on (gs://bucket/...).
+_REMOTE_PATH = re.compile(r"\b[a-z][a-z0-9+.-]*://\S")
+_TF_ERRORS = frozenset(
+    {
+        "NotFoundError",
+        "PermissionDeniedError",
+        "UnauthenticatedError",
+        "AlreadyExistsError",
+        "FailedPreconditionError",
+        "ResourceExhaustedError",
+        "OutOfRangeError",
+    }
+)
+
+
+def _remote_storage_error(error: BaseException) -> bool:
+    """A failure of remote storage on a named ``scheme://`` path (the user's bucket or rights).
+
+    epath re-raises ``tf.io.gfile``'s and fsspec's failures as ``FileNotFoundError`` and the
+    like with the message only; ``tf.errors`` types pass through some calls unchanged.
+    """
+    if not _REMOTE_PATH.search(str(error)):
+        return False
+    if isinstance(error, OSError):
+        return error.errno is None or error.errno in _ENVIRONMENT_ERRNOS
+    module = type(error).__module__ or ""
+    return module.startswith("tensorflow") and type(error).__name__ in _TF_ERRORS
 
 
 def os_error_message(error: OSError) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 
 DIGEST_PREFIX = "sha256:"
@@ -51,7 +52,12 @@ def params_digest(params: Any) -> str:
 
 
 def file_digests(directory: str) -> dict[str, str]:
-    """SHA-256 of every regular file below ``directory``, keyed by its relative path."""
+    """SHA-256 of every regular file below ``directory``, keyed by its relative path.
+
+    ``directory`` may be remote (``gs://...``): the files are read through epath.
+    """
+    if paths.is_remote(directory):
+        return _remote_digests(directory)
     digests = {}
     for root, dirs, files in os.walk(directory):
         dirs.sort()
@@ -61,9 +67,20 @@ def file_digests(directory: str) -> dict[str, str]:
     return digests
 
 
-def _file_sha256(path: str) -> str:
+def _remote_digests(directory: str) -> dict[str, str]:
+    base = paths.as_path(directory)
+    digests = {}
+    for root, dirs, files in base.walk():
+        dirs.sort()
+        for name in sorted(files):
+            path = root / name
+            digests[path.relative_to(base).as_posix()] = _file_sha256(path)
+    return digests
+
+
+def _file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -75,7 +92,7 @@ def check_files(directory: str, recorded: Mapping[str, str], *, label: str, reco
     ``label`` is how the directory is shown (e.g. ``ckpt/params``), ``record`` the file that
     holds ``recorded`` (e.g. ``ckpt/model.json``).
     """
-    found = file_digests(directory) if os.path.isdir(directory) else {}
+    found = file_digests(directory) if paths.is_dir(directory) else {}
     missing = [name for name in recorded if name not in found]
     changed = [name for name in recorded if name in found and found[name] != recorded[name]]
     extra = [name for name in found if name not in recorded]

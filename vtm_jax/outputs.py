@@ -12,6 +12,9 @@ right kind and writable.
 when complete: a reader, or a resumed run, never sees half a file, and an interrupted write
 leaves no temporary file behind (a killed one leaves ``<path>.tmp``, which the next write
 reuses).
+
+Remote locations (``gs://bucket/...``, :mod:`vtm_jax.paths`) get the same checks of kind and
+existence through epath; whether the bucket lets this account write is only known when it does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 
 TMP_SUFFIX = ".tmp"
@@ -55,6 +59,21 @@ def _check_creatable(path: str, what: str, shown: str) -> None:
         raise UserError(f"cannot write {what} {shown}: {ancestor} is not writable")
 
 
+def _check_remote_dir(path: str, what: str) -> None:
+    # No directory on an object store is created ahead: only a file in the way is an error.
+    if paths.is_file(path):
+        raise UserError(f"{what} {path} is a file, not a directory")
+
+
+def _check_remote_file(path: str, what: str) -> None:
+    """A remote file: not a directory, and its directory exists (a mistyped path is caught)."""
+    if paths.is_dir(path):
+        raise UserError(f"{what} {path} is a directory; give a file path")
+    parent = paths.parent(path)
+    if not paths.is_dir(parent):
+        raise UserError(f"cannot write {what} {path}: no directory {parent}")
+
+
 def check_output_dir(path: str | os.PathLike, *, what: str) -> str:
     """Check that directory ``path`` exists and is writable, or can be created; returns it.
 
@@ -63,7 +82,9 @@ def check_output_dir(path: str | os.PathLike, *, what: str) -> str:
     shown = os.fspath(path)
     if not shown:
         raise UserError(f"{what} is empty; give a directory")
-    if os.path.isdir(shown):
+    if paths.is_remote(shown):
+        _check_remote_dir(shown, what)
+    elif os.path.isdir(shown):
         if not _writable(shown):
             raise UserError(f"cannot write {what} {shown}: the directory is not writable")
     elif os.path.lexists(shown):
@@ -81,6 +102,9 @@ def check_output_file(path: str | os.PathLike, *, what: str) -> str:
     shown = os.fspath(path)
     if not shown:
         raise UserError(f"{what} is empty; give a file path")
+    if paths.is_remote(shown):
+        _check_remote_file(shown, what)
+        return shown
     if os.path.isdir(shown):
         raise UserError(f"{what} {shown} is a directory; give a file path")
     if os.path.lexists(shown) and not os.path.isfile(shown):
@@ -108,6 +132,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     """
     path = os.fspath(path)
     tmp = path + TMP_SUFFIX  # a fixed name: a killed writer's leftover is reused, not piled up
+    if paths.is_remote(path):
+        with _remote_atomic_file(path, tmp, mode) as f:
+            yield f
+        return
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     try:
@@ -119,6 +147,25 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _remote_atomic_file(path: str, tmp: str, mode: str) -> Iterator[IO]:
+    """:func:`atomic_file` through epath: written to ``tmp``, then renamed over ``path``.
+
+    An object store's upload appears only when complete, but writing beside the target keeps
+    a half-written result out of ``path`` when the block raises, as for a local file.
+    """
+    remote_tmp = paths.as_path(tmp)
+    try:
+        with paths.open_file(tmp, mode) as f:
+            yield f
+        with paths.named_errors(path):
+            remote_tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # tf.errors too: the first failure is the one to tell
+            remote_tmp.unlink(missing_ok=True)
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vtm_jax import paths
 from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.integrity import check_finite
@@ -65,16 +67,16 @@ def load_clip(video: str | os.PathLike | np.ndarray, record: ModelRecord) -> np.
     if not isinstance(video, str | os.PathLike):
         return prepare_clip(video, record)
     path = os.fspath(video)
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise UserError(f"no such file: {path}")
+    raw = paths.read_bytes(path)  # local or remote (gs://): decoded from memory either way
     if path.endswith(".npy"):
         try:
-            frames = np.load(path, allow_pickle=False)
+            frames = np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, EOFError, OSError) as e:
             raise UserError(f"cannot read {path} as a numpy array: {e}") from None
         return prepare_clip(frames, record, what=path)
-    with open(path, "rb") as f:
-        example = {"video": np.frombuffer(f.read(), np.uint8), "video_id": path}
+    example = {"video": np.frombuffer(raw, np.uint8), "video_id": path}
     return _one_view(example, record, path)
 
 

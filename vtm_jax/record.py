@@ -239,8 +239,10 @@ class ModelRecord:
 
 def read_record(path: str) -> ModelRecord:
     """The record in the ``model.json`` at ``path``, checked."""
+    from vtm_jax.paths import open_file
+
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_file(path) as f:  # a local or remote (gs://) checkpoint
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None

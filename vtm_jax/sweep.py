@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
+from vtm_jax import paths as storage
 from vtm_jax.errors import UserError
 from vtm_jax.paper import HYBRID_THRESHOLD, MAX_R, MODELS, PAPER_R
 from vtm_jax.record import ModelRecord
@@ -416,7 +417,7 @@ def read_runs(path: str) -> list[Pair]:
     """The pairs of a runs file (JSON: model -> dataset -> checkpoint, data_dir, manual_dir
     and optionally config and overrides); relative paths are relative to the file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open_file(path) as f:
             runs = json.load(f)
     except OSError as e:
         raise UserError(f"cannot read runs file {path}: {e.strerror or e}") from None
@@ -424,9 +425,13 @@ def read_runs(path: str) -> list[Pair]:
         raise UserError(f"runs file {path} is not valid JSON: {e}") from None
     if not isinstance(runs, dict) or not runs:
         raise UserError(f"runs file {path} must hold a JSON object: model -> dataset -> paths")
-    base = os.path.dirname(os.path.abspath(path))
+    base = storage.parent(path)
 
     def place(value: str) -> str:
+        if storage.is_remote(value):  # gs://... as given: normpath would fold its "//"
+            return value
+        if storage.is_remote(base):
+            return storage.join(base, value)
         return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
 
     pairs = []
@@ -461,7 +466,7 @@ def read_runs(path: str) -> list[Pair]:
                 config = os.path.join(REPO_CONFIGS, f"{model}_b_{dataset}.py")
             else:
                 config = place(config)
-            if not os.path.isfile(config):
+            if not storage.is_file(config):
                 raise UserError(f"{where}: no config file {config}")
             pairs.append(
                 Pair(
@@ -683,7 +688,7 @@ class Runner:
         say: Callable[[str], None] = print,
         progress: bool = True,
     ):
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         self.user_overrides = list(user_overrides)
         self.say = say
         self.progress = progress
@@ -730,8 +735,8 @@ class Runner:
         identity = {k: v for k, v in config.to_dict().items() if k not in unread}
         blob = json.dumps(identity, sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-        folder = os.path.join(self.workdir, "runs", run.pair.model, run.pair.dataset)
-        return os.path.join(folder, f"{run.slug()}-{digest}.json"), config
+        folder = storage.join(self.workdir, "runs", run.pair.model, run.pair.dataset)
+        return storage.join(folder, f"{run.slug()}-{digest}.json"), config
 
     def execute(self, run: Run, index: int, total: int) -> str:
         """Run ``run`` unless its results file is complete; returns that file."""
@@ -741,7 +746,7 @@ class Runner:
             self.say(f"{name}: done before, skipped")
             self.skipped.append(path)
             return path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.makedirs(storage.parent(path))
         try:
             self._execute(run, config, path, name)
         except UserError as e:
@@ -795,14 +800,14 @@ class Runner:
 
 def _complete(path: str) -> bool:
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open_file(path) as f:
             return bool(json.load(f).get("complete"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
 
 
 def _read(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
+    with storage.open_file(path) as f:
         return json.load(f)
 
 
@@ -969,7 +974,8 @@ def plot_family(table: dict[str, Any], path: str) -> None:
     if series:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.open_file(path, "wb") as f:  # local or remote (gs://)
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
@@ -1061,7 +1067,7 @@ def run_sweep(
             runs.setdefault(run)
     order = {(p.model, p.dataset): i for i, p in enumerate(pairs)}
     todo = sorted(runs, key=lambda r: (order[(r.pair.model, r.pair.dataset)], r.kind))
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     say(f"{len(chosen)} famil{'y' if len(chosen) == 1 else 'ies'}, {len(todo)} runs in {workdir}")
     paths = {run: runner.execute(run, i, len(todo)) for i, run in enumerate(todo, 1)}
 
@@ -1071,11 +1077,11 @@ def run_sweep(
             say(f"{family.name}: the runs file has no pair this family covers")
         table = family_table(family, planned[family.name], paths, runner.workdir)
         written[family.name] = table
-        _write_table(table, os.path.join(workdir, family.name), plot=family.plot)
+        _write_table(table, storage.join(workdir, family.name), plot=family.plot)
     if headline:
         table = headline_table(headline[0], headline[1], paths, runner.workdir)
         written["table"] = table
-        _write_table(table, os.path.join(workdir, "table"), plot=False)
+        _write_table(table, storage.join(workdir, "table"), plot=False)
         say("\n" + format_markdown(table))
     say(
         f"wrote {len(written)} table(s) to {workdir}: {', '.join(written)} "
@@ -1086,7 +1092,7 @@ def run_sweep(
 
 def _write_table(table: dict[str, Any], stem: str, *, plot: bool) -> None:
     _write_json(stem + ".json", table)
-    with open(stem + ".md", "w", encoding="utf-8") as f:
+    with storage.open_file(stem + ".md", "w") as f:
         f.write(format_markdown(table))
     if plot:
         plot_family(table, stem + ".png")

@@ -209,7 +209,10 @@ def write_png(path: str, image: np.ndarray) -> str:
     """Save one uint8 image ``[H, W, 3]`` as PNG; returns ``path``."""
     from PIL import Image
 
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG")
+    from vtm_jax.paths import open_file
+
+    with open_file(path, "wb") as f:  # local or remote (gs://)
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
     return path
 
 
@@ -232,20 +235,23 @@ def write_gif(
     """
     from PIL import Image
 
+    from vtm_jax.paths import open_file
+
     frames, merged = _check_frames(frames), _check_frames(merged)
     if frames.shape != merged.shape:
         raise UserError(f"frames {frames.shape} and merged view {merged.shape} differ in shape")
     spacer = np.full(frames.shape[:2] + (gap, 3), 255, np.uint8)
     pairs = np.concatenate([frames, spacer, merged], axis=2)
     images = [Image.fromarray(p) for p in pairs]
-    images[0].save(
-        path,
-        format="GIF",
-        save_all=True,
-        append_images=images[1:],
-        duration=max(1, round(1000 / fps)),
-        loop=0,
-    )
+    with open_file(path, "wb") as f:  # local or remote (gs://)
+        images[0].save(
+            f,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=max(1, round(1000 / fps)),
+            loop=0,
+        )
     return path
 
 
@@ -394,6 +400,7 @@ def visualize(
     grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12; None: :func:`default_layers`).
     """
     from vtm_jax.outputs import check_output_dir
+    from vtm_jax.paths import join, makedirs
 
     check_output_dir(out_dir, what="output directory")
     trace = trace_groups(
@@ -406,12 +413,12 @@ def visualize(
     )
     frames = trace.frames
     ncols = ncols or min(8, frames.shape[0])
-    os.makedirs(out_dir, exist_ok=True)
+    makedirs(out_dir)
     stem = os.path.splitext(os.path.basename(video_path))[0]
-    paths = [write_png(os.path.join(out_dir, f"{stem}_input.png"), frame_grid(frames, ncols))]
+    paths = [write_png(join(out_dir, f"{stem}_input.png"), frame_grid(frames, ncols))]
     for layer, labels in trace.labels.items():
         merged = render_groups(frames, labels, trace.patch)
-        base = os.path.join(out_dir, f"{stem}_layer{layer}")
+        base = join(out_dir, f"{stem}_layer{layer}")
         paths.append(write_comparison_png(base + ".png", frames, merged, ncols=ncols))
         paths.append(write_gif(base + ".gif", frames, merged, fps=fps))
     return paths

@@ -7,19 +7,25 @@ written out by hand: the model says what it expects (``registry.architecture_par
 the checkpoint's way. Also here: the HuggingFace directory reader (:func:`read_hf_directory`),
 the key checks (:func:`check_keys`), labels, a lazy torch import, and the reader of torch
 checkpoint files (SlowFast, MCG-NJU, bare state dicts) with their cfg.
+
+Files are named by :class:`etils.epath.Path`, so a checkpoint may sit on ``gs://``; the
+readers that want a local file (safetensors' ``load_file``, ``torch.load`` by name) get the
+remote one's bytes instead (:func:`_local_or_bytes`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils.epath import Path
 from flax import traverse_util
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 
 Params = dict[str, Any]
@@ -177,21 +183,38 @@ def model_shapes(
 # HuggingFace directories (config.json plus safetensors or pytorch_model.bin, maybe sharded)
 
 
+def _local_or_bytes(path: Path) -> str | io.BytesIO:
+    """A local file by name (readers map or seek it); a remote one read into memory, as
+    ``torch.load`` and safetensors read only local files by name."""
+    if paths.is_remote(path):
+        return io.BytesIO(path.read_bytes())
+    return str(path)
+
+
+def _safetensors_load(path: Path, numpy: bool) -> dict[str, Any]:
+    """safetensors' ``load_file`` (numpy or torch arrays), or ``load`` of a remote file's bytes."""
+    if numpy:
+        from safetensors import numpy as module
+    else:
+        from safetensors import torch as module
+    source = _local_or_bytes(path)
+    if isinstance(source, str):
+        return module.load_file(source)
+    return module.load(source.getvalue())
+
+
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
     except ImportError as error:
         raise UserError(f"{path} needs safetensors: {CONVERT_EXTRA}") from error
 
     try:
-        return {k: as_float32(v) for k, v in load_file(path).items()}
+        return {k: as_float32(v) for k, v in _safetensors_load(path, numpy=True).items()}
     except TypeError:
         # numpy has no bfloat16: read such files through torch.
         import_torch(f"{path} (bfloat16)")
-        from safetensors.torch import load_file as load_torch_file
-
-        return {k: torch_to_numpy(v) for k, v in load_torch_file(path).items()}
+        return {k: torch_to_numpy(v) for k, v in _safetensors_load(path, numpy=False).items()}
     except (SafetensorError, OSError) as error:
         raise UserError(f"cannot read {path}: {error}") from error
 
@@ -199,7 +222,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
 def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
     torch = import_torch(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt or unsafe pickle
         # One line naming what was refused; never torch's advice to unpickle unsafely.
         raise unsafe_pickle_error(path, error) from None
@@ -377,18 +400,18 @@ def unsafe_pickle_error(path: Path, error: Exception) -> UserError:
 def _load_pickle(path: Path) -> Any:
     torch = import_torch(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, RuntimeError, EOFError, ... for bad files
         raise unsafe_pickle_error(path, error) from None
 
 
 def _load_safetensors_file(path: Path) -> dict[str, Any]:
     try:
-        from safetensors.torch import load_file
+        import safetensors.torch  # noqa: F401
     except ImportError as error:
         raise UserError(f"{path} needs safetensors and PyTorch: {CONVERT_EXTRA}") from error
     try:
-        return dict(load_file(path))
+        return dict(_safetensors_load(path, numpy=False))
     except Exception as error:  # SafetensorError, OSError
         raise UserError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
 

@@ -9,10 +9,10 @@ transformers 5 uses the same key names in memory and on disk for TimeSformer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     CONV2D,

@@ -9,8 +9,9 @@ accepted, never a mix. Keys have no bias (in both). The position table is fixed 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     CONV,

@@ -8,10 +8,10 @@ transformers 5 names the weights one way in memory (``vivit.layers.N.attention.q
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     CONV,

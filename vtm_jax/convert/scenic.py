@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import Params, flatten, format_keys
 from vtm_jax.errors import UserError

@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils.epath import Path
 
 from vtm_jax.convert.common import (
     KeyMap,

@@ -15,9 +15,9 @@ numpy arrays), ``model`` (constructor arguments), ``input``, ``preprocessing``, 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 from vtm_jax.record import ModelRecord
 
@@ -57,10 +57,10 @@ def record_from_converted(converted: dict[str, Any]) -> ModelRecord:
 
 
 def _load_hf(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    config_path = paths.join(path, "config.json")
+    if not paths.is_file(config_path):
         raise UserError(f"{path} is not a HuggingFace model directory (no config.json)")
-    with open(config_path) as f:
+    with paths.open_file(config_path) as f:
         try:
             model_type = json.load(f).get("model_type")
         except (json.JSONDecodeError, AttributeError) as e:
@@ -136,12 +136,12 @@ def load_source(
 
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
-    if source == "hf" and not os.path.exists(path):
+    if source == "hf" and not paths.exists(path):
         from vtm_jax.convert.hub import cached_snapshot, looks_like_repo_id
 
         if looks_like_repo_id(path):  # a Hub repo id: its snapshot in the local cache
             path = cached_snapshot(path)
-    if not os.path.exists(path):
+    if not paths.exists(path):  # local, or remote (gs://...) read through epath
         raise UserError(f"no such file or directory: {path}")
     given = {"num_frames": num_frames, "image_size": image_size, "num_heads": num_heads}
     _check_overrides(source, given)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vtm_jax import paths
 from vtm_jax.data.manual import SPLIT_ALIASES
 from vtm_jax.errors import UserError
 
@@ -139,7 +139,7 @@ def make_builder(
         raise UserError(f"unknown dataset {name!r}{hint}; valid: {valid}")
     module_name, class_name, _ = DATASETS[name]
     builder_cls = getattr(importlib.import_module(module_name), class_name)
-    kwargs: dict[str, Any] = {"data_dir": os.path.abspath(data_dir), "file_format": "array_record"}
+    kwargs: dict[str, Any] = {"data_dir": paths.absolute(data_dir), "file_format": "array_record"}
     options = dict(config or {})
     if name == "synthetic":
         from vtm_jax.data.synthetic import SyntheticConfig, make_config
@@ -201,7 +201,7 @@ def open_split(
 
     if name in FRAME_DATASETS:
         return open_frame_split(name, split, manual_dir, config)
-    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+    if paths.exists(data_dir) and not paths.is_dir(data_dir):
         raise UserError(f"data_dir {data_dir} is a file, not a directory")
     builder = make_builder(name, data_dir=data_dir, config=config)
     with _quiet_tfds():
@@ -219,9 +219,9 @@ def open_split(
                     f"{name} is not built in {data_dir} yet: give the directory holding its "
                     f"annotation and video files as manual_dir"
                 )
-            if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+            if not paths.is_dir(manual_dir) or not paths.listdir(manual_dir):
                 raise UserError(f"manual_dir {manual_dir} does not exist or is empty")
-            download_config = tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))
+            download_config = tfds.download.DownloadConfig(manual_dir=paths.absolute(manual_dir))
         builder.download_and_prepare(download_config=download_config)
     base, _, slicing = split.partition("[")
     base = SPLIT_ALIASES.get(base, base)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vtm_jax import paths
 from vtm_jax.data.manual import ManualVideoBuilder, find_file, log
 from vtm_jax.errors import UserError
 
@@ -53,7 +54,7 @@ def read_segments(path: str, *, timestamps: bool = False) -> list[dict[str, Any]
     """The labelled action segments of an EPIC-KITCHENS-100 annotation CSV (with their
     ``start_timestamp`` and ``stop_timestamp`` when ``timestamps``)."""
     columns = COLUMNS + (TIMESTAMP_COLUMNS if timestamps else ())
-    with open(path, newline="", encoding="utf-8") as f:
+    with paths.open_file(path, newline="") as f:
         reader = csv.DictReader(f)
         absent = [c for c in columns if c not in (reader.fieldnames or [])]
         if absent:
@@ -85,7 +86,7 @@ def class_names(root: str) -> list[str] | None:
         if path is None:
             return None
         try:
-            with open(path, newline="", encoding="utf-8") as f:
+            with paths.open_file(path, newline="") as f:
                 keys = {int(row["id"]): row["key"] for row in csv.DictReader(f)}
         except (KeyError, TypeError, ValueError):
             log.warning("epic_kitchens: cannot read class names from %s", path)

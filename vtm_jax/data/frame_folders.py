@@ -17,6 +17,8 @@
   for the official two-digit timestamps); ``timestamps='exact'`` reads them as decimals.
 
 Nothing is copied or built: each example names its frame files, read when a view needs them.
+``manual_dir`` may be remote (``gs://bucket/ssv2``): folders are listed and frames read
+through epath (:mod:`vtm_jax.paths`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from vtm_jax import paths
 from vtm_jax.data import epic_kitchens, ssv2
 from vtm_jax.data.manual import SPLIT_ALIASES, find_file
 from vtm_jax.errors import UserError
@@ -50,7 +53,7 @@ class FrameFolderSource:
         class_splits: list[int] | None = None,
         missing: Sequence[str] = (),
     ):
-        self.name, self.split, self.root = name, split, os.path.abspath(root)
+        self.name, self.split, self.root = name, split, paths.absolute(root)
         self._examples = examples
         self.num_classes, self.labels, self.class_splits = num_classes, labels, class_splits
         self.missing = list(missing)
@@ -82,25 +85,25 @@ def _split_name(split: str) -> str:
 
 
 def _jpegs(directory: str) -> list[str]:
-    files = sorted(f for f in os.listdir(directory) if f.lower().endswith((".jpg", ".jpeg")))
-    return [os.path.join(directory, f) for f in files]
+    files = sorted(f for f in paths.listdir(directory) if f.lower().endswith((".jpg", ".jpeg")))
+    return [paths.join(directory, f) for f in files]
 
 
 def _folders_by_name(root: str) -> dict[str, str]:
     """Every directory below ``root`` by its name (the first in sorted walk order wins)."""
     found: dict[str, str] = {}
-    for directory, subdirs, _ in os.walk(root, followlinks=True):
+    for directory, subdirs, _ in paths.walk(root):
         subdirs.sort()
         for sub in subdirs:
-            found.setdefault(sub, os.path.join(directory, sub))
+            found.setdefault(sub, paths.join(directory, sub))
     return found
 
 
 def read_frame_list(path: str, root: str) -> dict[str, list[str]]:
     """SlowFast's frame list: video id -> frame paths in list order."""
     frames: dict[str, list[str]] = {}
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    base = paths.parent(path)
+    with paths.open_file(path) as f:
         header = f.readline()
         if not header.startswith("original_vido_id"):
             raise UserError(f"{path}: expected SlowFast's frame list header 'original_vido_id ...'")
@@ -111,9 +114,10 @@ def read_frame_list(path: str, root: str) -> dict[str, list[str]]:
             if len(row) != 5:
                 raise UserError(f"{path}:{line_number}: expected 5 fields, got {len(row)}")
             relative = row[3]
-            candidate = relative if os.path.isabs(relative) else os.path.join(base, relative)
-            if not os.path.isabs(relative) and not os.path.exists(candidate):
-                candidate = os.path.join(root, relative)
+            given = os.path.isabs(relative) or paths.is_remote(relative)
+            candidate = relative if given else paths.join(base, relative)
+            if not given and not paths.exists(candidate):
+                candidate = paths.join(root, relative)
             frames.setdefault(row[0], []).append(candidate)
     return frames
 
@@ -187,11 +191,11 @@ def recording_fps(video_id: str) -> int:
 
 def _recording_folder(root: str, participant: str, video_id: str, folders: dict) -> str | None:
     for candidate in (
-        os.path.join(root, participant, "rgb_frames", video_id),
-        os.path.join(root, "rgb", participant, video_id),
-        os.path.join(root, video_id),
+        paths.join(root, participant, "rgb_frames", video_id),
+        paths.join(root, "rgb", participant, video_id),
+        paths.join(root, video_id),
     ):
-        if os.path.isdir(candidate):
+        if paths.is_dir(candidate):
             return candidate
     return folders.get(video_id)
 
@@ -234,7 +238,7 @@ def open_epic_kitchens_frames(
                 "verb": row["verb_class"],
                 "noun": row["noun_class"],
                 "recording_id": video_id,
-                "frame_template": os.path.join(folder, FRAME_TEMPLATE),
+                "frame_template": paths.join(folder, FRAME_TEMPLATE),
                 "fps": fps,
                 "segment_start": start,
                 "segment_frames": stop - start,
@@ -264,7 +268,7 @@ def open_frame_split(
     name: str, split: str, manual_dir: str | None, options: dict[str, Any] | None = None
 ) -> FrameFolderSource:
     """One split of a frame-folder dataset, read from ``manual_dir`` in place."""
-    if not manual_dir or not os.path.isdir(manual_dir):
+    if not manual_dir or not paths.is_dir(manual_dir):
         raise UserError(
             f"{name} is read in place: give its folder as manual_dir (got {manual_dir})"
         )

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vtm_jax import paths
 from vtm_jax.data.manual import ManualVideoBuilder, find_file, log
 from vtm_jax.errors import UserError
 
@@ -47,7 +48,7 @@ def clip_name(youtube_id: str, time_start: int, time_end: int) -> str:
 
 def read_csv(path: str) -> list[dict[str, Any]]:
     """Rows ``{label (str or None), youtube_id, time_start, time_end}`` of a Kinetics CSV."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with paths.open_file(path, newline="") as f:
         reader = csv.DictReader(f)
         fields = set(reader.fieldnames or [])
         needed = {"youtube_id", "time_start", "time_end"}

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vtm_jax import paths
 from vtm_jax.errors import UserError
 
 log = logging.getLogger("vtm_jax.data")
@@ -25,25 +26,25 @@ def index_files(root: str, extensions: Sequence[str]) -> dict[str, str]:
     """
     wanted = {e.lower() for e in extensions}
     found: dict[str, str] = {}
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+    for directory, subdirs, files in paths.walk(root):
         subdirs.sort()
         for file in sorted(files):
             stem, ext = os.path.splitext(file)
             if ext.lower() in wanted:
-                found.setdefault(stem, os.path.join(directory, file))
+                found.setdefault(stem, paths.join(directory, file))
     return found
 
 
 def find_file(root: str, names: Sequence[str]) -> str | None:
     """The first of ``names`` present in ``root`` or, failing that, anywhere below it."""
     for name in names:
-        if os.path.isfile(os.path.join(root, name)):
-            return os.path.join(root, name)
-    for directory, subdirs, files in os.walk(root, followlinks=True):
+        if paths.is_file(paths.join(root, name)):
+            return paths.join(root, name)
+    for directory, subdirs, files in paths.walk(root):
         subdirs.sort()
         for name in names:
             if name in files:
-                return os.path.join(directory, name)
+                return paths.join(directory, name)
     return None
 
 
@@ -125,8 +126,7 @@ class ManualVideoBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         for key, path, fields in items:
             try:
-                with open(path, "rb") as f:
-                    data = np.frombuffer(f.read(), np.uint8)
+                data = np.frombuffer(paths.read_bytes(path), np.uint8)  # local or gs://
             except OSError:
                 self.info.metadata["missing"][split].append(key)
                 log.warning("%s %s: cannot read %s", self.name, split, path)

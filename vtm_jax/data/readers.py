@@ -9,6 +9,7 @@ because its clip windows are computed from them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +90,7 @@ class FrameFolder:
         for position in sorted(set(int(p) for p in positions)):
             path = self.path(position)
             try:
-                with Image.open(path) as image:
+                with _open_frame(path) as frame, Image.open(frame) as image:
                     decoded[position] = np.asarray(image.convert("RGB"))
             except FileNotFoundError:
                 raise CorruptVideo(self.video_id, f"missing frame {path}") from None
@@ -99,6 +100,15 @@ class FrameFolder:
         if len(shapes) > 1:
             raise CorruptVideo(self.video_id, f"frames of different sizes {sorted(shapes)}")
         return np.stack([decoded[int(p)] for p in positions])
+
+
+def _open_frame(path: str) -> Any:
+    """A frame file for Pillow: a local one by name, a remote one (``gs://``) as its bytes."""
+    from vtm_jax import paths
+
+    if paths.is_remote(path):
+        return io.BytesIO(paths.read_bytes(path))
+    return contextlib.nullcontext(path)
 
 
 class VideoBytes:

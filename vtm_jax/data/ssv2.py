@@ -21,6 +21,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from vtm_jax import paths
 from vtm_jax.data.manual import ManualVideoBuilder, find_file
 from vtm_jax.errors import UserError
 
@@ -38,7 +39,7 @@ def template_class(template: str) -> str:
 
 def _load_json(path: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
+        with paths.open_file(path) as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None

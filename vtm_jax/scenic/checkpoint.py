@@ -9,7 +9,6 @@ fed: :func:`checkpoint_record` builds that record, and ``vtm_jax.checkpoint.load
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_collections
 
@@ -43,15 +42,16 @@ def checkpoint_record(config: ml_collections.ConfigDict) -> ModelRecord | None:
 def is_scenic_checkpoint(path: str) -> bool:
     """A legacy Flax msgpack file, or a directory of ``checkpoint_<step>`` files without a
     vtm-jax ``model.json``."""
+    from vtm_jax import paths
     from vtm_jax.checkpoint import RECORD_FILE
 
-    if os.path.isfile(path):
+    if paths.is_file(path):
         return True
-    if not os.path.isdir(path) or os.path.exists(os.path.join(path, RECORD_FILE)):
+    if not paths.is_dir(path) or paths.exists(paths.join(path, RECORD_FILE)):
         return False
     return any(
         name == "checkpoint" or (name.startswith("checkpoint_") and name[11:].isdigit())
-        for name in os.listdir(path)
+        for name in paths.listdir(path)
     )
 
 
