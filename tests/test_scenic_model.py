@@ -136,3 +136,54 @@ def test_model_class_merges(tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
     batch = {"label": np.array([1, 2]), "batch_mask": np.ones(2)}
     assert float(model.loss_function(got, batch)) > 0
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_scenic_trainer_steps_draw_anew(tmp_path, model):
+    """Scenic's trainer passes only ``rngs={'dropout': ...}``, a new key each step: in training
+    that stream keys a random mode's draws (unless ``merge_rng=`` or a ``'merge'`` stream is
+    given); evaluation (no rngs) keeps the seeded default."""
+    config = _config(
+        tmp_path,
+        model,
+        "--config.token_merging.mode=random_merge",
+        "--config.token_merging.r=4",
+        "--config.token_merging.trace_source=index",
+    )
+    module = scenic_model.flax_model_from_config(config)
+    video = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), VIDEO_SHAPE, minval=-1, maxval=1))
+    params = _randomised(module.init(jax.random.PRNGKey(0), video, train=False)["params"])
+
+    @jax.jit
+    def train_step(params, rng, step):
+        # As Scenic's classification_trainer: a fresh dropout key per step.
+        dropout_rng = jax.random.fold_in(rng, step)
+        _, state = module.apply(
+            {"params": params},
+            video,
+            train=True,
+            debug=False,
+            rngs={"dropout": dropout_rng},
+            mutable=["intermediates"],
+        )
+        return state["intermediates"]["source"][0]
+
+    rng = jax.random.PRNGKey(0)
+    sources = [np.asarray(train_step(params, rng, step)) for step in range(3)]
+    assert not np.array_equal(sources[0], sources[1])
+    assert not np.array_equal(sources[1], sources[2])
+    np.testing.assert_array_equal(sources[2], np.asarray(train_step(params, rng, 2)))
+
+    def source(**kwargs):
+        _, state = module.apply({"params": params}, video, mutable=["intermediates"], **kwargs)
+        return np.asarray(state["intermediates"]["source"][0])
+
+    seeded = source(merge_rng=jax.random.PRNGKey(module.merging.seed))
+    np.testing.assert_array_equal(source(train=False), seeded)  # Scenic's eval step
+    # Without rngs, or with an explicit key or a 'merge' stream, 'dropout' is not read.
+    np.testing.assert_array_equal(source(train=True), seeded)
+    key = jax.random.PRNGKey(5)
+    explicit = source(train=True, merge_rng=key, rngs={"dropout": rng})
+    np.testing.assert_array_equal(explicit, source(merge_rng=key))
+    stream = source(train=True, rngs={"dropout": rng, "merge": key})
+    np.testing.assert_array_equal(stream, source(rngs={"merge": key}))

@@ -318,17 +318,10 @@ def _visualize(args: argparse.Namespace) -> None:
         from vtm_jax.checkpoint import load_record
 
         merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
-    layers = args.layers
-    if layers is None:  # a third, two thirds and all of the way through, as the paper's figure
-        from vtm_jax.checkpoint import load_record
-
-        model = load_record(args.checkpoint).model
-        n = int(model.get("num_layers") or model.get("spatial_num_layers") or 12)
-        layers = sorted({max(1, n // 3), max(1, 2 * n // 3), n})
     written = visualize(
         args.checkpoint,
         args.video,
-        layers=layers,
+        layers=args.layers,  # None: a third, two thirds and all of the way through
         out_dir=out,
         merging=merging,
         attention=args.attention,

@@ -26,43 +26,22 @@ from typing import Any
 import numpy as np
 
 from vtm_jax.errors import UserError
+from vtm_jax.models.base import TemporalTable
+from vtm_jax.models.registry import ARCHITECTURES, build_model
 from vtm_jax.record import ModelRecord
 
 POSITION_CHOICES = ("paper", "interpolate")
 
 
-@dataclasses.dataclass(frozen=True)
-class TemporalTable:
-    """Where an architecture keeps a learned table whose length follows the frame count.
-
-    The table is ``(1, class_entries + slots * per_slot, D)``, slot-major (``(t h w)`` order),
-    with ``slots = frames // tubelet`` and ``per_slot`` spatial entries per slot (1 when the
-    table is purely temporal).
-    """
-
-    path: tuple[str, ...]
-    class_entries: int
-    per_slot: int
-
-
 def temporal_tables(record: ModelRecord) -> list[TemporalTable]:
-    """The learned tables of a record's model that depend on its frame count."""
-    arch, model, size = record.architecture, record.model, record.image_size
-    if arch == "vivit":
-        _, h, w = model.get("patch_size", (2, 16, 16))
-        cls = int(model.get("classifier", "token") == "token")
-        per_slot = (size // h) * (size // w)
-        return [TemporalTable(("Transformer", "posembed_input", "pos_embedding"), cls, per_slot)]
-    if arch == "vivit_factorised_encoder":
-        cls = int(model.get("classifier", "token") == "token")
-        return [TemporalTable(("TemporalTransformer", "posembed_input", "pos_embedding"), cls, 1)]
-    if arch == "timesformer":
-        return [TemporalTable(("time_embedding",), 0, 1)]
-    if arch == "motionformer":
-        return [TemporalTable(("temporal_embedding",), 0, 1)]
-    if arch == "videomae":
-        return []  # fixed sinusoid positions, regenerated for any token count
-    raise UserError(f"{arch} cannot change its frame count (no rule for its position tables)")
+    """The learned tables of a record's model that depend on its frame count (the backbone
+    says where they are: ``Backbone.temporal_tables``)."""
+    if record.architecture not in ARCHITECTURES:
+        raise UserError(
+            f"{record.architecture} cannot change its frame count (unknown architecture; "
+            f"valid: {', '.join(ARCHITECTURES)})"
+        )
+    return build_model(record).temporal_tables(record.image_size)
 
 
 def tubelet(record: ModelRecord) -> int:

@@ -391,8 +391,10 @@ def first_step_max_r(record: ModelRecord, num_frames: int | None = None) -> int:
 
 
 def num_layers(record: ModelRecord) -> int:
-    model = record.model
-    return int(model.get("num_layers") or model.get("spatial_num_layers") or 12)
+    """The layers the model's r list covers (the backbone says: ViViT-FE's spatial encoder)."""
+    from vtm_jax.models.registry import build_model
+
+    return build_model(record).merging_layers()
 
 
 # ------------------------------------------------------------------------- runs file

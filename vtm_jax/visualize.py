@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -259,39 +259,10 @@ def write_gif(
 # Running a checkpoint
 
 
-class GroupLayout(NamedTuple):
-    """How an architecture's sown source maps to the token grid."""
-
-    per_group: bool  # sources [G, P0] (per frame / group) rather than [1, N0]
-    class_token: bool  # a class token at index 0 of each source row
-    patch: Patch  # (pt, ph, pw) pixels per token
-    layout: str  # frame or interleaved (per-group sources only)
-
-
-def group_layout(record: ModelRecord, model: Any) -> GroupLayout:
-    """Where each architecture's source ids live (read from the model's own attributes)."""
-    arch = record.architecture
-    if arch in ("vivit", "videomae"):
-        class_token = arch == "vivit" and model.classifier == "token"
-        return GroupLayout(False, class_token, tuple(model.patch_size), "frame")
-    if arch == "vivit_factorised_encoder":
-        return GroupLayout(True, model.classifier == "token", tuple(model.patch_size), "frame")
-    if arch == "timesformer":
-        # Sources are per frame ([B T, p0]) although the hidden states are in (p t) order.
-        return GroupLayout(True, False, (1, *model.patch_size), "frame")
-    if arch == "motionformer":
-        paper = model.merging.motionformer_groups == "paper"
-        return GroupLayout(
-            True, False, tuple(model.patch_size), "interleaved" if paper else "frame"
-        )
-    raise UserError(f"cannot visualise merging for architecture {arch!r}")
-
-
-def merging_layers(model: Any) -> int:
-    """Number of layers whose r list the settings describe (ViViT-FE: its spatial encoder)."""
-    if hasattr(model, "spatial_num_layers"):
-        return int(model.spatial_num_layers)
-    return int(model.num_layers)
+def default_layers(num_layers: int) -> list[int]:
+    """A third, two thirds and all of the way through the merging layers, as the paper's
+    figure (its intro shows layers 4, 8 and 12 of 12)."""
+    return sorted({max(1, num_layers // 3), max(1, 2 * num_layers // 3), num_layers})
 
 
 def layer_settings(settings: ReductionSettings, num_layers: int, layer: int) -> ReductionSettings:
@@ -340,7 +311,9 @@ class GroupTrace(NamedTuple):
     labels: dict[int, np.ndarray]  # layer -> [T', h', w'] token labels, -1 dropped
 
 
-def _check_layers(layers: int | Sequence[int]) -> list[int]:
+def _check_layers(layers: int | Sequence[int] | None, num_layers: int) -> list[int]:
+    if layers is None:
+        return default_layers(num_layers)
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not layers:
         raise UserError("give at least one layer to visualise")
@@ -351,15 +324,15 @@ def trace_groups(
     checkpoint_dir: str,
     video_path: str,
     *,
-    layers: int | Sequence[int],
+    layers: int | Sequence[int] | None,
     merging: ReductionSettings | None = None,
     attention: str = "auto",
     verify: bool = True,
 ) -> GroupTrace:
     """Run a checkpoint on one clip once per layer and return the token groups after each.
 
-    ``merging=None`` uses the reduction settings stored in the checkpoint record; ``verify``
-    checks the checkpoint's digests.
+    ``layers`` are 1-based; None: :func:`default_layers`. ``merging=None`` uses the reduction
+    settings stored in the checkpoint record; ``verify`` checks the checkpoint's digests.
     """
     import flax.errors
     import jax
@@ -369,13 +342,14 @@ def trace_groups(
     from vtm_jax.models.registry import build_model
     from vtm_jax.predict import check_logits, load_clip, load_model
 
-    layers = _check_layers(layers)
     model, params, record = load_model(checkpoint_dir, merging, attention, verify=verify)
     merging = model.merging
     attention_fn = get_attention(attention)
     base = build_model(record, dataclasses.replace(merging, trace_source="index"), attention_fn)
-    geometry = group_layout(record, base)
-    num_layers = merging_layers(base)
+    # Each backbone says how its sources map to the patch grid and how many layers merge.
+    geometry = base.source_layout()
+    num_layers = base.merging_layers()
+    layers = _check_layers(layers, num_layers)
     per_layer = {layer: layer_settings(merging, num_layers, layer) for layer in layers}
     clip = load_clip(video_path, record)
     frames = raw_frames(clip, record)
@@ -423,7 +397,7 @@ def visualize(
     Files in ``out_dir``: ``<stem>_input.png`` (the input frames as a grid), and per layer
     ``<stem>_layer<L>.png`` (input grid above the merged view) and ``<stem>_layer<L>.gif``
     (input beside merged, animated). ``ncols`` defaults to ``min(8, frames)``, as the paper's
-    grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12).
+    grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12; None: :func:`default_layers`).
     """
     from vtm_jax.outputs import check_output_dir
     from vtm_jax.paths import join, makedirs

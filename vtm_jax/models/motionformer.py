@@ -45,7 +45,7 @@ monotone, so top-1 and the EK action accuracy are the same either way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -54,14 +54,26 @@ import jax.numpy as jnp
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
+from vtm_jax.models.base import (
+    SourceLayout,
+    TemporalTable,
+    check_video_shape,
+    classifier_head,
+    embed_tubelets,
+    embedding_macs,
+    encoder_blocks,
+    encoder_steps,
+    head_macs,
+    macs_total,
+    merge_key,
+    sow_source,
+)
 from vtm_jax.models.layers import MlpBlock
-from vtm_jax.models.vivit import check_video_shape
 from vtm_jax.reduction import (
     ReductionSettings,
     Tokens,
     initial_source,
     key_metric,
-    layer_key,
     reduce_tokens,
 )
 from vtm_jax.schedule import LayerPlan, plan_tokens
@@ -249,24 +261,21 @@ class Motionformer(nn.Module):
     merging: ReductionSettings = ReductionSettings()
     attention_fn: AttentionFn = xla_attention
 
+    options: ClassVar[tuple[str, ...]] = ("motionformer_groups", "motionformer_concat_keys")
+
     @nn.compact
     def __call__(
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout: the released checkpoints use rate 0 at test time
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_head_aggregation(self.merging)
         t, ph, pw = self.patch_size
         f = video.shape[1] // t
         p = (video.shape[2] // ph) * (video.shape[3] // pw)
         self._check_input_fits(f, p)
-        x = nn.Conv(
-            self.hidden_size,
-            self.patch_size,
-            strides=self.patch_size,
-            padding="VALID",
-            name="embedding",
-        )(video)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size)
         b, dim = x.shape[0], self.hidden_size
         x = x.reshape(b, f * p, dim)  # (f n): frame-major, as the Conv3d flatten
         init = nn.initializers.normal(stddev=0.02)
@@ -279,8 +288,8 @@ class Motionformer(nn.Module):
             [jnp.broadcast_to(cls + pos[:, :1], (b, 1, dim)), x + patch_pos], axis=1
         )
 
-        blocks = [
-            TrajectoryBlock(
+        blocks = encoder_blocks(
+            lambda name: TrajectoryBlock(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
                 num_slots=f,
@@ -289,20 +298,18 @@ class Motionformer(nn.Module):
                 qkv_bias=self.qkv_bias,
                 original_temporal_values=self.original_temporal_values,
                 attention_fn=self.attention_fn,
-                name=f"encoderblock_{i}",
-            )
-            for i in range(self.num_layers)
-        ]
+                name=name,
+            ),
+            self.num_layers,
+        )
         tokens = Tokens(x, None, initial_source(b * f, p, self.merging.trace_source))
         # A duplicated layer is listed several times: the whole block reruns with tied weights.
-        for step, (layer, r) in enumerate(self.merging.layer_steps(self.num_layers)):
-            tokens = blocks[layer](tokens, layer_key(self.merging, step, merge_rng), r=r)
-        if tokens.source is not None:
-            self.sow("intermediates", "source", tokens.source)
+        for step in encoder_steps(self.merging, self.num_layers, merge_rng):
+            tokens = blocks[step.layer](tokens, step.key, r=step.r)
+        sow_source(self, tokens)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)[:, 0]
-        if self.representation_size is not None:
-            x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
-        return nn.Dense(self.num_classes, name="output_projection")(x)
+        # The original's head keeps Flax's default initialiser (it is trained from it).
+        return classifier_head(x, self.num_classes, self.representation_size, zero_init=False)
 
     def _check_input_fits(self, slots: int, patches: int) -> None:
         """A one-line error when the video does not fit the position embeddings."""
@@ -339,8 +346,7 @@ class Motionformer(nn.Module):
         value half is used; the original code computes both halves even when it discards one);
         temporal logits and weighted sum ``2 S F D``; MLP ``2 N' D M`` on the reduced tokens.
         """
-        t, ph, pw = self.patch_size
-        slots = num_frames // t
+        slots = num_frames // self.patch_size[0]
         dim = self.hidden_size
         kv_halves = 1 if self.original_temporal_values else 2
         layers = []
@@ -356,16 +362,27 @@ class Motionformer(nn.Module):
                 + 2 * s * slots * dim
             )
             layers.append(attention + 2 * (1 + slots * plan.tokens_out) * dim * self.mlp_dim)
-        patches = slots * (image_size // ph) * (image_size // pw)
-        embed = patches * t * ph * pw * 3 * dim
-        rep = self.representation_size
-        head = dim * (rep or 0) + (rep or dim) * self.num_classes
-        return {
-            "embedding": embed,
-            "layers": layers,
-            "head": head,
-            "total": embed + sum(layers) + head,
-        }
+        return macs_total(
+            embedding_macs(num_frames, image_size, self.patch_size, dim),
+            layers,
+            head_macs(dim, self.num_classes, self.representation_size),
+        )
+
+    def merging_layers(self) -> int:
+        return self.num_layers
+
+    def source_layout(self) -> SourceLayout:
+        """Per-group sources ``[B F, P0]``; the paper's groups interleave the frame-major
+        patches (member ``c`` of group ``g`` is patch ``c * F + g``, docs/method.md §3.4)."""
+        paper = self.merging.motionformer_groups == "paper"
+        return SourceLayout(
+            True, False, tuple(self.patch_size), "interleaved" if paper else "frame"
+        )
+
+    def temporal_tables(self, image_size: int) -> list[TemporalTable]:
+        """The separate temporal positions, one entry per slot."""
+        del image_size
+        return [TemporalTable(("temporal_embedding",), 0, 1)]
 
 
 def eval_probabilities(logits: jax.Array, class_splits: list[int] | None = None) -> jax.Array:

@@ -1,4 +1,9 @@
-"""Build a model from a checkpoint record (architecture name plus constructor arguments)."""
+"""The backbones by architecture name, and building one from a checkpoint record.
+
+A backbone meets :class:`vtm_jax.models.base.Backbone`; adding one is its module, its
+converter, and one line in :data:`ARCHITECTURES` (or :func:`register_backbone` from outside
+the package). Everything backbone-specific is asked of the backbone, never written here.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vtm_jax import plugins
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
+from vtm_jax.models.base import BACKBONE_OPTIONS
 from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
@@ -29,23 +36,52 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "motionformer": Motionformer,
 }
 
+# What a backbone class must define besides __call__ (see base.Backbone).
+_CONTRACT = (
+    "token_plan",
+    "analytic_macs",
+    "merging_layers",
+    "source_layout",
+    "temporal_tables",
+    "options",
+)
 
-# Settings that only some backbones read; anywhere else they would be silently ignored.
-ONLY_FOR: dict[str, tuple[Any, tuple[str, ...]]] = {
-    "temporal_r": (0, ("vivit_factorised_encoder",)),
-    "motionformer_groups": ("paper", ("motionformer",)),
-    "motionformer_concat_keys": (False, ("motionformer",)),
-    "size_weighted_pool": (False, ("vivit", "vivit_factorised_encoder", "videomae")),
-}
+
+def register_backbone(name: str, module: type[nn.Module], *, replace: bool = False) -> None:
+    """Add a backbone under ``name`` (a checkpoint record's ``architecture``).
+
+    ``module`` is a Flax module class meeting :class:`~vtm_jax.models.base.Backbone`; its
+    fields are the record's ``model`` entries plus ``merging`` and ``attention_fn``.
+    Registering the same class twice is a no-op; another under a taken name needs
+    ``replace=True``.
+    """
+    if not (isinstance(module, type) and issubclass(module, nn.Module)):
+        raise TypeError(f"a backbone must be a Flax module class, not {module!r}")
+    lacking = [attr for attr in _CONTRACT if not hasattr(module, attr)]
+    fields = getattr(module, "__dataclass_fields__", {})
+    lacking += [f for f in ("merging", "attention_fn") if f not in fields]
+    if lacking:
+        raise TypeError(f"{module.__name__} lacks {', '.join(lacking)} (see models.base.Backbone)")
+    unknown = sorted(set(module.options) - set(BACKBONE_OPTIONS))
+    if unknown:
+        raise TypeError(f"{module.__name__}.options names unknown options {', '.join(unknown)}")
+    plugins.check_name(ARCHITECTURES, name, module, replace=replace)
+    ARCHITECTURES[name] = module
 
 
 def check_settings_apply(architecture: str, merging: ReductionSettings) -> None:
-    """A UserError for a setting the architecture would ignore."""
-    for field, (default, architectures) in ONLY_FOR.items():
-        if getattr(merging, field) != default and architecture not in architectures:
-            raise UserError(
-                f"{field} applies only to {', '.join(architectures)}, not {architecture}"
-            )
+    """A UserError for a backbone-only option the architecture would ignore.
+
+    Each backbone lists the options it reads (``options``); one set away from its default on
+    a backbone that does not list it would silently do nothing.
+    """
+    defaults = ReductionSettings()
+    for option in BACKBONE_OPTIONS:
+        if getattr(merging, option) == getattr(defaults, option):
+            continue
+        if option not in ARCHITECTURES[architecture].options:
+            readers = [name for name, cls in ARCHITECTURES.items() if option in cls.options]
+            raise UserError(f"{option} applies only to {', '.join(readers)}, not {architecture}")
 
 
 def build_model(

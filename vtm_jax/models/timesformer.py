@@ -23,7 +23,7 @@ With ``merging.duplicate=(L, Q)`` the whole block L runs Q times with tied weigh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -32,13 +32,27 @@ import jax.numpy as jnp
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
+from vtm_jax.models.base import (
+    SourceLayout,
+    TemporalTable,
+    check_video_shape,
+    classifier_head,
+    embed_tubelets,
+    embedding_macs,
+    encoder_blocks,
+    encoder_steps,
+    head_macs,
+    macs_total,
+    merge_key,
+    prepend_class_token,
+    sow_source,
+)
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention
 from vtm_jax.reduction import (
     ReductionSettings,
     Tokens,
     initial_source,
     key_metric,
-    layer_key,
     reduce_tokens,
 )
 from vtm_jax.schedule import LayerPlan, plan_tokens
@@ -146,8 +160,8 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Tokens, merge_rng: jax.Array | None = None) -> Tokens:
-        blocks = [
-            EncoderBlock(
+        blocks = encoder_blocks(
+            lambda name: EncoderBlock(
                 num_frames=self.num_frames,
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
@@ -155,13 +169,13 @@ class Encoder(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate,
                 attention_fn=self.attention_fn,
-                name=f"encoderblock_{layer}",
-            )
-            for layer in range(self.num_layers)
-        ]
+                name=name,
+            ),
+            self.num_layers,
+        )
         # Duplication (docs/method.md §3.6): the same block object runs Q times with tied weights.
-        for step, (layer, r) in enumerate(self.merging.layer_steps(self.num_layers)):
-            tokens = blocks[layer](tokens, layer_key(self.merging, step, merge_rng), r=r)
+        for step in encoder_steps(self.merging, self.num_layers, merge_rng):
+            tokens = blocks[step.layer](tokens, step.key, r=step.r)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
         return tokens._replace(x=x)
 
@@ -190,11 +204,14 @@ class TimeSformer(nn.Module):
     merging: ReductionSettings = ReductionSettings()
     attention_fn: AttentionFn = xla_attention
 
+    options: ClassVar[tuple[str, ...]] = ()
+
     @nn.compact
     def __call__(
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout or drop-path at inference
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         if self.merging.head_aggregation != "mean":
             raise UserError(
@@ -207,12 +224,8 @@ class TimeSformer(nn.Module):
         d = self.hidden_size
         self._check_embeddings(t, p)
 
-        x = nn.Conv(d, (ph, pw), strides=(ph, pw), padding="VALID", name="embedding")(
-            video.reshape(b * t, h, w, video.shape[-1])
-        )
-        x = x.reshape(b * t, p, d)
-        cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
-        x = jnp.concatenate([jnp.broadcast_to(cls, (b * t, 1, d)).astype(x.dtype), x], axis=1)
+        x = embed_tubelets(video.reshape(b * t, h, w, video.shape[-1]), d, self.patch_size)
+        x = prepend_class_token(self, x.reshape(b * t, p, d))
         x = AddPositionEmbs(name="posembed_input")(x)  # one (1, 1 + p, D) table for every frame
         # One class token (every frame's copy is the same), patches to (p t) plus time embedding.
         cls = x[:b, :1]
@@ -232,11 +245,8 @@ class TimeSformer(nn.Module):
             attention_fn=self.attention_fn,
             name="Transformer",
         )(Tokens(x, None, source), merge_rng)
-        if tokens.source is not None:
-            self.sow("intermediates", "source", tokens.source)
-        return nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
-        )(tokens.x[:, 0])
+        sow_source(self, tokens)
+        return classifier_head(tokens.x[:, 0], self.num_classes)
 
     def _check_embeddings(self, frames: int, patches: int) -> None:
         """A clear error when the video does not fit the stored embeddings."""
@@ -280,21 +290,21 @@ class TimeSformer(nn.Module):
             spatial = t * (4 * (1 + p) * d**2 + 2 * (1 + p) ** 2 * d)
             mlp = 2 * (1 + plan.tokens_out * t) * d * m
             layers.append(temporal + spatial + mlp)
-        ph, pw = self.patch_size
-        embed = t * self._patches(image_size) * ph * pw * 3 * d
-        head = d * self.num_classes
-        return {
-            "embedding": embed,
-            "layers": layers,
-            "head": head,
-            "total": embed + sum(layers) + head,
-        }
+        return macs_total(
+            embedding_macs(num_frames, image_size, self.patch_size, d),
+            layers,
+            head_macs(d, self.num_classes),
+        )
 
+    def merging_layers(self) -> int:
+        return self.num_layers
 
-def check_video_shape(shape: tuple[int, ...], patch_size: tuple[int, int]) -> None:
-    """A clear error for a video the per-frame patch embedding cannot cut into whole patches."""
-    if len(shape) != 5 or shape[-1] != 3:
-        raise UserError(f"expected a video batch [B, T, H, W, 3], got shape {tuple(shape)}")
-    for name, size, patch in zip(("height", "width"), shape[2:4], patch_size, strict=True):
-        if size % patch:
-            raise UserError(f"{name} {size} is not a multiple of the patch size {patch}")
+    def source_layout(self) -> SourceLayout:
+        """Per-frame merging: sources are per frame (``[B T, p0]``), although the hidden
+        states are in ``(p t)`` order; a token covers one frame."""
+        return SourceLayout(True, False, (1, *self.patch_size))
+
+    def temporal_tables(self, image_size: int) -> list[TemporalTable]:
+        """The time embedding, one entry per frame."""
+        del image_size
+        return [TemporalTable(("time_embedding",), 0, 1)]

@@ -16,7 +16,7 @@ by hand takes whatever ``merging`` it is given.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,10 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtm_jax.attention import AttentionFn, xla_attention
-from vtm_jax.models.vivit import Encoder, check_video_shape, mean_pool, step_macs
-from vtm_jax.reduction import (
-    ReductionSettings,
+from vtm_jax.models.base import (
+    Encoder,
+    SourceLayout,
+    TemporalTable,
+    check_video_shape,
+    classifier_head,
+    embed_tubelets,
+    embedding_macs,
+    head_macs,
+    macs_total,
+    mean_pool,
+    merge_key,
+    sow_source,
+    step_macs,
 )
+from vtm_jax.reduction import ReductionSettings
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
@@ -72,23 +84,20 @@ class VideoMAE(nn.Module):
     merging: ReductionSettings = ReductionSettings()
     attention_fn: AttentionFn = xla_attention
 
+    options: ClassVar[tuple[str, ...]] = ("size_weighted_pool",)
+
     @nn.compact
     def __call__(
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train  # no dropout: the paper's test configs set every rate to 0
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
-        x = nn.Conv(
-            self.hidden_size,
-            self.patch_size,
-            strides=self.patch_size,
-            padding="VALID",
-            name="embedding",
-        )(video)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size)
         grid = tuple(x.shape[1:4])
         x = x.reshape(x.shape[0], -1, self.hidden_size)
         x = x + jnp.asarray(sinusoid_positions(x.shape[1], self.hidden_size), x.dtype)
-        # ViViT's encoder without its learned positions and final norm; keys have no bias
+        # The shared encoder without learned positions and final norm; keys have no bias
         # (VideoMAE's qkv bias is (q_bias, 0, v_bias)), exact GELU, no class token.
         tokens = Encoder(
             num_layers=self.num_layers,
@@ -104,45 +113,46 @@ class VideoMAE(nn.Module):
             final_norm=False,
             name="Transformer",
         )(x, merge_rng, grid)
-        if tokens.source is not None:
-            self.sow("intermediates", "source", tokens.source)
+        sow_source(self, tokens)
         x = mean_pool(tokens, weighted=self.merging.size_weighted_pool)
         x = nn.LayerNorm(epsilon=self.fc_norm_eps, name="fc_norm")(x)
-        return nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
-        )(x)
-
-    def _num_patches(self, num_frames: int, image_size: int) -> int:
-        t, h, w = self.patch_size
-        return (num_frames // t) * (image_size // h) * (image_size // w)
+        return classifier_head(x, self.num_classes)
 
     def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
         """Static token counts of each step (layer, or repeat of a duplicated layer)."""
+        t, h, w = self.patch_size
+        patches = (num_frames // t) * (image_size // h) * (image_size // w)
         steps = self.merging.layer_steps(self.num_layers)
-        return plan_tokens(
-            self._num_patches(num_frames, image_size), [r for _, r in steps], class_token=False
-        )
+        return plan_tokens(patches, [r for _, r in steps], class_token=False)
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per step and in total.
 
-        A full step is :func:`block_macs` (projections and attention on the tokens entering,
-        MLP on the tokens left); a duplicate's extra run costs its key projection only. The
-        embedding is the tubelet Conv; the head is the classifier Dense. Norms, GELU, softmax,
-        position adds and the matching itself are not counted.
+        A full step is :func:`~vtm_jax.schedule.block_macs` (projections and attention on the
+        tokens entering, MLP on the tokens left); a duplicate's extra run costs its key
+        projection only. The embedding is the tubelet Conv; the head is the classifier Dense.
+        Norms, GELU, softmax, position adds and the matching itself are not counted.
         """
-        t, h, w = self.patch_size
         layers = step_macs(
             self.token_plan(num_frames, image_size),
             self.merging.layer_steps(self.num_layers),
             hidden=self.hidden_size,
             mlp_dim=self.mlp_dim,
         )
-        embed = self._num_patches(num_frames, image_size) * t * h * w * 3 * self.hidden_size
-        head = self.hidden_size * self.num_classes
-        return {
-            "embedding": embed,
-            "layers": layers,
-            "head": head,
-            "total": embed + sum(layers) + head,
-        }
+        return macs_total(
+            embedding_macs(num_frames, image_size, self.patch_size, self.hidden_size),
+            layers,
+            head_macs(self.hidden_size, self.num_classes),
+        )
+
+    def merging_layers(self) -> int:
+        return self.num_layers
+
+    def source_layout(self) -> SourceLayout:
+        """Global merging: one row of ids over ``(t h w)`` tokens (no class token)."""
+        return SourceLayout(False, False, tuple(self.patch_size))
+
+    def temporal_tables(self, image_size: int) -> list[TemporalTable]:
+        """None: the sinusoid positions are regenerated for any token count."""
+        del image_size
+        return []

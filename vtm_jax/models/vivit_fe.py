@@ -11,15 +11,29 @@ is Scenic's: ``SpatialTransformer``, ``TemporalTransformer``, ``cls_SpatialTrans
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from vtm_jax.attention import AttentionFn, xla_attention
-from vtm_jax.errors import UserError
-from vtm_jax.models.vivit import CLASSIFIERS, Encoder, check_video_shape, mean_pool, step_macs
+from vtm_jax.models.base import (
+    Encoder,
+    SourceLayout,
+    TemporalTable,
+    check_classifier,
+    check_video_shape,
+    classifier_head,
+    embed_tubelets,
+    embedding_macs,
+    head_macs,
+    macs_total,
+    merge_key,
+    pool,
+    prepend_class_token,
+    sow_source,
+    step_macs,
+)
 from vtm_jax.reduction import ReductionSettings, Tokens
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
@@ -43,6 +57,8 @@ class FactorisedEncoderViViT(nn.Module):
     merging: ReductionSettings = ReductionSettings()
     attention_fn: AttentionFn = xla_attention
 
+    options: ClassVar[tuple[str, ...]] = ("temporal_r", "size_weighted_pool")
+
     def _encoder(self, name: str, merging: ReductionSettings) -> Encoder:
         prefix = name[: -len("Transformer")].lower()
         return Encoder(
@@ -60,39 +76,27 @@ class FactorisedEncoderViViT(nn.Module):
     def _encode(self, x: jax.Array, name: str, merging: ReductionSettings, rng) -> Tokens:
         """Class token (if any), encoder; ``x`` is ``[batch, tokens, D]``."""
         if self.classifier == "token":
-            cls = self.param(f"cls_{name}", nn.initializers.zeros, (1, 1, self.hidden_size))
-            cls = jnp.broadcast_to(cls, (x.shape[0], 1, self.hidden_size)).astype(x.dtype)
-            x = jnp.concatenate([cls, x], axis=1)
+            x = prepend_class_token(self, x, f"cls_{name}")
         return self._encoder(name, merging)(x, rng)
 
     def _pool(self, tokens: Tokens) -> jax.Array:
-        if self.classifier == "token":
-            return tokens.x[:, 0]
-        return mean_pool(tokens, weighted=self.merging.size_weighted_pool)
+        class_token = self.classifier == "token"
+        return pool(tokens, class_token=class_token, weighted=self.merging.size_weighted_pool)
 
     @nn.compact
     def __call__(
         self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
     ) -> jax.Array:
         del train
+        merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
-        if self.classifier not in CLASSIFIERS:
-            raise UserError(
-                f"unknown classifier {self.classifier!r}; valid: {', '.join(CLASSIFIERS)}"
-            )
-        x = nn.Conv(
-            self.hidden_size,
-            self.patch_size,
-            strides=self.patch_size,
-            padding="VALID",
-            name="embedding",
-        )(video)
+        check_classifier(self.classifier)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size)
         b, t = x.shape[:2]
         # Frames become batch rows: the spatial encoder, and its merging, work per frame.
         frames = x.reshape(b * t, -1, self.hidden_size)
         spatial = self._encode(frames, "SpatialTransformer", self.merging, merge_rng)
-        if spatial.source is not None:
-            self.sow("intermediates", "source", spatial.source)
+        sow_source(self, spatial)
         per_frame = self._pool(spatial).reshape(b, t, self.hidden_size)
         temporal = self._encode(
             per_frame,
@@ -100,12 +104,7 @@ class FactorisedEncoderViViT(nn.Module):
             temporal_settings(self.merging),
             temporal_rng(self.merging, merge_rng),
         )
-        x = self._pool(temporal)
-        if self.representation_size is not None:
-            x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
-        return nn.Dense(
-            self.num_classes, kernel_init=nn.initializers.zeros, name="output_projection"
-        )(x)
+        return classifier_head(self._pool(temporal), self.num_classes, self.representation_size)
 
     def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
         """Per-frame token counts of the spatial steps, then the temporal steps."""
@@ -125,8 +124,7 @@ class FactorisedEncoderViViT(nn.Module):
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds: spatial blocks count once per frame; duplicate repeats a key projection."""
-        t, h, w = self.patch_size
-        frames = num_frames // t
+        frames = num_frames // self.patch_size[0]
         spatial_steps = self.merging.layer_steps(self.spatial_num_layers)
         temporal_steps = temporal_settings(self.merging).layer_steps(self.temporal_num_layers)
         plan = self.token_plan(num_frames, image_size)
@@ -143,16 +141,25 @@ class FactorisedEncoderViViT(nn.Module):
             mlp_dim=self.temporal_mlp_dim,
         )
         layers = [frames * m for m in spatial] + temporal  # the spatial encoder runs per frame
-        patches = frames * (image_size // h) * (image_size // w)
-        embed = patches * t * h * w * 3 * self.hidden_size
-        head_in = self.representation_size or self.hidden_size
-        head = self.hidden_size * (self.representation_size or 0) + head_in * self.num_classes
-        return {
-            "embedding": embed,
-            "layers": layers,
-            "head": head,
-            "total": embed + sum(layers) + head,
-        }
+        return macs_total(
+            embedding_macs(num_frames, image_size, self.patch_size, self.hidden_size),
+            layers,
+            head_macs(self.hidden_size, self.num_classes, self.representation_size),
+        )
+
+    def merging_layers(self) -> int:
+        """The spatial encoder's: the r list is per spatial layer (``temporal_r`` is one int)."""
+        return self.spatial_num_layers
+
+    def source_layout(self) -> SourceLayout:
+        """Per-frame merging: one row of ids per frame (after its class token, if any)."""
+        return SourceLayout(True, self.classifier == "token", tuple(self.patch_size))
+
+    def temporal_tables(self, image_size: int) -> list[TemporalTable]:
+        """The temporal encoder's positions: one per slot, after its class entry (if any)."""
+        del image_size  # the spatial table follows the image size, not the frame count
+        cls = int(self.classifier == "token")
+        return [TemporalTable(("TemporalTransformer", "posembed_input", "pos_embedding"), cls, 1)]
 
 
 def temporal_rng(merging: ReductionSettings, merge_rng: jax.Array | None) -> jax.Array:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 
+from vtm_jax.models.base import MERGE_STREAM
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 from vtm_jax.reduction import ReductionSettings
@@ -41,6 +43,20 @@ INSTALL_HINT = (
 )
 
 
+def training_merge_rng(
+    module: nn.Module, train: bool, merge_rng: jax.Array | None
+) -> jax.Array | None:
+    """Scenic's trainer passes only ``rngs={"dropout": ...}``, a new key each step: in training,
+    with no ``merge_rng`` and no ``'merge'`` stream, that key draws the merges, so each step
+    merges anew (these modules have no dropout to share it with). Otherwise ``merge_rng``, which
+    the backbone resolves as ever (:func:`vtm_jax.models.base.merge_key`); evaluation, which
+    Scenic runs without rngs, keeps the seeded default."""
+    if merge_rng is None and train and not module.has_rng(MERGE_STREAM):
+        if module.has_rng("dropout"):
+            return module.make_rng("dropout")
+    return merge_rng
+
+
 class ScenicViViT(ViViT):
     """vtm_jax's ViViT called as Scenic calls its modules: ``apply(v, x, train=..., debug=...)``."""
 
@@ -53,6 +69,7 @@ class ScenicViViT(ViViT):
         merge_rng: jax.Array | None = None,
     ) -> jax.Array:
         del debug
+        merge_rng = training_merge_rng(self, train, merge_rng)
         return super().__call__(video, train=train, merge_rng=merge_rng)
 
 
@@ -68,6 +85,7 @@ class ScenicFactorisedEncoderViViT(FactorisedEncoderViViT):
         merge_rng: jax.Array | None = None,
     ) -> jax.Array:
         del debug
+        merge_rng = training_merge_rng(self, train, merge_rng)
         return super().__call__(video, train=train, merge_rng=merge_rng)
 
 

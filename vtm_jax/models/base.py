@@ -1,0 +1,427 @@
+"""What a backbone must provide (:class:`Backbone`), and the pieces backbones share.
+
+A backbone is a Flax module that classifies a video ``[B, T, H, W, 3]`` while reducing its
+tokens as ``merging`` (a :class:`~vtm_jax.reduction.ReductionSettings`) says. The rest of
+vtm_jax (evaluation, benchmarks, sweeps, pictures, conversion checks) reaches a backbone only
+through this contract and :mod:`vtm_jax.models.registry`, never by its architecture name.
+
+Shared here: the video shape check, the tubelet embedding and class token, the steps of an
+encoder (layer, r, PRNG key, whether the step only reduces), the pre-LN joint space-time
+encoder of ViViT, VideoMAE and the factorised encoder, pooling, the classifier head, sowing the
+source, and the multiply-add bookkeeping of ``analytic_macs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.errors import UserError
+from vtm_jax.merge import clamp_r
+from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
+from vtm_jax.reduction import (
+    ReductionSettings,
+    Tokens,
+    initial_positions,
+    initial_source,
+    key_metric,
+    layer_key,
+    needs_positions,
+    reduce_tokens,
+)
+from vtm_jax.schedule import LayerPlan, block_macs
+
+CLASSIFIERS = ("token", "gap")
+
+# The reduction options only some backbones read; a backbone lists those it reads in its
+# ``options`` and the registry refuses the others (a non-default value would be ignored).
+BACKBONE_OPTIONS = (
+    "temporal_r",
+    "motionformer_groups",
+    "motionformer_concat_keys",
+    "size_weighted_pool",
+)
+
+
+class SourceLayout(NamedTuple):
+    """How a backbone's sown source (``intermediates/source``, index form) maps to the video.
+
+    ``per_group``: one row per merge group (``[G, P0]``: per frame, or Motionformer's groups)
+    rather than one row over all tokens (``[1, N0]``); ``class_token``: a class token at index
+    0 of each row; ``patch``: ``(pt, ph, pw)`` pixels per token; ``layout`` (per-group rows):
+    ``frame``, member ``c`` of group ``g`` is token ``g * P + c`` of the frame-major patch grid,
+    or ``interleaved``, token ``c * G + g``.
+    """
+
+    per_group: bool
+    class_token: bool
+    patch: tuple[int, int, int]
+    layout: str = "frame"
+
+
+class TemporalTable(NamedTuple):
+    """A learned parameter table whose length follows the frame count (:mod:`vtm_jax.frames`).
+
+    The table at ``path`` is ``(1, class_entries + slots * per_slot, D)``, slot-major (``(t h
+    w)`` order), with ``slots = frames // tubelet`` and ``per_slot`` spatial entries per slot
+    (1 when the table is purely temporal).
+    """
+
+    path: tuple[str, ...]
+    class_entries: int
+    per_slot: int
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """The contract every backbone meets (see README "Adding a backbone").
+
+    * ``__call__(video, *, train=False, merge_rng=None)``: logits ``[B, classes]`` for a video
+      ``[B, T, H, W, 3]``. It first resolves its base key with :func:`merge_key` (an explicit
+      ``merge_rng``, else the ``'merge'`` RNG stream, else None: ``merging.seed``); each step's
+      random draws then use ``layer_key(merging, step, key)`` (:func:`encoder_steps`).
+      With ``merging.trace_source`` set, the final source is sown as ``intermediates/source``
+      (:func:`sow_source`), laid out as :meth:`source_layout` says.
+    * ``token_plan(num_frames, image_size)``: the static token count entering and leaving each
+      step (layer, or repeat of a duplicated layer), exactly what the forward pass produces.
+    * ``analytic_macs(num_frames, image_size)``: ``{'embedding', 'layers', 'head', 'total'}``
+      multiply-adds per clip (``layers`` one entry per step).
+    * ``merging_layers()``: how many layers ``merging``'s per-layer r list covers.
+    * ``source_layout()``: a :class:`SourceLayout`.
+    * ``temporal_tables(image_size)``: the learned :class:`TemporalTable` s that change with
+      the frame count (empty when positions are fixed or absent).
+    * ``options``: the names of :data:`BACKBONE_OPTIONS` it reads; any other set away from its
+      default is refused when the model is built.
+
+    Fields: ``merging`` (static settings) and ``attention_fn`` (the attention backend).
+    """
+
+    merging: ReductionSettings
+    attention_fn: AttentionFn
+    options: ClassVar[tuple[str, ...]]
+
+    def __call__(
+        self, video: jax.Array, *, train: bool = False, merge_rng: jax.Array | None = None
+    ) -> jax.Array: ...
+
+    def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]: ...
+
+    def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]: ...
+
+    def merging_layers(self) -> int: ...
+
+    def source_layout(self) -> SourceLayout: ...
+
+    def temporal_tables(self, image_size: int) -> list[TemporalTable]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Input and embedding
+
+
+def check_video_shape(shape: tuple[int, ...], patch_size: Sequence[int]) -> None:
+    """A clear error for a video the embedding cannot cut into whole patches.
+
+    ``patch_size`` is a tubelet ``(t, h, w)`` or a per-frame patch ``(h, w)``.
+    """
+    if len(shape) != 5 or shape[-1] != 3:
+        raise UserError(f"expected a video batch [B, T, H, W, 3], got shape {tuple(shape)}")
+    names = ("frames", "height", "width")[-len(patch_size) :]
+    what = "tubelet size" if len(patch_size) == 3 else "patch size"
+    sizes = shape[4 - len(patch_size) : 4]
+    for name, size, patch in zip(names, sizes, patch_size, strict=True):
+        if size % patch:
+            raise UserError(f"{name} {size} is not a multiple of the {what} {patch}")
+
+
+def check_classifier(classifier: str) -> None:
+    if classifier not in CLASSIFIERS:
+        raise UserError(f"unknown classifier {classifier!r}; valid: {', '.join(CLASSIFIERS)}")
+
+
+def embed_tubelets(video: jax.Array, hidden_size: int, patch_size: Sequence[int]) -> jax.Array:
+    """``[B, T, H, W, 3]`` to ``[B, t, h, w, D]``: the non-overlapping Conv ``embedding``.
+
+    Call it inside a module's compact ``__call__``: the Conv becomes that module's child.
+    """
+    patch = tuple(patch_size)
+    return nn.Conv(hidden_size, patch, strides=patch, padding="VALID", name="embedding")(video)
+
+
+def prepend_class_token(module: nn.Module, x: jax.Array, name: str = "cls") -> jax.Array:
+    """A learned class token (parameter ``name``, zeros at init) before the tokens ``x``."""
+    width = x.shape[-1]
+    cls = module.param(name, nn.initializers.zeros, (1, 1, width))
+    cls = jnp.broadcast_to(cls, (x.shape[0], 1, width)).astype(x.dtype)
+    return jnp.concatenate([cls, x], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder steps
+
+# The Flax RNG stream random modes draw from when no explicit key is given:
+# ``model.apply(variables, video, rngs={"merge": key})``, as a trainer passes ``"dropout"``.
+MERGE_STREAM = "merge"
+
+
+def merge_key(module: nn.Module, merge_rng: jax.Array | None) -> jax.Array | None:
+    """The base key of one call's random draws, in order of precedence: ``merge_rng`` when
+    given (evaluation keys each video this way); else a key from the ``'merge'`` stream when
+    the caller passes one, so a trainer's per-step ``rngs`` give a new draw each step; else
+    None, and each step draws from ``PRNGKey(merging.seed)`` (:func:`layer_key`).
+
+    Call it once at the top of a backbone's ``__call__``, before any key is derived.
+    """
+    if merge_rng is not None:
+        return merge_rng
+    if module.has_rng(MERGE_STREAM):
+        return module.make_rng(MERGE_STREAM)
+    return None
+
+
+class Step(NamedTuple):
+    """One step of an encoder: which layer runs, its r, its PRNG key, and ``repeats``: the same
+    layer runs again next (a duplicated layer, docs/method.md §3.6)."""
+
+    layer: int
+    r: int
+    key: jax.Array
+    repeats: bool
+
+
+def encoder_steps(
+    merging: ReductionSettings, num_layers: int, merge_rng: jax.Array | None
+) -> list[Step]:
+    """The steps of ``num_layers`` layers under ``merging``, in execution order.
+
+    Step ``i`` draws from ``layer_key(merging, i, merge_rng)``. What a repeat computes is the
+    backbone's choice (ViViT and VideoMAE reduce only; TimeSformer and Motionformer rerun the
+    whole block with tied weights).
+    """
+    steps = merging.layer_steps(num_layers)
+    return [
+        Step(
+            layer,
+            r,
+            layer_key(merging, i, merge_rng),
+            i + 1 < len(steps) and steps[i + 1][0] == layer,
+        )
+        for i, (layer, r) in enumerate(steps)
+    ]
+
+
+def encoder_blocks(make: Callable[..., nn.Module], num_layers: int) -> list[nn.Module]:
+    """``make(name="encoderblock_i")`` for each layer: Scenic's block names."""
+    return [make(name=f"encoderblock_{layer}") for layer in range(num_layers)]
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN block: attention, residual, reduction of ``r`` tokens, then MLP and residual."""
+
+    num_heads: int
+    mlp_dim: int
+    class_token: bool
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    attention_fn: AttentionFn = xla_attention
+    key_bias: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Tokens,
+        key: jax.Array | None,
+        *,
+        r: int,
+        reduce_only: bool = False,
+        grid: tuple[int, int, int] | None = None,
+    ) -> Tokens:
+        """``reduce_only``: a duplicated layer's extra step (docs/method.md §3.6): this layer's keys
+        choose the merge, applied to the block's input; no attention residual, no MLP.
+        ``grid``: the ``(t, h, w)`` patch grid, for rules that read token positions."""
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
+        attention = SelfAttention(
+            self.num_heads,
+            self.attention_fn,
+            key_bias=self.key_bias,
+            name="MultiHeadDotProductAttention_0",
+        )
+        if reduce_only:
+            keys = attention(y, keys_only=True)
+        else:
+            y, keys = attention(y, bias=size_bias(tokens.size, self.merging.prop_attn))
+            tokens = tokens._replace(x=tokens.x + y)
+        r = clamp_r(tokens.x.shape[1], r, class_token=self.class_token)
+        if r > 0:
+            metric = key_metric(keys, self.merging.head_aggregation)
+            tokens = reduce_tokens(
+                tokens,
+                metric,
+                r,
+                settings=self.merging,
+                class_token=self.class_token,
+                key=key,
+                grid=grid,
+            )
+        if reduce_only:
+            return tokens
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        return tokens._replace(x=tokens.x + y)
+
+
+class Encoder(nn.Module):
+    """Position embeddings, the joint space-time blocks, the final LayerNorm (Scenic's
+    ``Transformer``); shared by ViViT, VideoMAE and the factorised encoder.
+
+    ``learned_positions`` and ``final_norm`` can be turned off for backbones that add fixed
+    positions themselves or pool before normalising (VideoMAE). ``grid`` (the ``(t, h, w)``
+    patch grid of ``x`` in ``(t h w)`` order, after any class token) lets rules that need
+    positions (``Rule.needs_positions``) run; only then are positions tracked. A duplicated
+    layer's extra runs only reduce (the paper's copies for these models).
+    """
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    class_token: bool
+    merging: ReductionSettings
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = True
+    attention_fn: AttentionFn = xla_attention
+    key_bias: bool = True
+    learned_positions: bool = True
+    final_norm: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        merge_rng: jax.Array | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ) -> Tokens:
+        if self.learned_positions:
+            x = AddPositionEmbs(name="posembed_input")(x)
+        source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
+        pos = None
+        if needs_positions(self.merging):
+            if grid is None:
+                raise UserError(
+                    f"mode {self.merging.mode!r} needs token positions, which this backbone "
+                    "does not track (only global merging over a whole patch grid does: "
+                    "vivit, videomae)"
+                )
+            pos = initial_positions(x.shape[0], grid, class_token=self.class_token)
+        tokens = Tokens(x, None, source, pos)
+        blocks = encoder_blocks(
+            lambda name: EncoderBlock(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                class_token=self.class_token,
+                merging=self.merging,
+                layer_norm_eps=self.layer_norm_eps,
+                gelu_approximate=self.gelu_approximate,
+                attention_fn=self.attention_fn,
+                key_bias=self.key_bias,
+                name=name,
+            ),
+            self.num_layers,
+        )
+        for step in encoder_steps(self.merging, self.num_layers, merge_rng):
+            tokens = blocks[step.layer](
+                tokens, step.key, r=step.r, reduce_only=step.repeats, grid=grid
+            )
+        if not self.final_norm:
+            return tokens
+        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
+        return tokens._replace(x=x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def sow_source(module: nn.Module, tokens: Tokens) -> None:
+    """Sow the final source tracking as ``intermediates/source``, when it is tracked."""
+    if tokens.source is not None:
+        module.sow("intermediates", "source", tokens.source)
+
+
+def mean_pool(tokens: Tokens, *, weighted: bool) -> jax.Array:
+    """Mean over tokens: unweighted as in the paper, or weighted by token sizes."""
+    if not weighted or tokens.size is None:
+        return tokens.x.mean(axis=1)
+    return (tokens.x * tokens.size).sum(axis=1) / tokens.size.sum(axis=1)
+
+
+def pool(tokens: Tokens, *, class_token: bool, weighted: bool) -> jax.Array:
+    """The class token when there is one, else :func:`mean_pool`."""
+    return tokens.x[:, 0] if class_token else mean_pool(tokens, weighted=weighted)
+
+
+def classifier_head(
+    x: jax.Array,
+    num_classes: int,
+    representation_size: int | None = None,
+    *,
+    zero_init: bool = True,
+) -> jax.Array:
+    """Optional ``pre_logits`` (Dense + tanh), then ``output_projection``.
+
+    ``zero_init``: the output kernel starts at zero (Scenic's and these ports' choice); the
+    original Motionformer keeps Flax's default.
+    """
+    if representation_size is not None:
+        x = nn.tanh(nn.Dense(representation_size, name="pre_logits")(x))
+    init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+    return nn.Dense(num_classes, kernel_init=init, name="output_projection")(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiply-adds
+
+
+def step_macs(
+    plan: list[LayerPlan], steps: list[tuple[int, int]], *, hidden: int, mlp_dim: int
+) -> list[int]:
+    """Multiply-adds of each step of a pre-LN encoder that reduces between attention and MLP.
+
+    A full step is :func:`block_macs`; the extra runs of a duplicated layer (all but its last)
+    only project keys and reduce, so they cost ``N D^2``.
+    """
+    macs = []
+    for i, p in enumerate(plan):
+        if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
+            macs.append(p.tokens_in * hidden**2)
+        else:
+            macs.append(block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim))
+    return macs
+
+
+def embedding_macs(num_frames: int, image_size: int, patch_size: Sequence[int], hidden: int) -> int:
+    """The patch embedding: one ``t h w 3 x D`` product per patch (``(h, w)``: per frame)."""
+    t, h, w = (1, *patch_size) if len(patch_size) == 2 else tuple(patch_size)
+    patches = (num_frames // t) * (image_size // h) * (image_size // w)
+    return patches * t * h * w * 3 * hidden
+
+
+def head_macs(hidden: int, num_classes: int, representation_size: int | None = None) -> int:
+    """``pre_logits`` (when there is one) and ``output_projection``."""
+    rep = representation_size
+    return hidden * (rep or 0) + (rep or hidden) * num_classes
+
+
+def macs_total(embedding: int, layers: list[int], head: int) -> dict[str, Any]:
+    """``analytic_macs``' dict: the parts and their total."""
+    return {
+        "embedding": embedding,
+        "layers": layers,
+        "head": head,
+        "total": embedding + sum(layers) + head,
+    }
