@@ -39,10 +39,10 @@ def eval_config(
     for field in ("checkpoint", "dataset_name"):
         if not config.get(field):
             raise UserError(f"eval needs config.{field}")
-    from vtm_jax.data.frame_folders import FRAME_DATASETS
+    from vtm_jax.data.datasets import reads_in_place
 
     data = config.get("dataset_configs", {})
-    if not data.get("data_dir") and config.dataset_name not in FRAME_DATASETS:
+    if not data.get("data_dir") and not reads_in_place(config.dataset_name):
         raise UserError("eval needs config.dataset_configs.data_dir")
     from vtm_jax.checkpoint import load_record
     from vtm_jax.scenic.checkpoint import checkpoint_record

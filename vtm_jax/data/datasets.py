@@ -13,25 +13,94 @@ find instead of failing; ``VideoSource.missing`` and the dataset's ``metadata.js
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vtm_jax import paths
+from vtm_jax import paths, plugins
 from vtm_jax.data.manual import SPLIT_ALIASES
 from vtm_jax.errors import UserError
 
-# name -> (module, builder class, whether it packs files from a manual_dir)
-DATASETS = {
-    "synthetic": ("vtm_jax.data.synthetic", "SyntheticVideos", False),
-    "kinetics400": ("vtm_jax.data.kinetics", "Kinetics400", True),
-    "ssv2": ("vtm_jax.data.ssv2", "SomethingSomethingV2", True),
-    "epic_kitchens": ("vtm_jax.data.epic_kitchens", "EpicKitchens100", True),
+# Datasets built once into data_dir: name -> (TFDS builder class, or its "module:Class"
+# path imported on first use; whether it packs files from a manual_dir).
+DATASETS: dict[str, tuple[str | type[tfds.core.DatasetBuilder], bool]] = {
+    "synthetic": ("vtm_jax.data.synthetic:SyntheticVideos", False),
+    "kinetics400": ("vtm_jax.data.kinetics:Kinetics400", True),
+    "ssv2": ("vtm_jax.data.ssv2:SomethingSomethingV2", True),
+    "epic_kitchens": ("vtm_jax.data.epic_kitchens:EpicKitchens100", True),
 }
+# Datasets read in place from manual_dir, nothing built: name -> open(split, manual_dir,
+# **options) returning a source (the frame-folder datasets are vtm_jax.data.frame_folders').
+READERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_dataset(
+    name: str,
+    dataset: type[tfds.core.DatasetBuilder] | Callable[..., Any],
+    *,
+    manual_dir: bool = True,
+    replace: bool = False,
+) -> Any:
+    """Add a dataset, selectable as ``config.dataset_name`` / ``open_split(name, ...)``.
+
+    ``dataset`` is either a TFDS builder class, built once into ``data_dir`` (from the files in
+    ``manual_dir`` when ``manual_dir=True``; :class:`vtm_jax.data.manual.ManualVideoBuilder`
+    does the packing), or a function ``open(split, manual_dir, **options)`` that reads the
+    split in place and returns a source: ``len``, ``[i]`` giving ``{"video", "label",
+    "video_id"}`` (video: encoded file bytes as a uint8 array, or uint8 frames ``[T, H, W,
+    3]``), and ``name``, ``split``, ``num_classes``, ``class_splits`` attributes.
+    Registering the same one twice is a no-op; another under a taken name needs
+    ``replace=True``. Returns ``dataset``.
+    """
+    from vtm_jax.data.frame_folders import FRAME_DATASETS
+
+    if name in FRAME_DATASETS:
+        raise ValueError(f"dataset {name!r} is built in; choose another name")
+    if isinstance(dataset, type) and issubclass(dataset, tfds.core.DatasetBuilder):
+        taken = {**DATASETS, **READERS}
+        plugins.check_name(taken, name, (dataset, manual_dir), replace=replace)
+        READERS.pop(name, None)
+        DATASETS[name] = (dataset, manual_dir)
+    elif callable(dataset) and not isinstance(dataset, type):
+        plugins.check_name({**DATASETS, **READERS}, name, dataset, replace=replace)
+        DATASETS.pop(name, None)
+        READERS[name] = dataset
+    else:
+        raise TypeError("a dataset is a TFDS builder class or a function opening a split")
+    return dataset
+
+
+def _load_path(name: str) -> None:
+    """A ``"package.module:attribute"`` dataset name: import it once, as a registered one."""
+    if not plugins.is_path(name) or name in DATASETS or name in READERS:
+        return
+    dataset = plugins.load_object(name, what="dataset")
+    if isinstance(dataset, type) and issubclass(dataset, tfds.core.DatasetBuilder):
+        DATASETS[name] = (dataset, bool(getattr(dataset, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)))
+    elif callable(dataset) and not isinstance(dataset, type):
+        READERS[name] = dataset
+    else:
+        raise UserError(
+            f"dataset {name!r} names a {type(dataset).__name__}, not a TFDS builder class "
+            "or a function opening a split"
+        )
+
+
+def reads_in_place(name: str) -> bool:
+    """Whether dataset ``name`` is read from ``manual_dir`` as it is (no ``data_dir``)."""
+    from vtm_jax.data.frame_folders import FRAME_DATASETS
+
+    _load_path(name)
+    return name in FRAME_DATASETS or name in READERS
+
+
+def dataset_names() -> list[str]:
+    from vtm_jax.data.frame_folders import FRAME_DATASETS
+
+    return [*DATASETS, *FRAME_DATASETS, *READERS]
 
 
 class VideoSource:
@@ -126,19 +195,18 @@ def make_builder(
     ``config`` holds builder options; only ``synthetic`` has any (``frames``, ``size``,
     ``train_examples``, ``test_examples``, ``seed``).
     """
+    _load_path(name)
     if name not in DATASETS:
-        from vtm_jax.data.frame_folders import FRAME_DATASETS
-
         hint = ""
         if name == "video_tfrecord_dataset":  # a Scenic config's loader
             hint = (
                 " (Scenic's TFRecord loader, which vtm-jax does not read: set "
                 "--config.dataset_name and --config.dataset_configs.data_dir)"
             )
-        valid = ", ".join([*DATASETS, *FRAME_DATASETS])
-        raise UserError(f"unknown dataset {name!r}{hint}; valid: {valid}")
-    module_name, class_name, _ = DATASETS[name]
-    builder_cls = getattr(importlib.import_module(module_name), class_name)
+        raise UserError(f"unknown dataset {name!r}{hint}; valid: {', '.join(dataset_names())}")
+    builder_cls = DATASETS[name][0]
+    if isinstance(builder_cls, str):
+        builder_cls = plugins.load_object(builder_cls, what="dataset")
     kwargs: dict[str, Any] = {"data_dir": paths.absolute(data_dir), "file_format": "array_record"}
     options = dict(config or {})
     if name == "synthetic":
@@ -201,6 +269,11 @@ def open_split(
 
     if name in FRAME_DATASETS:
         return open_frame_split(name, split, manual_dir, config)
+    _load_path(name)
+    if name in READERS:
+        if not manual_dir or not paths.is_dir(manual_dir):
+            raise UserError(f"{name} is read in place: give its folder as manual_dir")
+        return READERS[name](split, manual_dir, **dict(config or {}))
     if paths.exists(data_dir) and not paths.is_dir(data_dir):
         raise UserError(f"data_dir {data_dir} is a file, not a directory")
     builder = make_builder(name, data_dir=data_dir, config=config)
@@ -213,7 +286,7 @@ def open_split(
 
         check_output_dir(data_dir, what="data_dir")  # a built dataset may sit in a read-only one
         download_config = None
-        if DATASETS[name][2]:
+        if DATASETS[name][1]:
             if not manual_dir:
                 raise UserError(
                     f"{name} is not built in {data_dir} yet: give the directory holding its "
