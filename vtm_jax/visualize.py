@@ -219,6 +219,8 @@ def upscale(images: np.ndarray, scale: int) -> np.ndarray:
     """Nearest-neighbour enlargement of ``[..., H, W, C]``: each pixel becomes a block of
     ``scale x scale`` identical pixels, so colours and borders stay exact."""
     images = np.asarray(images)
+    if scale is None:  # automatic is the caller's choice: here a factor is needed
+        raise UserError("scale must be a positive integer, not None")
     if check_scale(scale) == 1:
         return images
     return images.repeat(scale, axis=-3).repeat(scale, axis=-2)
