@@ -6,6 +6,7 @@ import json
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -69,6 +70,26 @@ def test_demo_writes_the_table_plot_and_pictures(trained):
         assert image.size[0] > 300
     assert summary["pictures"] and all(os.path.isfile(p) for p in summary["pictures"])
     assert any(p.endswith(".gif") for p in summary["pictures"])
+    # The pictures are big enough to see: 8 frames of 16x16 drawn at 8x (128 px) in one row,
+    # with a legend underneath (they were 142 x 40 px before).
+    out = root / "out"
+    assert sorted(os.path.basename(p) for p in summary["pictures"]) == [
+        "demo_video_input.png",
+        "demo_video_layer1.gif",
+        "demo_video_layer1.png",
+        "demo_video_layer2.gif",
+        "demo_video_layer2.png",
+    ]
+    with Image.open(out / "demo_video_layer1.png") as image:
+        assert image.size[0] == 8 * 128 + 7 * 2 and image.size[1] > 2 * 128 + 8
+        pixels = np.asarray(image.convert("RGB"))
+    merged = pixels[128 + 8 : 2 * 128 + 8, :128]  # the first merged frame: 8 x 8 blocks
+    np.testing.assert_array_equal(merged, merged[::8, ::8].repeat(8, 0).repeat(8, 1))
+    assert (pixels[2 * 128 + 8 :] != 255).any()  # the legend
+    with Image.open(out / "demo_video_input.png") as image:
+        assert image.size[0] == 8 * 128 + 7 * 2 and image.size[1] > 128
+    with Image.open(out / "demo_video_layer2.gif") as image:
+        assert image.size[0] == 2 * 128 + 2 and image.size[1] > 128
 
 
 def test_demo_reads_the_config_its_checkpoint_was_trained_with(trained):

@@ -11,6 +11,7 @@ from PIL import Image, ImageSequence
 
 from vtm_jax import visualize as vis
 from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.cli import main
 from vtm_jax.errors import UserError
 from vtm_jax.models import motionformer, timesformer
 from vtm_jax.models.motionformer import Motionformer
@@ -24,14 +25,21 @@ from vtm_jax.visualize import (
     BORDER,
     DROPPED_DARK,
     DROPPED_LIGHT,
+    auto_scale,
     frame_grid,
     frame_group_labels,
+    gif_legend,
+    input_legend,
+    layer_legend,
     layer_settings,
+    legend_strip,
     render_frame_groups,
     render_global_groups,
     render_groups,
     trace_groups,
+    upscale,
     visualize,
+    with_legend,
 )
 
 PATCH = (1, 4, 4)
@@ -172,6 +180,58 @@ def test_frame_grid():
     assert (grid[3] == 255).all()
 
 
+def test_auto_scale():
+    assert auto_scale(32, 32) == 4  # the demo's frames: 128 px
+    assert auto_scale(224, 224) == 1
+    assert auto_scale(16, 16) == 8
+    assert auto_scale(32, 48) == 4 and auto_scale(48, 32) == 4  # the short side counts
+    assert auto_scale(100, 200) == 2
+    assert auto_scale(500, 300) == 1
+
+
+def test_upscale_is_exact_nearest_neighbour():
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (2, 3, 5, 3), dtype=np.uint8)
+    big = upscale(frames, 3)
+    assert big.shape == (2, 9, 15, 3) and big.dtype == np.uint8
+    for t, y, x in np.ndindex(2, 3, 5):  # each pixel is a 3 x 3 block of itself
+        block = big[t, 3 * y : 3 * y + 3, 3 * x : 3 * x + 3]
+        np.testing.assert_array_equal(block, np.broadcast_to(frames[t, y, x], (3, 3, 3)))
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(frames, 3, axis=1), 3, axis=2))
+    np.testing.assert_array_equal(upscale(frames[0], 2), frames[0].repeat(2, 0).repeat(2, 1))
+    np.testing.assert_array_equal(upscale(frames, 1), frames)
+    for bad in (0, -2, True, 2.0, None):
+        with pytest.raises(UserError, match="scale must be a positive integer"):
+            upscale(frames, bad)
+
+
+def test_scaled_rendering_keeps_groups_exact():
+    """Colours, borders and hatching drawn at the input size, then enlarged: the same
+    picture, pixel for pixel, in blocks."""
+    frames, ids = _hand_built()
+    out = render_global_groups(frames, ids, (2, 2, 2), PATCH, class_token=False)
+    big = upscale(out, 4)
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(out, 4, axis=1), 4, axis=2))
+    assert {tuple(c) for c in big.reshape(-1, 3)} == {tuple(c) for c in out.reshape(-1, 3)}
+    grid = frame_grid(big, 2)
+    assert grid.shape == (32, 2 * 32 + 2, 3)  # the gap between frames is not scaled
+    np.testing.assert_array_equal(grid[:, 34:], big[1])
+
+
+def test_legend_strip():
+    image = np.zeros((10, 200, 3), np.uint8)
+    out = with_legend(image, ["layer 4 of 12", "each colour: one merged group"])
+    assert out.shape[1] == 200 and out.shape[0] > 10
+    np.testing.assert_array_equal(out[:10], image)
+    strip = out[10:]
+    assert (strip == 255).any() and (strip != 255).any()  # white background, black text
+    np.testing.assert_array_equal(with_legend(image, []), image)
+    # Text too long for the width wraps onto more lines instead of being cut off.
+    words = ["word"] * 40
+    assert legend_strip([" ".join(words)], 100).shape[0] > legend_strip(["word"], 100).shape[0]
+    assert legend_strip(["a"], 100).shape == (legend_strip(["b"], 100).shape[0], 100, 3)
+
+
 def test_layer_settings_truncate():
     s = ReductionSettings(mode="merge", r=(4, -1.0))
     assert layer_settings(s, 4, 2).layer_r(4) == s.layer_r(4)[:2] + [0, 0]
@@ -256,12 +316,19 @@ def test_visualize_vivit_end_to_end(vivit_ckpt, tmp_path, monkeypatch):
             "clip_layer3.gif",
         ]
     )
-    # The input grid shows the raw pixels (not normalised values): 4 frames in one row.
+    # 32x32 frames are drawn at 4x (the automatic scale), each pixel a 4 x 4 block.
+    scale = 4
+    big = upscale(pixels, scale)
+    # The input grid shows the raw pixels (not normalised values): 4 frames in one row, with
+    # its legend underneath.
     grid = np.asarray(Image.open(out / "clip_input.png").convert("RGB"))
-    np.testing.assert_array_equal(grid, frame_grid(pixels, 4))
+    np.testing.assert_array_equal(grid, with_legend(frame_grid(big, 4), input_legend(pixels, 4)))
+    np.testing.assert_array_equal(grid[:128], frame_grid(big, 4))
+    assert grid.shape[0] > 128 and (grid[128:] != 255).any()  # the legend has ink
 
     (trace,) = traces
     np.testing.assert_array_equal(trace.frames, pixels)
+    assert trace.num_layers == 3 and trace.merging == ReductionSettings(mode="merge", r=5)
     plan = build_model(record, ReductionSettings(mode="merge", r=5)).token_plan(4, 32)
     for layer in (1, 3):
         labels = trace.labels[layer]
@@ -270,19 +337,68 @@ def test_visualize_vivit_end_to_end(vivit_ckpt, tmp_path, monkeypatch):
         assert len(np.unique(labels)) == plan[layer - 1].tokens_out - 1
         assert (labels >= 0).all()
         png = np.asarray(Image.open(out / f"clip_layer{layer}.png").convert("RGB"))
-        assert png.shape == (2 * 32 + 8, 4 * 32 + 3 * 2, 3)
-        np.testing.assert_array_equal(png[:32], grid)
-        merged = png[-32:]
+        # Was (2 * 32 + 8, 4 * 32 + 3 * 2) before the 4x scale and the legend.
+        height = 2 * 128 + 8
+        picture, legend = png[:height], png[height:]
+        assert picture.shape == (height, 4 * 128 + 3 * 2, 3)
+        np.testing.assert_array_equal(png[:128], grid[:128])
+        merged = picture[-128:]
         drawn = render_groups(trace.frames, labels, trace.patch)
-        np.testing.assert_array_equal(merged, frame_grid(drawn, 4))
+        np.testing.assert_array_equal(merged, frame_grid(upscale(drawn, scale), 4))
+        for t in range(4):  # each frame is exactly np.repeat of the unscaled rendering
+            cell = merged[:, t * 130 : t * 130 + 128]
+            np.testing.assert_array_equal(cell, drawn[t].repeat(4, 0).repeat(4, 1))
+        np.testing.assert_array_equal(legend, legend_strip(layer_legend(trace, layer, 4), 518))
+        assert (legend != 255).any()
+        text = " ".join(layer_legend(trace, layer, 4))
+        assert f"after layer {layer} of 3 (merge, r=5)" in text
+        assert f"32 patch tokens -> {plan[layer - 1].tokens_out - 1} groups" in text
+        assert "drawn at 4x" in text and "dropped" not in text
         # The merged panel holds at most one colour per group, plus the border colour.
         colours = {tuple(c) for c in merged.reshape(-1, 3)} - {BORDER}
         assert 1 < len(colours) <= len(np.unique(labels))
         gif = Image.open(out / f"clip_layer{layer}.gif")
         shots = [np.asarray(s.convert("RGB")) for s in ImageSequence.Iterator(gif)]
         assert len(shots) == 4
-        assert all(s.shape == (32, 2 * 32 + 2, 3) for s in shots)
+        strip = legend_strip(["frame 1 of 4", *gif_legend(trace, layer)], 2 * 128 + 2)
+        assert all(s.shape == (128 + strip.shape[0], 2 * 128 + 2, 3) for s in shots)
+        for s in shots:  # GIF colours are approximate, but the 4 x 4 blocks stay exact
+            half = s[:128, 130:]
+            np.testing.assert_array_equal(half, half[::4, ::4].repeat(4, 0).repeat(4, 1))
+            assert (s[128:] < 128).any()  # each frame pair has its legend
     assert len(np.unique(trace.labels[1])) != len(np.unique(trace.labels[3]))
+
+
+def test_visualize_scale_from_the_cli(vivit_ckpt, tmp_path, capsys):
+    ckpt, _, clip, pixels = vivit_ckpt
+    args = ["visualize", "--checkpoint", ckpt, "--video", clip, "--layers", "1", "--r", "5"]
+    assert main([*args, "--scale", "2", "--workdir", str(tmp_path / "two")]) == 0
+    assert main([*args, "--scale", "1", "--workdir", str(tmp_path / "one")]) == 0
+    for name in ("clip_input.png", "clip_layer1.png"):
+        with Image.open(tmp_path / "two" / name) as two, Image.open(tmp_path / "one" / name) as one:
+            assert two.size[0] == 4 * 64 + 3 * 2 and one.size[0] == 4 * 32 + 3 * 2
+    two = np.asarray(Image.open(tmp_path / "two" / "clip_input.png").convert("RGB"))
+    np.testing.assert_array_equal(two[:64], frame_grid(upscale(pixels, 2), 4))
+    layer = np.asarray(Image.open(tmp_path / "one" / "clip_layer1.png").convert("RGB"))
+    np.testing.assert_array_equal(layer[:32], frame_grid(pixels, 4))  # scale 1: as before
+    with Image.open(tmp_path / "two" / "clip_layer1.gif") as gif:
+        assert gif.size[0] == 2 * 64 + 2
+    capsys.readouterr()
+    for bad in ("0", "-3"):
+        assert main([*args, "--scale", bad, "--workdir", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"vtm-jax: error: --scale must be a positive integer, not {bad}", err
+    assert not (tmp_path / "bad").exists()  # refused before anything was made
+
+
+def test_visualize_bad_scale(vivit_ckpt, tmp_path):
+    ckpt, _, clip, _ = vivit_ckpt
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UserError, match="scale must be a positive integer"):
+            visualize(ckpt, clip, layers=[1], out_dir=str(tmp_path / "bad"), scale=bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(UserError, match="larger than 4096 px"):
+        visualize(ckpt, clip, layers=[1], out_dir=str(tmp_path / "huge"), scale=200)
 
 
 def test_drop_mode_draws_dropped(vivit_ckpt):
@@ -297,6 +413,9 @@ def test_drop_mode_draws_dropped(vivit_ckpt):
     pix = labels.repeat(2, 0).repeat(8, 1).repeat(8, 2) < 0
     assert _is_dropped(out[pix])
     assert not _is_dropped(out[~pix][:1])
+    text = " ".join(layer_legend(trace, 2, 4))
+    assert f"{32 - left} dropped" in text and "hatched grey: dropped" in text
+    assert "(drop, r=5)" in text
 
 
 def test_bad_input(vivit_ckpt, tmp_path):

@@ -312,6 +312,8 @@ def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
 def _visualize(args: argparse.Namespace) -> None:
     from vtm_jax.visualize import visualize
 
+    if args.scale is not None and args.scale < 1:  # before the output directory or the model
+        raise UserError(f"--scale must be a positive integer, not {args.scale}")
     out = _workdir_or_out(args, "out/visualize")
     merging = None
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
@@ -326,6 +328,7 @@ def _visualize(args: argparse.Namespace) -> None:
         merging=merging,
         attention=args.attention,
         verify=args.verify,
+        scale=args.scale,  # None: enough for 128 px frames
     )
     for path in written:
         print(f"wrote {path}")
@@ -495,6 +498,13 @@ def _add_visualize(sub: Any) -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="draw after these layers (1-based; default: a third, two thirds and the last)",
+    )
+    vis.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="draw each pixel as an N x N block, nearest neighbour (default: the smallest N "
+        "that makes a frame at least 128 px on its short side: 4 for 32x32, 1 for 224x224)",
     )
     vis.add_argument("--workdir", help="directory for the pictures (default out/visualize)")
     vis.add_argument("--out", help="the same as --workdir (its older name)")

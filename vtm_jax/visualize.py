@@ -18,11 +18,17 @@ its true ``(frame, y, x)``.
 
 Rendering is plain numpy and O(pixels): the index form is never expanded to an ``N x N0``
 matrix, so full-size ViViT-B (3137 tokens, 32 frames) fits easily.
+
+Pictures are drawn at the input size, then enlarged by an integer ``scale`` with nearest
+neighbour (each pixel becomes a ``scale x scale`` block, no interpolation), so small clips such
+as the demo's 32x32 frames are big enough to see and group borders stay crisp. Each picture gets
+a legend strip underneath saying what it shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -37,6 +43,12 @@ DROPPED_DARK = (64, 64, 64)
 DROPPED_LIGHT = (112, 112, 112)
 BORDER = (255, 255, 255)
 LAYOUTS = ("frame", "interleaved")
+MIN_SIDE = 128  # the automatic scale makes a frame's short side at least this many pixels
+MAX_SIDE = 4096  # a bigger scaled frame is refused: it is a typo, not a picture
+LEGEND_FONT_SIZE = 13
+LEGEND_PAD = 4
+LEGEND_INK = (0, 0, 0)
+BACKGROUND = 255
 
 Patch = tuple[int, int, int]
 Grid = tuple[int, int, int]
@@ -188,6 +200,80 @@ def render_frame_groups(
     return render_groups(frames, labels, patch)
 
 
+def auto_scale(height: int, width: int, *, min_side: int = MIN_SIDE) -> int:
+    """The smallest integer scale that makes a ``height x width`` frame at least ``min_side``
+    pixels on its short side: 4 for the demo's 32x32 frames, 1 for 224x224."""
+    return max(1, math.ceil(min_side / max(1, min(height, width))))
+
+
+def check_scale(scale: int | None) -> int | None:
+    """``scale`` if it is a positive integer or None (automatic); otherwise a UserError."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, int | np.integer) or scale < 1:
+        raise UserError(f"scale must be a positive integer, not {scale!r}")
+    return int(scale)
+
+
+def upscale(images: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of ``[..., H, W, C]``: each pixel becomes a block of
+    ``scale x scale`` identical pixels, so colours and borders stay exact."""
+    images = np.asarray(images)
+    if scale is None:  # automatic is the caller's choice: here a factor is needed
+        raise UserError("scale must be a positive integer, not None")
+    if check_scale(scale) == 1:
+        return images
+    return images.repeat(scale, axis=-3).repeat(scale, axis=-2)
+
+
+def _legend_font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=LEGEND_FONT_SIZE)
+    except TypeError:  # Pillow < 10.1 has only the small fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a single word
+    wider than that stays whole)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return (lines + [line]) if line else lines
+
+
+def legend_strip(lines: Sequence[str], width: int) -> np.ndarray:
+    """A white strip ``[h, width, 3]`` with ``lines`` of black text, wrapped to fit, in
+    Pillow's default font (built in: no font file, no network)."""
+    from PIL import Image, ImageDraw
+
+    font = _legend_font()
+    wrapped = [part for text in lines for part in _wrap(text, font, width - 2 * LEGEND_PAD)]
+    line_height = font.getbbox("Ag")[3] + 3
+    image = Image.new(
+        "RGB", (width, 2 * LEGEND_PAD + len(wrapped) * line_height), (BACKGROUND,) * 3
+    )
+    draw = ImageDraw.Draw(image)
+    for i, text in enumerate(wrapped):
+        draw.text((LEGEND_PAD, LEGEND_PAD + i * line_height), text, fill=LEGEND_INK, font=font)
+    return np.asarray(image)
+
+
+def with_legend(image: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """``image [H, W, 3]`` with a :func:`legend_strip` of ``lines`` underneath (none: as is)."""
+    image = np.asarray(image, np.uint8)
+    if not lines:
+        return image
+    return np.concatenate([image, legend_strip(lines, image.shape[1])], axis=0)
+
+
 def frame_grid(frames: np.ndarray, ncols: int, *, gap: int = 2, fill: int = 255) -> np.ndarray:
     """Frames ``[n, h, w, 3]`` pasted row by row into one image, ``gap`` pixels apart."""
     frames = _check_frames(frames)
@@ -217,21 +303,35 @@ def write_png(path: str, image: np.ndarray) -> str:
 
 
 def write_comparison_png(
-    path: str, frames: np.ndarray, merged: np.ndarray, *, ncols: int, gap: int = 2
+    path: str,
+    frames: np.ndarray,
+    merged: np.ndarray,
+    *,
+    ncols: int,
+    gap: int = 2,
+    legend: Sequence[str] = (),
 ) -> str:
-    """The input frames as a grid above the merged view as the same grid, in one PNG."""
+    """The input frames as a grid above the merged view as the same grid, in one PNG, with
+    ``legend`` lines underneath (see :func:`with_legend`)."""
     top, bottom = frame_grid(frames, ncols, gap=gap), frame_grid(merged, ncols, gap=gap)
     spacer = np.full((gap * 4, top.shape[1], 3), 255, np.uint8)
-    return write_png(path, np.concatenate([top, spacer, bottom], axis=0))
+    return write_png(path, with_legend(np.concatenate([top, spacer, bottom], axis=0), legend))
 
 
 def write_gif(
-    path: str, frames: np.ndarray, merged: np.ndarray, *, fps: float = 4.0, gap: int = 2
+    path: str,
+    frames: np.ndarray,
+    merged: np.ndarray,
+    *,
+    fps: float = 4.0,
+    gap: int = 2,
+    legend: Sequence[str] = (),
 ) -> str:
     """An animated GIF, input frame beside merged frame, looping.
 
-    GIF has a 256-colour palette per frame, so colours are approximate (the PNG is exact);
-    Pillow also folds identical consecutive frames into one longer frame.
+    With ``legend``, every frame pair gets a strip underneath: ``frame i of T`` then the
+    ``legend`` lines. GIF has a 256-colour palette per frame, so colours are approximate (the
+    PNG is exact); Pillow also folds identical consecutive frames into one longer frame.
     """
     from PIL import Image
 
@@ -242,6 +342,8 @@ def write_gif(
         raise UserError(f"frames {frames.shape} and merged view {merged.shape} differ in shape")
     spacer = np.full(frames.shape[:2] + (gap, 3), 255, np.uint8)
     pairs = np.concatenate([frames, spacer, merged], axis=2)
+    if legend:
+        pairs = _legend_per_frame(pairs, legend)
     images = [Image.fromarray(p) for p in pairs]
     with open_file(path, "wb") as f:  # local or remote (gs://)
         images[0].save(
@@ -253,6 +355,16 @@ def write_gif(
             loop=0,
         )
     return path
+
+
+def _legend_per_frame(pairs: np.ndarray, legend: Sequence[str]) -> list[np.ndarray]:
+    """Each frame pair with its own legend strip, all strips padded to one height (a GIF's
+    frames share one size; "frame 10" may wrap where "frame 9" did not)."""
+    n, _, width, _ = pairs.shape
+    strips = [legend_strip([f"frame {i + 1} of {n}", *legend], width) for i in range(n)]
+    height = max(strip.shape[0] for strip in strips)
+    pad = [np.full((height - s.shape[0], width, 3), BACKGROUND, np.uint8) for s in strips]
+    return [np.concatenate(parts, axis=0) for parts in zip(pairs, strips, pad, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +416,14 @@ def raw_frames(clip: np.ndarray, record: ModelRecord) -> np.ndarray:
 
 
 class GroupTrace(NamedTuple):
-    """What :func:`trace_groups` found: raw frames, pixels per token, labels per layer."""
+    """What :func:`trace_groups` found: raw frames, pixels per token, labels per layer, and
+    (for the legends) how many layers merge and with which settings."""
 
     frames: np.ndarray  # uint8 [T, H, W, 3]
     patch: Patch
     labels: dict[int, np.ndarray]  # layer -> [T', h', w'] token labels, -1 dropped
+    num_layers: int = 0  # 0: unknown
+    merging: ReductionSettings | None = None
 
 
 def _check_layers(layers: int | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -377,7 +492,59 @@ def trace_groups(
             )
         else:
             labels[layer] = global_group_labels(source[0], grid, class_token=geometry.class_token)
-    return GroupTrace(frames, geometry.patch, labels)
+    return GroupTrace(frames, geometry.patch, labels, num_layers, merging)
+
+
+def describe_merging(settings: ReductionSettings) -> str:
+    """``merge, r=64`` (``hybrid, r=8, threshold 0.3``; ``no merging`` at r=0)."""
+    if settings.mode == "none":
+        return "no merging"
+    r = settings.to_dict()["r"]
+    r = ",".join(str(v) for v in r) if isinstance(r, list | tuple) else str(r)
+    threshold = f", threshold {settings.threshold:g}" if settings.threshold is not None else ""
+    return f"{settings.mode}, r={r}{threshold}"
+
+
+def input_legend(frames: np.ndarray, scale: int) -> list[str]:
+    """The legend of ``<stem>_input.png``."""
+    t, h, w, _ = frames.shape
+    return [
+        f"input: {t} frames of {w}x{h} px, as the model saw them (sampled, resized, cropped)",
+        f"drawn at {scale}x (nearest neighbour: each pixel is a {scale}x{scale} block)",
+    ]
+
+
+def layer_legend(trace: GroupTrace, layer: int, scale: int) -> list[str]:
+    """The legend of one layer's pictures: what is on top and below, after which layer and
+    settings, how many patch tokens became how many groups, and the colour key."""
+    labels = trace.labels[layer]
+    groups = len(np.unique(labels[labels >= 0]))
+    dropped = int((labels < 0).sum())
+    of = f" of {trace.num_layers}" if trace.num_layers else ""
+    how = f" ({describe_merging(trace.merging)})" if trace.merging is not None else ""
+    counts = f"{labels.size} patch tokens -> {groups} groups" + (
+        f", {dropped} dropped" if dropped else ""
+    )
+    key = "each colour: one group, its mean colour over every pixel it covers in every frame"
+    key += "; white lines: group boundaries" + ("; hatched grey: dropped" if dropped else "")
+    return [
+        f"top: input frames; below: token groups after layer {layer}{of}{how}",
+        f"{counts}; drawn at {scale}x (nearest neighbour)",
+        key,
+    ]
+
+
+def gif_legend(trace: GroupTrace, layer: int) -> list[str]:
+    """The shorter legend under each frame pair of a layer's GIF (the frame line is added by
+    :func:`write_gif`)."""
+    labels = trace.labels[layer]
+    groups = len(np.unique(labels[labels >= 0]))
+    of = f" of {trace.num_layers}" if trace.num_layers else ""
+    how = f", {describe_merging(trace.merging)}" if trace.merging is not None else ""
+    return [
+        f"left: input; right: groups after layer {layer}{of}{how}",
+        f"{labels.size} patch tokens -> {groups} groups; white lines: group boundaries",
+    ]
 
 
 def visualize(
@@ -391,17 +558,21 @@ def visualize(
     ncols: int | None = None,
     fps: float = 4.0,
     verify: bool = True,
+    scale: int | None = None,
 ) -> list[str]:
     """Write the merge pictures of one clip after each layer; returns the paths written.
 
     Files in ``out_dir``: ``<stem>_input.png`` (the input frames as a grid), and per layer
     ``<stem>_layer<L>.png`` (input grid above the merged view) and ``<stem>_layer<L>.gif``
-    (input beside merged, animated). ``ncols`` defaults to ``min(8, frames)``, as the paper's
-    grids; ``layers`` are 1-based (the paper's intro figure: 4, 8, 12; None: :func:`default_layers`).
+    (input beside merged, animated), each with a legend underneath. ``ncols`` defaults to
+    ``min(8, frames)``, as the paper's grids; ``layers`` are 1-based (the paper's intro figure:
+    4, 8, 12; None: :func:`default_layers`). ``scale`` enlarges every frame by nearest
+    neighbour before the grids are laid out; None: :func:`auto_scale` (4x for 32x32 frames).
     """
     from vtm_jax.outputs import check_output_dir
     from vtm_jax.paths import join, makedirs
 
+    scale = check_scale(scale)  # before the model runs
     check_output_dir(out_dir, what="output directory")
     trace = trace_groups(
         checkpoint_dir,
@@ -412,13 +583,24 @@ def visualize(
         verify=verify,
     )
     frames = trace.frames
+    scale = scale or auto_scale(*frames.shape[1:3])
+    if scale > 1 and max(frames.shape[1:3]) * scale > MAX_SIDE:
+        raise UserError(
+            f"scale {scale} makes {frames.shape[2]}x{frames.shape[1]} px frames larger than "
+            f"{MAX_SIDE} px; give a smaller scale"
+        )
     ncols = ncols or min(8, frames.shape[0])
     makedirs(out_dir)
     stem = os.path.splitext(os.path.basename(video_path))[0]
-    paths = [write_png(join(out_dir, f"{stem}_input.png"), frame_grid(frames, ncols))]
+    big = upscale(frames, scale)  # before the grid, so the gaps stay thin
+    grid = with_legend(frame_grid(big, ncols), input_legend(frames, scale))
+    paths = [write_png(join(out_dir, f"{stem}_input.png"), grid)]
     for layer, labels in trace.labels.items():
-        merged = render_groups(frames, labels, trace.patch)
+        # Borders are drawn at the input size, then enlarged: exact blocks, no blur.
+        merged = upscale(render_groups(frames, labels, trace.patch), scale)
         base = join(out_dir, f"{stem}_layer{layer}")
-        paths.append(write_comparison_png(base + ".png", frames, merged, ncols=ncols))
-        paths.append(write_gif(base + ".gif", frames, merged, fps=fps))
+        legend = layer_legend(trace, layer, scale)
+        paths.append(write_comparison_png(base + ".png", big, merged, ncols=ncols, legend=legend))
+        gif = gif_legend(trace, layer)
+        paths.append(write_gif(base + ".gif", big, merged, fps=fps, legend=gif))
     return paths
