@@ -111,6 +111,10 @@ def test_dataset_by_path_from_the_command_line(user_dataset, tiny_checkpoint, tm
     assert written["complete"] and len(written["video_ids"]) == 6
     assert main([*args[:3], "--config.dataset_name=my_clips:nothing", *args[4:]]) == 2
     assert "has no attribute 'nothing'" in capsys.readouterr().err
+    # A path naming something that is not a split opener is refused before it is called.
+    assert main([*args[:3], "--config.dataset_name=os:system", *args[4:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dataset 'os:system'" in err and "\n" not in err, err
 
 
 def plain_attention(q, k, v, *, bias=None):

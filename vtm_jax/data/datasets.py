@@ -81,6 +81,8 @@ def _load_path(name: str) -> None:
     if isinstance(dataset, type) and issubclass(dataset, tfds.core.DatasetBuilder):
         DATASETS[name] = (dataset, bool(getattr(dataset, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)))
     elif callable(dataset) and not isinstance(dataset, type):
+        # Checked before any call: a path can name anything importable (os:system).
+        plugins.check_function(dataset, name, what="dataset", arguments=("split", "manual_dir"))
         READERS[name] = dataset
     else:
         raise UserError(
