@@ -12,7 +12,7 @@ and ``vtm-jax demo`` evaluates it (``token_merging`` below is the demo's operati
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.config_blocks import bench_config, token_merging_config
+from vtm_jax.config_blocks import bench_config, token_merging_config, training_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -68,9 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.0
     config.log_eval_steps = 256
     config.checkpoint_steps = 128
-    config.training = ml_collections.ConfigDict(
-        {"attention": "xla", "token_merging": token_merging_config()}
-    )
+    config.training = training_config(attention="xla")
 
     # The demo's operating point and sweep.
     # r=64 is the most a step can take (half of the 128 patches): 129 -> 65 -> ... -> 3 tokens.

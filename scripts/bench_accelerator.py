@@ -50,8 +50,8 @@ def parity(args: argparse.Namespace) -> int:
 
     from vtm_jax.attention import get_attention, xla_attention
     from vtm_jax.config import load_config, record_from_config
+    from vtm_jax.merging import MergingSettings
     from vtm_jax.models.registry import build_model
-    from vtm_jax.reduction import ReductionSettings
 
     platform = jax.default_backend()
     backends = args.backends or PLATFORM_BACKENDS.get(platform)
@@ -71,8 +71,8 @@ def parity(args: argparse.Namespace) -> int:
         size, frames = record.image_size, record.num_frames
         rng = np.random.default_rng(0)
         clip = rng.random((1, frames, size, size, 3), dtype=np.float32)
-        paper = ReductionSettings.from_dict(config.token_merging)
-        for merging in (ReductionSettings(), paper):
+        paper = MergingSettings.from_dict(config.token_merging)
+        for merging in (MergingSettings(), paper):
             with jax.default_device(cpu):
                 reference_model = build_model(record, merging, xla_attention)
                 params = _random_params(reference_model, clip)

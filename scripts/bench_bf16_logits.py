@@ -24,8 +24,8 @@ from bench_accelerator import _random_params  # noqa: E402
 
 from vtm_jax.attention import get_attention
 from vtm_jax.config import load_config, record_from_config
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
-from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def main() -> None:
     clip = np.random.default_rng(0).random((1, frames, size, size, 3), dtype=np.float32)
     results = []
     params = None
-    for merging in (ReductionSettings(), ReductionSettings.from_dict(config.token_merging)):
+    for merging in (MergingSettings(), MergingSettings.from_dict(config.token_merging)):
         compiled, logits = {}, {}
         for backend in ("blockwise", "blockwise_bf16"):
             model = build_model(record, merging, get_attention(backend))

@@ -1,6 +1,6 @@
 """Cost of the merge step against the whole block, layer by layer, for ViViT-B at r=300.
 
-Times, at each layer's token count, one jitted reduction step (cosine scores, matching,
+Times, at each layer's token count, one jitted merging step (cosine scores, matching,
 size-weighted merge of the hidden states and sizes) and one jitted ViViT-B block that includes
 it, and prints the share of the block the step takes.
 
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from vtm_jax.attention import get_attention
+from vtm_jax.merging import MergingSettings, Tokens, merge_tokens
 from vtm_jax.models.vivit import EncoderBlock, ViViT
-from vtm_jax.reduction import ReductionSettings, Tokens, reduce_tokens
 
 
 def best_ms(fn, *args, repeats: int = 5) -> float:
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--mode", default="merge")
     parser.add_argument("--output")
     args = parser.parse_args()
-    merging = ReductionSettings(mode=args.mode, r=args.r, threshold=0.4)
+    merging = MergingSettings(mode=args.mode, r=args.r, rule_options={"threshold": 0.4})
     plan = ViViT(num_classes=400, merging=merging).token_plan(32, 224)
     block = EncoderBlock(
         num_heads=12, mlp_dim=3072, class_token=True, merging=merging, attention_fn=get_attention()
@@ -53,7 +53,7 @@ def main() -> None:
         params = block.init(key, Tokens(x, size), key, r=step.r)
 
         def reduce_step(x, metric, size, r=step.r):
-            return reduce_tokens(
+            return merge_tokens(
                 Tokens(x, size), metric, r, settings=merging, class_token=True, key=key
             )
 

@@ -29,6 +29,6 @@ def random_hf_vivit(
     with torch.no_grad():
         model.vivit.embeddings.cls_token.normal_()
         model.vivit.embeddings.position_embeddings.normal_(std=0.5)
-        # A head with O(1) logits, so that a 1e-4 tolerance separates the reduction modes.
+        # A head with O(1) logits, so that a 1e-4 tolerance separates the merging modes.
         model.classifier.weight.normal_(std=1.0)
     return model

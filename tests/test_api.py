@@ -23,7 +23,7 @@ def test_the_top_level_import_is_light_and_lists_the_api():
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert 'load' in dir(vtm_jax) and 'classify' in vtm_jax.__all__\n"
-        "vtm_jax.ReductionSettings\n"
+        "vtm_jax.MergingSettings\n"
         "assert 'vtm_jax.api' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -36,7 +36,7 @@ def test_the_top_level_import_is_light_and_lists_the_api():
 
 def test_load_and_classify_arrays_paths_and_batches(tiny_checkpoint, tmp_path):
     model, params, record = vtm_jax.load(tiny_checkpoint("vivit"))
-    assert model.merging == vtm_jax.ReductionSettings()  # the record's stored settings
+    assert model.merging == vtm_jax.MergingSettings()  # the record's stored settings
     clip = np.random.default_rng(0).random((FRAMES, SIZE, SIZE, 3)).astype(np.float32)
     expected = np.asarray(model.apply({"params": params}, clip[None]))[0]
     logits = vtm_jax.classify(model, params, clip)
@@ -87,6 +87,25 @@ def test_classify_compiles_once_per_model_and_shape(tiny_checkpoint):
     assert merged.shape == (8,) and np.isfinite(merged).all()
 
 
+def test_names_of_vtm_jax_0_1_still_answer_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="ReductionSettings is now vtm_jax.MergingSettings"):
+        assert vtm_jax.ReductionSettings is vtm_jax.MergingSettings
+    with pytest.warns(DeprecationWarning, match="reduce_tokens is now vtm_jax.merge_tokens"):
+        assert vtm_jax.reduce_tokens is vtm_jax.merge_tokens
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from vtm_jax.reduction import ReduceContext, ReductionSettings, register_rule\n"
+        "from vtm_jax import merging, tokens\n"
+        "assert ReductionSettings is merging.MergingSettings, ReductionSettings\n"
+        "assert ReduceContext is tokens.MergeContext and register_rule is merging.register_rule\n"
+        "assert [w.category for w in caught] == [DeprecationWarning], caught\n"
+        "assert 'vtm_jax.reduction is now vtm_jax.merging' in str(caught[0].message)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_settings_token_counts_and_merge_functions(tiny_checkpoint):
     model, _, record = vtm_jax.load(tiny_checkpoint("vivit"), merging={"mode": "merge", "r": 32})
     assert model.merging.mode == "merge" and model.merging.r == 32
@@ -98,6 +117,9 @@ def test_settings_token_counts_and_merge_functions(tiny_checkpoint):
         vtm_jax.with_merging(model, temporal_r=2)
     with pytest.raises(ValueError, match="unknown mode"):
         vtm_jax.settings(mode="tome")
+    # A rule's option by name, as in a config block, lands in the settings' rule_options.
+    hybrid = vtm_jax.settings(mode="hybrid", r=8, threshold=0.5)
+    assert hybrid == vtm_jax.MergingSettings(mode="hybrid", r=8, rule_options={"threshold": 0.5})
     with pytest.raises(ValueError, match="num_frames apply to a converted source"):
         vtm_jax.load(tiny_checkpoint("vivit"), num_frames=8)
 

@@ -8,6 +8,7 @@ import pytest
 
 from vtm_jax.errors import UserError
 from vtm_jax.frames import temporal_tables
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import BACKBONE_OPTIONS, Backbone, SourceLayout, TemporalTable
 from vtm_jax.models.registry import (
     ARCHITECTURES,
@@ -17,7 +18,6 @@ from vtm_jax.models.registry import (
 )
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.visualize import default_layers
 
 
@@ -62,7 +62,7 @@ def test_source_layouts(architecture, classifier):
 
 
 def test_motionformer_per_frame_groups_are_frame_major():
-    merging = ReductionSettings(motionformer_groups="per_frame")
+    merging = MergingSettings(motionformer_groups="per_frame")
     got = build_model(_record("motionformer"), merging).source_layout()
     assert got == SourceLayout(True, False, (2, 16, 16), "frame")
 
@@ -100,11 +100,11 @@ def test_register_backbone_reaches_the_registry_checks_and_frames():
         register_backbone("test_tiny_vivit", _TinyViViT)
         register_backbone("test_tiny_vivit", _TinyViViT)  # the same class again: a no-op
         record = _record("test_tiny_vivit", num_layers=2, patch_size=(2, 16, 16))
-        model = build_model(record, ReductionSettings(temporal_r=1))
+        model = build_model(record, MergingSettings(temporal_r=1))
         assert isinstance(model, _TinyViViT)
         # The registry now names it among the readers of temporal_r.
         with pytest.raises(UserError, match="temporal_r applies only to .*test_tiny_vivit"):
-            check_settings_apply("vivit", ReductionSettings(temporal_r=1))
+            check_settings_apply("vivit", MergingSettings(temporal_r=1))
         tables = temporal_tables(dataclasses.replace(record, num_frames=16))
         assert tables == [
             TemporalTable(("Transformer", "posembed_input", "pos_embedding"), 1, 14 * 14)
@@ -125,7 +125,7 @@ def test_register_backbone_refuses_what_breaks_the_contract():
     import flax.linen as nn
 
     class Bare(nn.Module):
-        merging: ReductionSettings = ReductionSettings()
+        merging: MergingSettings = MergingSettings()
 
     with pytest.raises(TypeError, match="lacks token_plan, .*attention_fn"):
         register_backbone("test_bare", Bare)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from vtm_jax.benchmark import sweep
-from vtm_jax.reduction import ReductionSettings
+from vtm_jax.merging import MergingSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -18,15 +18,15 @@ TINY = [
 
 
 def test_sweep_combinations():
-    base = ReductionSettings(mode="merge", r=8, prop_attn=False)
+    base = MergingSettings(mode="merge", r=8, prop_attn=False)
     settings = sweep(base, modes=["merge", "drop"], r_values=[0, 4, 8], schedules=[0, -1])
-    assert settings[0] == ReductionSettings()
+    assert settings[0] == MergingSettings()
     assert len(settings) == 1 + 2 * 2 * 2  # r=0 is the baseline, not a sweep point
     assert {(s.mode, s.r, s.schedule) for s in settings[1:]} == {
         (m, r, float(sc)) for m in ("merge", "drop") for r in (4, 8) for sc in (0, -1)
     }
     assert all(not s.prop_attn for s in settings[1:])  # the rest of the base settings carry over
-    assert sweep(ReductionSettings()) == [ReductionSettings()]
+    assert sweep(MergingSettings()) == [MergingSettings()]
 
 
 def run_bench(args, devices, env_extra=None):
@@ -97,7 +97,7 @@ def test_every_config_describes_its_backbone():
         config = load_config([f"--config={REPO}/configs/{name}.py"])
         record = record_from_config(config)
         assert record.architecture == architecture
-        merging = ReductionSettings.from_dict(config.token_merging)
+        merging = MergingSettings.from_dict(config.token_merging)
         model = build_model(record, merging)
         plan = model.token_plan(record.num_frames, record.image_size)
         assert [p.tokens_out for p in plan[:2]] == first and plan[-1].tokens_out == last, name

@@ -82,6 +82,24 @@ def test_predict_modes(converted, extra, capsys):
     assert f"mode={mode} r=" in capsys.readouterr().out
 
 
+def test_rule_options_from_the_command_line(converted, capsys, tmp_path):
+    _, root = converted
+    clip = tmp_path / "pixels.npy"
+    np.save(clip, np.random.default_rng(2).integers(0, 256, (20, 40, 50, 3), dtype=np.uint8))
+    args = ["predict", "--checkpoint", str(root / "ckpt"), "--video", str(clip)]
+    hybrid = ["--mode", "hybrid", "--r", "6"]
+    logits = []
+    for flags in (["--threshold", "0.4"], ["--rule-option", "threshold=0.4"]):
+        out = tmp_path / f"{flags[0][2:]}.npy"
+        assert main([*args, *hybrid, *flags, "--save-logits", str(out)]) == 0
+        logits.append(np.load(out))
+    np.testing.assert_array_equal(logits[0], logits[1])
+    capsys.readouterr()
+    _bad([*args, *hybrid, "--rule-option", "threshold"], capsys, "--rule-option takes NAME=VALUE")
+    _bad([*args, *hybrid, "--rule-option", "start=3"], capsys, "mode 'hybrid' has no option start")
+    _bad([*args, *hybrid, "--rule-option", "threshold=high"], capsys, "threshold must be a finite")
+
+
 def test_predict_video_file(converted):
     av = pytest.importorskip("av")
     _, root = converted

@@ -10,7 +10,7 @@ from vtm_jax.checkpoint import load_record
 from vtm_jax.data.datasets import open_split
 from vtm_jax.demo import demo_config, shipped_checkpoint
 from vtm_jax.evaluate import evaluate
-from vtm_jax.reduction import ReductionSettings
+from vtm_jax.merging import MergingSettings
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_the_shipped_checkpoint_has_its_recorded_accuracy(shipped):
     trained = load_record(checkpoint).trained
     assert trained["test_examples"] == len(source) == 256
     # Recorded by `vtm-jax train` with its own batch of 32; argmax ties aside, the same clips.
-    accuracy = _top1(checkpoint, source, ReductionSettings())
+    accuracy = _top1(checkpoint, source, MergingSettings())
     assert accuracy == pytest.approx(trained["test_accuracy"], abs=1 / 256)
     assert accuracy > 0.8
 
@@ -52,9 +52,9 @@ def test_merging_keeps_accuracy_where_random_merging_and_dropping_lose_it(shippe
     points, not 30): the shapes cover many tokens, so the task is robust to any reduction.
     """
     checkpoint, config, source = shipped
-    base = ReductionSettings.from_dict(config.token_merging)
+    base = MergingSettings.from_dict(config.token_merging)
     assert base.mode == "merge" and base.r == 64
-    baseline = _top1(checkpoint, source, ReductionSettings())
+    baseline = _top1(checkpoint, source, MergingSettings())
     merged = _top1(checkpoint, source, base)
     assert merged >= baseline - 0.02
     for mode in ("random_merge", "drop"):

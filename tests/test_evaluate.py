@@ -1,5 +1,6 @@
 """Evaluation: metrics against numpy, 1 vs 8 devices vs 2 processes, resume, corrupt videos."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -15,9 +16,9 @@ import pytest
 from vtm_jax.checkpoint import save_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.evaluate import evaluate, format_results, view_metrics
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE = 8, 32
@@ -104,7 +105,7 @@ def reference_scores(checkpoint, source):
     from vtm_jax.models.registry import build_model
 
     params, record = load_checkpoint(checkpoint)
-    model = build_model(record, ReductionSettings.from_dict(record.token_merging))
+    model = build_model(record, MergingSettings.from_dict(record.token_merging))
     apply = jax.jit(model.apply)
     scores = []
     for i in range(len(source)):
@@ -275,9 +276,32 @@ def test_resume_after_interruption(checkpoint, baseline, tmp_path):
     assert again["sums"] == expected["sums"]
 
 
+def test_a_results_file_from_before_rule_options_resumes(checkpoint, tmp_path):
+    """Files written before rules had options keep hybrid's threshold beside the mode."""
+    path = str(tmp_path / "hybrid.json")
+    hybrid = MergingSettings(mode="hybrid", r=4, rule_options={"threshold": 0.4})
+    kwargs = dict(merging=hybrid, limit=4, results_path=path, **RUN)
+    first = evaluate(checkpoint, FakeSource(), **kwargs)
+    assert "token merging: mode=hybrid, r=4, threshold=0.4" in format_results(first)
+    with open(path) as f:
+        saved = json.load(f)
+    stored = saved["run"]["token_merging"]
+    assert stored["rule_options"] == {"threshold": 0.4}
+    del stored["rule_options"]
+    stored["threshold"] = 0.4  # as vtm-jax wrote it before
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    again = evaluate(checkpoint, FakeSource(), on_batch=pytest.fail, **kwargs)
+    assert again["sums"] == first["sums"]
+    # The old form still names its own run: another threshold is another run.
+    other = dataclasses.replace(hybrid, rule_options={"threshold": 0.5})
+    with pytest.raises(UserError, match="different run.*token_merging"):
+        evaluate(checkpoint, FakeSource(), **{**kwargs, "merging": other})
+
+
 def test_other_run_on_the_same_path_is_refused(checkpoint, baseline, tmp_path):
     _, path = baseline
-    other = ReductionSettings(mode="drop", r=4)
+    other = MergingSettings(mode="drop", r=4)
     with pytest.raises(UserError, match="different run.*token_merging.*overwrite"):
         evaluate(checkpoint, FakeSource(), merging=other, results_path=path, **RUN)
     with pytest.raises(UserError, match="different run.*num_examples"):

@@ -22,9 +22,9 @@ from jax._src.lib import cuda_versions
 
 from vtm_jax.attention import cudnn_attention, jax_nn_attention, pallas_tpu_attention
 from vtm_jax.config import load_config, record_from_config
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = ("vivit_b", "vivit_b_fe", "videomae_b", "timesformer_b", "motionformer_b")
@@ -51,9 +51,9 @@ PINNED_CUDNN = 91000
 
 
 @functools.cache
-def _record_and_merging(backbone: str) -> tuple[ModelRecord, ReductionSettings]:
+def _record_and_merging(backbone: str) -> tuple[ModelRecord, MergingSettings]:
     config = load_config([f"--config={REPO}/configs/{backbone}_k400.py"])
-    return record_from_config(config), ReductionSettings.from_dict(config.token_merging)
+    return record_from_config(config), MergingSettings.from_dict(config.token_merging)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def pinned_cudnn(monkeypatch):
         monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: PINNED_CUDNN)
 
 
-def _export(record: ModelRecord, merging: ReductionSettings, attention_fn, platform: str):
+def _export(record: ModelRecord, merging: MergingSettings, attention_fn, platform: str):
     model = build_model(record, merging, attention_fn)
     size = record.image_size
     clip = jax.ShapeDtypeStruct((1, record.num_frames, size, size, 3), jnp.float32)
@@ -83,7 +83,7 @@ _CUDNN_TARGETS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaScaleBiasSoftmax")
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_backbone_exports_for_its_accelerator(backbone, paper_r, backend, pinned_cudnn):
     record, paper = _record_and_merging(backbone)
-    merging = paper if paper_r else ReductionSettings()
+    merging = paper if paper_r else MergingSettings()
     attention_fn, platform, kernel = BACKENDS[backend]
     exported = _export(record, merging, attention_fn, platform)
     assert exported.platforms == (platform,)

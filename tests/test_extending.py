@@ -17,8 +17,8 @@ from vtm_jax.cli import main
 from vtm_jax.data import datasets
 from vtm_jax.errors import UserError
 from vtm_jax.evaluate import evaluate
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
-from vtm_jax.reduction import ReductionSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,7 +138,7 @@ def test_registered_attention_backend_runs_a_model(user_attention, tiny_checkpoi
     checkpoint = tiny_checkpoint("vivit")
     params, record = load_checkpoint(checkpoint)
     video = jax.random.uniform(jax.random.PRNGKey(0), (1, 16, 32, 32, 3), minval=-1, maxval=1)
-    merging = ReductionSettings(mode="merge", r=8, prop_attn=True)  # a key bias reaches it
+    merging = MergingSettings(mode="merge", r=8, prop_attn=True)  # a key bias reaches it
     logits = {
         name: build_model(record, merging, attention.get_attention(name)).apply(
             {"params": params}, video

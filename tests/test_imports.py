@@ -165,8 +165,8 @@ def test_the_scenic_package_is_imported_only_by_front_ends():
     assert importers and importers <= front_ends, importers - front_ends
 
 
-def test_the_config_blocks_import_nothing_above_the_reduction_settings():
-    assert import_graph()["vtm_jax.config_blocks"] <= {"vtm_jax.reduction"}
+def test_the_config_blocks_import_nothing_above_the_merging_settings():
+    assert import_graph()["vtm_jax.config_blocks"] <= {"vtm_jax.merging"}
 
 
 def test_no_import_cycle_in_vtm_jax():

@@ -8,7 +8,7 @@ import torch
 
 from tests.reference import tome_oracle as oracle
 from vtm_jax import merge as mg
-from vtm_jax.reduction import ReductionSettings, Tokens, initial_source, reduce_tokens
+from vtm_jax.merging import MergingSettings, Tokens, initial_source, merge_tokens
 
 MODES = ("merge", "random_merge", "drop", "random_drop", "hybrid")
 
@@ -84,12 +84,14 @@ def _oracle_step(mode, metric, x, size, source, r, class_token, threshold, score
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("class_token", [True, False])
-def test_reduce_tokens_matches_oracle(mode, class_token):
+def test_merge_tokens_matches_oracle(mode, class_token):
     """Three chained steps (the order of one step feeds the next) at r, r and the clamp."""
     b, n, c = 2, 37, 5
     metric, x = _random_case(MODES.index(mode) + 10 * class_token, b, n, c)
     # At 0.6 some destinations in each step get a source below the threshold (hybrid discards).
-    settings = ReductionSettings(mode=mode, r=1, threshold=0.6, trace_source="dense")
+    settings = MergingSettings(
+        mode=mode, r=1, rule_options={"threshold": 0.6}, trace_source="dense"
+    )
     ours = Tokens(jnp.asarray(x), None, initial_source(b, n, "dense"))
     ours_index = initial_source(b, n, "index")
     ref_x, ref_size, ref_source = x, None, np.broadcast_to(np.eye(n, dtype=np.float32), (b, n, n))
@@ -101,10 +103,10 @@ def test_reduce_tokens_matches_oracle(mode, class_token):
         scores = None
         if mode.startswith("random"):
             scores = torch.from_numpy(np.array(mg.random_scores(key, jnp.asarray(metric))))
-        ours_dense = reduce_tokens(
+        ours_dense = merge_tokens(
             ours, jnp.asarray(metric), r, settings=settings, class_token=class_token, key=key
         )
-        ours_idx = reduce_tokens(
+        ours_idx = merge_tokens(
             Tokens(ours.x, ours.size, ours_index),
             jnp.asarray(metric),
             r,
@@ -153,14 +155,14 @@ def test_merge_reduce_and_unmerge_match_oracle(class_token, reduce):
 def test_hybrid_threshold_minus_one_is_merge():
     metric, x = _random_case(3, 2, 31, 6)
     tokens = Tokens(jnp.asarray(x))
-    merged = reduce_tokens(
-        tokens, jnp.asarray(metric), 9, settings=ReductionSettings(mode="merge"), class_token=True
+    merged = merge_tokens(
+        tokens, jnp.asarray(metric), 9, settings=MergingSettings(mode="merge"), class_token=True
     )
-    hybrid = reduce_tokens(
+    hybrid = merge_tokens(
         tokens,
         jnp.asarray(metric),
         9,
-        settings=ReductionSettings(mode="hybrid", threshold=-1.0),
+        settings=MergingSettings(mode="hybrid", rule_options={"threshold": -1.0}),
         class_token=True,
     )
     np.testing.assert_array_equal(merged.x, hybrid.x)
@@ -170,12 +172,12 @@ def test_hybrid_threshold_minus_one_is_merge():
 @pytest.mark.parametrize("mode", ["merge", "random_merge"])
 def test_merge_conserves_size_and_source_partitions(mode):
     metric, x = _random_case(11, 2, 64, 3)
-    settings = ReductionSettings(mode=mode, r=1, trace_source="index")
+    settings = MergingSettings(mode=mode, r=1, trace_source="index")
     tokens = Tokens(jnp.asarray(x), None, initial_source(2, 64, "index"))
     for step in range(4):
         n = tokens.x.shape[1]
         metric = np.random.default_rng(step).standard_normal((2, n, 8)).astype(np.float32)
-        tokens = reduce_tokens(
+        tokens = merge_tokens(
             tokens,
             jnp.asarray(metric),
             mg.clamp_r(n, 9, class_token=True),
@@ -193,9 +195,9 @@ def test_merge_conserves_size_and_source_partitions(mode):
 
 def test_drop_removes_originals():
     metric, x = _random_case(5, 1, 21, 2)
-    settings = ReductionSettings(mode="drop", r=4, trace_source="index")
+    settings = MergingSettings(mode="drop", r=4, trace_source="index")
     tokens = Tokens(jnp.asarray(x), None, initial_source(1, 21, "index"))
-    tokens = reduce_tokens(tokens, jnp.asarray(metric), 4, settings=settings, class_token=True)
+    tokens = merge_tokens(tokens, jnp.asarray(metric), 4, settings=settings, class_token=True)
     assert tokens.x.shape[1] == 17
     assert int((tokens.source < 0).sum()) == 4
 
@@ -214,11 +216,11 @@ def test_values_differentiable_indices_constant():
 
 
 def test_layer_keys_differ_by_layer_and_seed():
-    from vtm_jax.reduction import layer_key
+    from vtm_jax.merging import layer_key
 
     a, b = (
-        ReductionSettings(mode="random_drop", seed=0),
-        ReductionSettings(mode="random_drop", seed=1),
+        MergingSettings(mode="random_drop", seed=0),
+        MergingSettings(mode="random_drop", seed=1),
     )
     keys = [layer_key(s, layer) for s in (a, b) for layer in range(3)]
     draws = {float(jax.random.uniform(k)) for k in keys}

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import MERGE_STREAM
 from vtm_jax.models.registry import ARCHITECTURES
-from vtm_jax.reduction import ReductionSettings
 
 VIDEO = jax.random.normal(jax.random.PRNGKey(7), (2, 4, 16, 16, 3))
 
@@ -40,7 +40,7 @@ TINY = {
 
 
 def _model(architecture: str, **merging):
-    settings = ReductionSettings(mode="random_merge", r=4, trace_source="index", **merging)
+    settings = MergingSettings(mode="random_merge", r=4, trace_source="index", **merging)
     return ARCHITECTURES[architecture](num_classes=5, **TINY[architecture], merging=settings)
 
 

@@ -16,13 +16,13 @@ from tests.reference.torch_motionformer import (
 from vtm_jax.attention import get_attention
 from vtm_jax.convert.motionformer import convert_motionformer, load_motionformer
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.motionformer import (
     Motionformer,
     TrajectoryBlock,
     eval_probabilities,
     to_groups,
 )
-from vtm_jax.reduction import ReductionSettings, layer_key
 
 # Tubelet (2, 8, 8) on 8 x 32 x 32: F = 4 slots of P = 16 patches, plus the class token.
 FRAMES, SIZE, PATCH, SLOTS, LAYERS = 8, 32, 8, 4, 3
@@ -142,7 +142,7 @@ def test_r0_matches_torch(mf, attention):
     with torch.no_grad():
         expected = model.logits(video).numpy()
     backend = get_attention(attention, chunk_size=16)  # blockwise: several query chunks
-    got, _ = ours(converted, ReductionSettings(), video, backend)
+    got, _ = ours(converted, MergingSettings(), video, backend)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -156,7 +156,7 @@ def test_corrected_temporal_values_match_torch():
     params, config, _, _ = convert_motionformer(state, cfg)
     assert config["original_temporal_values"] is False
     video = clip(seed=5)
-    got, _ = ours({"params": params, "model": config}, ReductionSettings(), video)
+    got, _ = ours({"params": params, "model": config}, MergingSettings(), video)
     with torch.no_grad():
         np.testing.assert_allclose(got, model.logits(video).numpy(), atol=1e-4, rtol=0)
 
@@ -169,7 +169,7 @@ def test_epic_kitchens_heads_and_eval_softmax(tmp_path):
     assert converted["class_splits"] == [3, 5]
     assert converted["params"]["output_projection"]["kernel"].shape == (64, 8)
     video = clip(seed=3)
-    got, _ = ours(converted, ReductionSettings(), video)
+    got, _ = ours(converted, MergingSettings(), video)
     with torch.no_grad():
         np.testing.assert_allclose(got, model.logits(video).numpy(), atol=1e-4, rtol=0)
         verb, noun = model(video)  # eval mode: one softmax per head
@@ -204,8 +204,8 @@ def baselines(mf):
     _, converted = mf
     video = clip(seed=1)
     return {
-        "none": ours(converted, ReductionSettings(), video)[0],
-        "merge": ours(converted, ReductionSettings(mode="merge", r=3), video)[0],
+        "none": ours(converted, MergingSettings(), video)[0],
+        "merge": ours(converted, MergingSettings(mode="merge", r=3), video)[0],
     }
 
 
@@ -216,7 +216,7 @@ def baselines(mf):
 )
 def test_merged_matches_torch_reference(mf, baselines, case, groups):
     model, converted = mf
-    merging = ReductionSettings(**case, motionformer_groups=groups)
+    merging = MergingSettings.from_dict({**case, "motionformer_groups": groups})
     video = clip(seed=1)
     got, flax_model = ours(converted, merging, video)
 
@@ -256,10 +256,10 @@ def test_concat_refused_unless_named(mf, tmp_path, capsys):
 
     _, converted = mf
     with pytest.raises(UserError, match="motionformer_concat_keys=True"):
-        ours(converted, ReductionSettings(mode="merge", r=3, head_aggregation="concat"), clip())
+        ours(converted, MergingSettings(mode="merge", r=3, head_aggregation="concat"), clip())
     with pytest.raises(UserError, match="needs head_aggregation 'concat'"):
-        ReductionSettings(mode="merge", r=3, motionformer_concat_keys=True)
-    named = ReductionSettings(
+        MergingSettings(mode="merge", r=3, motionformer_concat_keys=True)
+    named = MergingSettings(
         mode="merge", r=3, head_aggregation="concat", motionformer_concat_keys=True
     )
     with pytest.raises(UserError, match="motionformer_concat_keys applies only to motionformer"):
@@ -284,9 +284,9 @@ def test_concat_refused_unless_named(mf, tmp_path, capsys):
 def test_groupings_differ_and_paper_groups_mix_frames(mf):
     _, converted = mf
     video = clip(seed=2)
-    paper, _ = ours(converted, ReductionSettings(mode="merge", r=3), video)
+    paper, _ = ours(converted, MergingSettings(mode="merge", r=3), video)
     per_frame, _ = ours(
-        converted, ReductionSettings(mode="merge", r=3, motionformer_groups="per_frame"), video
+        converted, MergingSettings(mode="merge", r=3, motionformer_groups="per_frame"), video
     )
     assert np.abs(paper - per_frame).max() > 1e-2
     # Full size, 8 slots of 196: a paper group holds 24 or 25 tokens of every slot (docs/method.md §3.4).
@@ -304,9 +304,7 @@ def test_trace_source_dense_and_index_agree(mf, groups):
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in converted["model"].items()}
     sources = {}
     for form in ("dense", "index"):
-        merging = ReductionSettings(
-            mode="merge", r=3, trace_source=form, motionformer_groups=groups
-        )
+        merging = MergingSettings(mode="merge", r=3, trace_source=form, motionformer_groups=groups)
         model = Motionformer(**kwargs, merging=merging)
         _, state = model.apply({"params": converted["params"]}, video, mutable=["intermediates"])
         sources[form] = np.asarray(state["intermediates"]["source"][0])
@@ -329,7 +327,7 @@ TABLES = {
 
 @pytest.mark.parametrize("r", list(TABLES), ids=str)
 def test_token_plan_tables(r):
-    model = Motionformer(num_classes=400, merging=ReductionSettings(mode="merge", r=r))
+    model = Motionformer(num_classes=400, merging=MergingSettings(mode="merge", r=r))
     assert [p.tokens_out for p in model.token_plan(16, 224)] == TABLES[r]
 
 
@@ -337,7 +335,7 @@ def test_token_plan_tables(r):
 def test_full_size_r18_traced_shapes(groups):
     """ViT-B, 16 frames at 224: 1 + 8 * 196 = 1569 tokens; r=18 per group traces to the table."""
     model = Motionformer(
-        num_classes=400, merging=ReductionSettings(mode="merge", r=18, motionformer_groups=groups)
+        num_classes=400, merging=MergingSettings(mode="merge", r=18, motionformer_groups=groups)
     )
     video = jax.ShapeDtypeStruct((1, 16, 224, 224, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"]
@@ -352,7 +350,7 @@ def test_full_size_r18_traced_shapes(groups):
 
 
 def test_duplicate_plan_and_macs():
-    merging = ReductionSettings(mode="merge", r=18, duplicate=(11, 3))
+    merging = MergingSettings(mode="merge", r=18, duplicate=(11, 3))
     model = Motionformer(num_classes=400, merging=merging)
     assert [p.tokens_out for p in model.token_plan(16, 224)] == [196] * 11 + [178, 160, 142]
     macs = model.analytic_macs(16, 224)
@@ -367,7 +365,7 @@ def test_duplicate_plan_and_macs():
 def test_one_compile_per_schedule_and_video_checks(mf):
     _, converted = mf
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in converted["model"].items()}
-    model = Motionformer(**kwargs, merging=ReductionSettings(mode="merge", r=(3, -1.0)))
+    model = Motionformer(**kwargs, merging=MergingSettings(mode="merge", r=(3, -1.0)))
     traces = []
 
     @jax.jit
@@ -460,5 +458,5 @@ def test_convert_and_predict_through_the_cli(tmp_path):
         "4",
     ]
     assert main([*args, "--save-logits", str(tmp_path / "l.npy")]) == 0
-    expected, _ = ours(load_motionformer(path), ReductionSettings(mode="merge", r=4), video)
+    expected, _ = ours(load_motionformer(path), MergingSettings(mode="merge", r=4), video)
     np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected[0], atol=1e-4)

@@ -374,11 +374,11 @@ def test_local_paths_unchanged(tmp_path):
 def test_visualize_writes_to_gcs(gcs, tiny_checkpoint):
     from PIL import Image
 
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
     from vtm_jax.visualize import visualize
 
     paths.as_path("gs://bucket/clip.mp4").write_bytes(_encoded_video())
-    merging = ReductionSettings.from_dict({"mode": "merge", "r": 8})
+    merging = MergingSettings.from_dict({"mode": "merge", "r": 8})
     written = visualize(
         tiny_checkpoint("vivit"),
         "gs://bucket/clip.mp4",

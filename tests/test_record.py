@@ -13,7 +13,8 @@ import pytest
 from vtm_jax.checkpoint import RECORD_FILE, load_checkpoint, load_record, save_checkpoint
 from vtm_jax.demo import shipped_checkpoint
 from vtm_jax.errors import UserError
-from vtm_jax.record import ModelRecord, read_record
+from vtm_jax.merging import MergingSettings
+from vtm_jax.record import FORMAT_VERSION, ModelRecord, read_record
 
 JSON = {
     "architecture": "vivit",
@@ -66,7 +67,7 @@ def test_a_saved_record_loads_as_it_was_built(tmp_path):
     loaded = load_record(str(tmp_path / "c"))
     assert loaded == dataclasses.replace(
         record,
-        format_version=1,
+        format_version=FORMAT_VERSION,
         params_digest=stored["params_digest"],
         params_files=stored["params_files"],
     )
@@ -92,6 +93,30 @@ def test_a_saved_record_loads_as_it_was_built(tmp_path):
 def test_bad_records_are_named_errors(change, message):
     with pytest.raises(UserError, match=f"^where/model.json: {message}"):
         ModelRecord.from_json({**JSON, **change}, where="where/model.json")
+
+
+def test_format_versions(tmp_path):
+    """Version 1 records (hybrid's threshold beside the mode) read as version 2 ones do."""
+    old = {"mode": "hybrid", "r": 4, "threshold": 0.4, "seed": 0, "trace_source": "none"}
+    record = ModelRecord.from_json({**JSON, "format_version": 1, "token_merging": old})
+    settings = MergingSettings.from_dict(record.token_merging)
+    assert settings.rule_options == {"threshold": 0.4}
+    assert settings == MergingSettings(mode="hybrid", r=4, rule_options={"threshold": 0.4})
+    # The shipped checkpoint is version 1, with threshold null beside mode merge.
+    shipped = read_record(os.path.join(shipped_checkpoint(), RECORD_FILE))
+    assert shipped.format_version == 1 and shipped.token_merging["threshold"] is None
+    assert MergingSettings.from_dict(shipped.token_merging).rule_options == {}
+    # A checkpoint saved now says version 2 and keeps the options under rule_options.
+    saved = dataclasses.replace(record, token_merging=settings.to_dict())
+    save_checkpoint(str(tmp_path / "c"), {"w": np.ones(2, np.float32)}, saved)
+    with open(tmp_path / "c" / RECORD_FILE) as f:
+        stored = json.load(f)
+    assert stored["format_version"] == FORMAT_VERSION == 2
+    assert stored["token_merging"]["rule_options"] == {"threshold": 0.4}
+    assert "threshold" not in stored["token_merging"]
+    for version in (3, "2", True):
+        with pytest.raises(UserError, match=f"m.json: format_version {version!r} is not one"):
+            ModelRecord.from_json({**JSON, "format_version": version}, where="m.json")
 
 
 def test_missing_entries_and_bad_json(tmp_path):

@@ -495,7 +495,7 @@ class Pickled:
 
 def test_silently_accepted_settings_are_errors(ckpt, tmp_path, capsys):
     from vtm_jax.config import load_config
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
 
     bench = ["bench", f"--config={REPO}/configs/vivit_tiny.py"]
     _bad(
@@ -520,7 +520,7 @@ def test_silently_accepted_settings_are_errors(ckpt, tmp_path, capsys):
         (["--config.token_merging.r=5"], [5, 5]),
     ):
         config = load_config([f"--config={per_layer}", *args])
-        assert ReductionSettings.from_dict(config.token_merging).layer_r(2) == expected
+        assert MergingSettings.from_dict(config.token_merging).layer_r(2) == expected
 
     clip = tmp_path / "clip.npy"
     np.save(clip, np.zeros((FRAMES, SIZE, SIZE, 3), np.float32))

@@ -13,8 +13,8 @@ import pytest
 from tests.scenic_fixtures import TINY_MODEL1, TINY_MODEL2, write_scenic_config
 from vtm_jax.config import load_config
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.vivit import ViViT
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.scenic import model as scenic_model
 
 SMALL_INPUT = [
@@ -130,7 +130,7 @@ def test_model_class_merges(tmp_path):
         mlp_dim=32,
         num_layers=1,
         patch_size=(2, 8, 8),
-        merging=ReductionSettings(mode="merge", r=6),
+        merging=MergingSettings(mode="merge", r=6),
     )
     want = direct.apply({"params": params}, video)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)

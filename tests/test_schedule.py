@@ -74,10 +74,10 @@ def test_per_frame_tables():
 
 
 def vivit_b_gmacs(r):
+    from vtm_jax.merging import MergingSettings
     from vtm_jax.models.vivit import ViViT
-    from vtm_jax.reduction import ReductionSettings
 
-    model = ViViT(num_classes=400, merging=ReductionSettings(mode="merge", r=r))
+    model = ViViT(num_classes=400, merging=MergingSettings(mode="merge", r=r))
     return model.analytic_macs(32, 224)["total"] / 1e9
 
 
@@ -91,21 +91,23 @@ def test_vivit_b_flops():
 def test_settings_r_forms():
     import dataclasses
 
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
 
-    paper = ReductionSettings(mode="merge", r=(300, -1))  # the paper's (r, inflection)
+    paper = MergingSettings(mode="merge", r=(300, -1))  # the paper's (r, inflection)
     assert (paper.r, paper.schedule) == (300, -1.0)
     assert paper.layer_r(12) == parse_r(12, (300, -1))
-    per_layer = ReductionSettings(mode="merge", r=[300, 1, 0, 0])
+    per_layer = MergingSettings(mode="merge", r=[300, 1, 0, 0])
     assert per_layer.layer_r(4) == [300, 1, 0, 0]
     # Copies keep a per-layer list per-layer, and the dict form round-trips.
     assert dataclasses.replace(per_layer, mode="drop").layer_r(4) == [300, 1, 0, 0]
-    assert ReductionSettings.from_dict(per_layer.to_dict()) == per_layer
-    assert hash(per_layer) == hash(ReductionSettings(mode="merge", r=[300, 1, 0, 0]))
+    assert MergingSettings.from_dict(per_layer.to_dict()) == per_layer
+    assert hash(per_layer) == hash(MergingSettings(mode="merge", r=[300, 1, 0, 0]))
     # A list of another length is refused, not padded or cut as the paper's parse_r does.
     for wrong in ([300, 1], [300, 1, 0, 0, 5]):
         with pytest.raises(UserError, match=f"lists {len(wrong)} values, the model has 4"):
-            ReductionSettings(mode="merge", r=wrong).layer_r(4)
-    for bad in (dict(r=(1, 2, 3)), dict(r=-1), dict(threshold=float("nan")), dict(seed=-1)):
+            MergingSettings(mode="merge", r=wrong).layer_r(4)
+    for bad in (dict(r=(1, 2, 3)), dict(r=-1), dict(seed=-1)):
         with pytest.raises(UserError):
-            ReductionSettings(mode="merge", **bad)
+            MergingSettings(mode="merge", **bad)
+    with pytest.raises(UserError, match="threshold must be a finite number"):
+        MergingSettings(mode="hybrid", rule_options={"threshold": float("nan")})

@@ -114,7 +114,7 @@ def test_family_settings_reach_the_runs(swept):
     dup = merging("duplicate")
     assert [r["run"]["token_merging"]["duplicate"] for r in dup[1:]] == [[0, 2], [1, 2]]
     hybrid = merging("hybrid")[1]["run"]["token_merging"]
-    assert (hybrid["mode"], hybrid["threshold"]) == ("hybrid", 0.4)
+    assert (hybrid["mode"], hybrid["rule_options"]) == ("hybrid", {"threshold": 0.4})
     assert merging("concat")[1]["run"]["token_merging"]["head_aggregation"] == "concat"
     for name, schedule in [("random_drop_decreasing", -1.0), ("drop_increasing", 1.0)]:
         assert merging(name)[1]["run"]["token_merging"]["schedule"] == schedule

@@ -14,8 +14,8 @@ from tests.reference.torch_timesformer import timesformer_forward
 from vtm_jax.attention import get_attention
 from vtm_jax.convert.hf_timesformer import load_hf_timesformer
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.timesformer import EncoderBlock, TimeSformer
-from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 4, 32  # patch 8: 16 patches per frame, 1 + 4 * 16 = 65 tokens
 
@@ -26,7 +26,7 @@ def random_hf_timesformer(labels: int = 10) -> transformers.TimesformerForVideoC
     The class token, position and time embeddings are redrawn large so that a conversion that drops or misplaces
     them cannot pass. Every dense layer and the patch projection get unit-gain weights (HF's std 0.02 leaves the
     residual updates, and so any reduction's effect on the class token, tiny) and the classifier std 1, so that
-    1e-4 separates the reduction modes.
+    1e-4 separates the merging modes.
     """
     torch.manual_seed(0)
     config = transformers.TimesformerConfig(
@@ -65,7 +65,7 @@ def hf_timesformer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unreduced(hf_timesformer):
     """Logits at r=0 on the video of the merged cases."""
-    return ours_logits(hf_timesformer[1], ReductionSettings(), hf_video(seed=1))[0]
+    return ours_logits(hf_timesformer[1], MergingSettings(), hf_video(seed=1))[0]
 
 
 def hf_video(seed=0, batch=2):
@@ -150,13 +150,13 @@ FULL_SIZE_TABLES = [
 
 @pytest.mark.parametrize("r,expected", FULL_SIZE_TABLES, ids=str)
 def test_full_size_token_plans(r, expected):
-    model = TimeSformer(num_classes=400, merging=ReductionSettings(mode="merge", r=r))
+    model = TimeSformer(num_classes=400, merging=MergingSettings(mode="merge", r=r))
     assert [p.tokens_out for p in model.token_plan(8, 224)] == expected
 
 
 def test_full_size_r18_traces_to_plan():
     """TimeSformer-B, 8 x 224 (1569 tokens) at the paper's r=18: traced shapes are the plan."""
-    model = TimeSformer(num_classes=400, merging=ReductionSettings(mode="merge", r=18))
+    model = TimeSformer(num_classes=400, merging=MergingSettings(mode="merge", r=18))
     video = jax.ShapeDtypeStruct((1, 8, 224, 224, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"]
     assert per_frame_counts(model, params, video) == [
@@ -186,7 +186,7 @@ def test_r0_matches_hf(hf_timesformer, attention):
     video = hf_video()
     with torch.no_grad():
         expected = hf(pixel_values=video).logits.numpy()
-    got, _ = ours_logits(converted, ReductionSettings(), video, attention)
+    got, _ = ours_logits(converted, MergingSettings(), video, attention)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -213,7 +213,7 @@ def test_merged_matches_torch_reference(hf_timesformer, unreduced, case):
     hf, converted, _ = hf_timesformer
     case = dict(case)
     attention = case.pop("attention", "xla")
-    merging = ReductionSettings(**case)
+    merging = MergingSettings.from_dict(case)
     video = hf_video(seed=1)
     got, model = ours_logits(converted, merging, video, attention)
 
@@ -239,7 +239,7 @@ def test_merged_matches_torch_reference(hf_timesformer, unreduced, case):
     # Each case is far from the unreduced logits (and hybrid from merge), so 1e-4 separates them.
     assert np.abs(got - unreduced).max() > 1e-2
     if case["mode"] == "hybrid":
-        merged, _ = ours_logits(converted, ReductionSettings(mode="merge", r=case["r"]), video)
+        merged, _ = ours_logits(converted, MergingSettings(mode="merge", r=case["r"]), video)
         assert np.abs(got - merged).max() > 1e-2
     assert [p.tokens_out for p in model.token_plan(FRAMES, SIZE)] == ref["token_counts"]
 
@@ -247,8 +247,8 @@ def test_merged_matches_torch_reference(hf_timesformer, unreduced, case):
 @pytest.mark.parametrize(
     "merging",
     [
-        ReductionSettings(mode="merge", r=5, schedule=-1.0),
-        ReductionSettings(mode="drop", r=3, duplicate=(1, 3)),
+        MergingSettings(mode="merge", r=5, schedule=-1.0),
+        MergingSettings(mode="drop", r=3, duplicate=(1, 3)),
     ],
     ids=["decreasing", "duplicate"],
 )
@@ -266,7 +266,7 @@ def test_trace_source_per_frame(hf_timesformer):
     nthwc = jnp.asarray(video.numpy().transpose(0, 1, 3, 4, 2))
     sources = {}
     for form in ("dense", "index"):
-        model = build(converted, ReductionSettings(mode="merge", r=4, trace_source=form))
+        model = build(converted, MergingSettings(mode="merge", r=4, trace_source=form))
         _, state = model.apply({"params": converted["params"]}, nthwc, mutable=["intermediates"])
         sources[form] = np.asarray(state["intermediates"]["source"][0])
     dense, index = sources["dense"], sources["index"]
@@ -280,10 +280,10 @@ def test_trace_source_per_frame(hf_timesformer):
 def test_bad_inputs(hf_timesformer):
     _, converted, _ = hf_timesformer
     params = {"params": converted["params"]}
-    model = build(converted, ReductionSettings(mode="merge", r=2, head_aggregation="concat"))
+    model = build(converted, MergingSettings(mode="merge", r=2, head_aggregation="concat"))
     with pytest.raises(UserError, match="head_aggregation"):
         model.apply(params, jnp.zeros((1, FRAMES, SIZE, SIZE, 3)))
-    model = build(converted, ReductionSettings())
+    model = build(converted, MergingSettings())
     with pytest.raises(UserError, match="8 frames"):
         model.apply(params, jnp.zeros((1, 8, SIZE, SIZE, 3)))
     with pytest.raises(UserError, match="position embedding"):
@@ -393,5 +393,5 @@ def test_convert_and_predict_through_the_cli(hf_timesformer, tmp_path):
     assert (
         main([*args, "--mode", "drop", "--r", "3", "--save-logits", str(tmp_path / "l.npy")]) == 0
     )
-    expected, _ = ours_logits(converted, ReductionSettings(mode="drop", r=3), video)
+    expected, _ = ours_logits(converted, MergingSettings(mode="drop", r=3), video)
     np.testing.assert_allclose(np.load(tmp_path / "l.npy"), expected[0], atol=1e-4)

@@ -13,7 +13,8 @@ import pytest
 
 from tests.events import read_scalars
 from vtm_jax.cli import main
-from vtm_jax.config_blocks import token_merging_config
+from vtm_jax.config import load_config
+from vtm_jax.config_blocks import token_merging_config, training_config
 from vtm_jax.errors import UserError
 from vtm_jax.train import batch_indices, learning_rate_schedule, make_optimizer, train
 
@@ -59,9 +60,7 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
     config.max_grad_norm = 1.0
     config.log_eval_steps = 6
     config.checkpoint_steps = 4
-    config.training = ml_collections.ConfigDict(
-        {"attention": "xla", "token_merging": token_merging_config()}
-    )
+    config.training = training_config(attention="xla")
     config.token_merging = token_merging_config(mode="merge", r=4)
     config.update(overrides)
     return config
@@ -160,7 +159,7 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     # The exported checkpoint evaluates to the accuracy the run recorded.
     from vtm_jax.data.datasets import open_split
     from vtm_jax.evaluate import evaluate
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
 
     source = open_split(
         "synthetic",
@@ -171,7 +170,7 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     results = evaluate(
         str(tmp_path / "run" / "model"),
         source,
-        merging=ReductionSettings(),
+        merging=MergingSettings(),
         batch_size=8,
         attention="xla",
         progress=False,
@@ -260,6 +259,14 @@ class CountingSplit:
 
     def trained(self, step):
         self.consumed = step * self.batch_size
+
+
+def test_the_training_block_takes_command_line_overrides():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--config.training.workers=3", "--config.training.token_merging.r=8"]
+    config = load_config([f"--config={repo}/configs/vivit_demo.py", *flags], command="train")
+    assert config.training.workers == 3 and config.training.token_merging.r == 8
+    assert config.training.attention == "xla"
 
 
 def test_training_streams_its_examples(tmp_path):

@@ -15,9 +15,9 @@ from vtm_jax.attention import get_attention
 from vtm_jax.convert.common import flatten
 from vtm_jax.convert.hf_videomae import convert_videomae, load_hf_videomae
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.videomae import VideoMAE, sinusoid_positions
 from vtm_jax.models.vivit import EncoderBlock
-from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 x 4 x 4 = 64 tokens, no class token
 
@@ -158,7 +158,7 @@ def test_param_tree_is_videomae_b():
 
 def test_full_size_r150_traces_to_plan():
     """VideoMAE-B at 16x224x224 (1568 tokens) with the paper's r=150."""
-    model = VideoMAE(num_classes=400, merging=ReductionSettings(mode="merge", r=150))
+    model = VideoMAE(num_classes=400, merging=MergingSettings(mode="merge", r=150))
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), FULL_VIDEO)["params"]
     expected = [1418, 1268, 1118, 968, 818, 668, 518, 368, 218, 109, 55, 28]
     assert block_token_counts(model, params, FULL_VIDEO) == expected
@@ -190,7 +190,7 @@ PLANS = {
 @pytest.mark.parametrize("name", PLANS)
 def test_token_plan_tables(name):
     settings, expected = PLANS[name]
-    model = VideoMAE(num_classes=400, merging=ReductionSettings(mode="merge", **settings))
+    model = VideoMAE(num_classes=400, merging=MergingSettings(mode="merge", **settings))
     plan = model.token_plan(16, 224)
     assert [p.tokens_out for p in plan] == expected
     assert plan[0].tokens_in == 1568
@@ -222,7 +222,7 @@ def test_r0_matches_hf(hf_videomae, attention):
     video = hf_video()
     with torch.no_grad():
         expected = hf(pixel_values=video).logits.numpy()
-    got, _ = ours_logits(converted, ReductionSettings(), video, attention)
+    got, _ = ours_logits(converted, MergingSettings(), video, attention)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -248,7 +248,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_merged_matches_torch_reference(hf_videomae, case):
     hf, converted, _ = hf_videomae
-    merging = ReductionSettings(**case)
+    merging = MergingSettings.from_dict(case)
     video = hf_video(seed=1)
     got, model = ours_logits(converted, merging, video)
 
@@ -274,7 +274,7 @@ def test_merged_matches_torch_reference(hf_videomae, case):
         )
     np.testing.assert_allclose(got, ref["logits"].numpy(), atol=1e-4, rtol=0)
     # Each case is far from the unreduced logits (and from its nearest neighbour case).
-    unreduced, _ = ours_logits(converted, ReductionSettings(), video)
+    unreduced, _ = ours_logits(converted, MergingSettings(), video)
     assert np.abs(got - unreduced).max() > 1e-2
     neighbour = None
     if case["mode"] == "hybrid":
@@ -282,14 +282,14 @@ def test_merged_matches_torch_reference(hf_videomae, case):
     elif case.get("size_weighted_pool") or case["prop_attn"]:
         neighbour = dict(mode="merge", r=case["r"], prop_attn=False)
     if neighbour is not None:
-        other, _ = ours_logits(converted, ReductionSettings(**neighbour), video)
+        other, _ = ours_logits(converted, MergingSettings.from_dict(neighbour), video)
         assert np.abs(got - other).max() > 1e-2
     assert [p.tokens_out for p in model.token_plan(FRAMES, SIZE)] == ref["token_counts"]
 
 
 def test_shapes_follow_plan_and_one_compile_per_schedule(hf_videomae):
     _, converted, _ = hf_videomae
-    model = build(converted, ReductionSettings(mode="merge", r=10, schedule=-1.0))
+    model = build(converted, MergingSettings(mode="merge", r=10, schedule=-1.0))
     params = converted["params"]
     video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
     assert block_token_counts(model, params, video) == [
@@ -312,7 +312,7 @@ def test_trace_source_dense_and_index_agree(hf_videomae):
     video = jnp.asarray(hf_video(seed=2).numpy().transpose(0, 1, 3, 4, 2))
     sources = {}
     for form in ("dense", "index"):
-        model = build(converted, ReductionSettings(mode="merge", r=8, trace_source=form))
+        model = build(converted, MergingSettings(mode="merge", r=8, trace_source=form))
         _, state = model.apply({"params": converted["params"]}, video, mutable=["intermediates"])
         sources[form] = state["intermediates"]["source"][0]
     dense, index = sources["dense"], sources["index"]
@@ -324,7 +324,7 @@ def test_trace_source_dense_and_index_agree(hf_videomae):
 def test_bad_video_shape_is_user_error(hf_videomae):
     _, converted, _ = hf_videomae
     with pytest.raises(UserError, match="not a multiple of the tubelet"):
-        build(converted, ReductionSettings()).apply(
+        build(converted, MergingSettings()).apply(
             {"params": converted["params"]}, jnp.zeros((1, 7, SIZE, SIZE, 3))
         )
 
@@ -343,7 +343,7 @@ def test_record_fields(hf_videomae):
     assert converted["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert converted["preprocessing"]["stride"] == 1
     # The paper runs VideoMAE without proportional attention.
-    assert ReductionSettings.from_dict(converted["token_merging"]).prop_attn is False
+    assert MergingSettings.from_dict(converted["token_merging"]).prop_attn is False
     json.dumps({k: v for k, v in converted.items() if k != "params"})
 
 
@@ -422,9 +422,7 @@ def test_convert_and_predict_through_the_cli(hf_videomae, tmp_path, capsys):
         "xla",
     ]
     assert main([*args, "--r", "8", "--save-logits", str(tmp_path / "l.npy")]) == 0
-    expected, _ = ours_logits(
-        converted, ReductionSettings(mode="merge", r=8, prop_attn=False), video
-    )
+    expected, _ = ours_logits(converted, MergingSettings(mode="merge", r=8, prop_attn=False), video)
     np.testing.assert_allclose(np.load(tmp_path / "l.npy"), np.asarray(expected)[0], atol=1e-5)
     assert main([*args, "--r", "8", "--prop-attn", "--save-logits", str(tmp_path / "p.npy")]) == 0
     assert np.abs(np.load(tmp_path / "p.npy") - np.load(tmp_path / "l.npy")).max() > 1e-3

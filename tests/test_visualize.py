@@ -13,6 +13,7 @@ from vtm_jax import visualize as vis
 from vtm_jax.checkpoint import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models import motionformer, timesformer
 from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.registry import build_model
@@ -20,7 +21,6 @@ from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.visualize import (
     BORDER,
     DROPPED_DARK,
@@ -233,10 +233,10 @@ def test_legend_strip():
 
 
 def test_layer_settings_truncate():
-    s = ReductionSettings(mode="merge", r=(4, -1.0))
+    s = MergingSettings(mode="merge", r=(4, -1.0))
     assert layer_settings(s, 4, 2).layer_r(4) == s.layer_r(4)[:2] + [0, 0]
     assert layer_settings(s, 4, 2).trace_source == "index"
-    dup = ReductionSettings(mode="merge", r=3, duplicate=(1, 2))
+    dup = MergingSettings(mode="merge", r=3, duplicate=(1, 2))
     assert layer_settings(dup, 3, 1).layer_steps(3) == [(0, 0), (1, 0), (2, 0)]
     assert layer_settings(dup, 3, 2).layer_steps(3) == dup.layer_steps(3)
     for bad in (0, 5, True):
@@ -328,8 +328,8 @@ def test_visualize_vivit_end_to_end(vivit_ckpt, tmp_path, monkeypatch):
 
     (trace,) = traces
     np.testing.assert_array_equal(trace.frames, pixels)
-    assert trace.num_layers == 3 and trace.merging == ReductionSettings(mode="merge", r=5)
-    plan = build_model(record, ReductionSettings(mode="merge", r=5)).token_plan(4, 32)
+    assert trace.num_layers == 3 and trace.merging == MergingSettings(mode="merge", r=5)
+    plan = build_model(record, MergingSettings(mode="merge", r=5)).token_plan(4, 32)
     for layer in (1, 3):
         labels = trace.labels[layer]
         assert labels.shape == (2, 4, 4)
@@ -403,7 +403,7 @@ def test_visualize_bad_scale(vivit_ckpt, tmp_path):
 
 def test_drop_mode_draws_dropped(vivit_ckpt):
     ckpt, record, clip, _ = vivit_ckpt
-    drop = ReductionSettings(mode="drop", r=5)
+    drop = MergingSettings(mode="drop", r=5)
     trace = trace_groups(ckpt, clip, layers=2, merging=drop)
     labels = trace.labels[2]
     left = build_model(record, drop).token_plan(4, 32)[1].tokens_out - 1
@@ -443,7 +443,7 @@ def test_motionformer_paper_groups_end_to_end(tmp_path):
     trace = trace_groups(str(ckpt), str(clip), layers=[2])
     labels = trace.labels[2]
     assert trace.patch == (2, 8, 8) and labels.shape == (2, 4, 4)
-    per_group = build_model(record, ReductionSettings(mode="merge", r=3)).token_plan(4, 32)
+    per_group = build_model(record, MergingSettings(mode="merge", r=3)).token_plan(4, 32)
     assert len(np.unique(labels)) == 2 * per_group[1].tokens_out
     # The paper's groups mix frames: each group's labels appear in both temporal slots.
     row_size = 16
@@ -476,7 +476,7 @@ def test_per_frame_models_end_to_end(arch, tmp_path):
     trace = trace_groups(ckpt, str(clip), layers=[2])
     labels = trace.labels[2]
     assert trace.patch == patch and labels.shape == (rows, 4, 4)
-    plan = build_model(record, ReductionSettings(mode="merge", r=3)).token_plan(4, 32)
+    plan = build_model(record, MergingSettings(mode="merge", r=3)).token_plan(4, 32)
     assert len(np.unique(labels)) == rows * (plan[1].tokens_out - cls)
     # Per-frame merging: no group reaches into another frame.
     for t in range(rows):

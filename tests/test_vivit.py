@@ -10,9 +10,9 @@ from tests.hf_models import random_hf_vivit
 from tests.reference.torch_tome_vivit import tome_vivit_forward
 from vtm_jax.convert.hf_vivit import load_hf_vivit
 from vtm_jax.convert.sources import record_from_converted
+from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.registry import build_model
 from vtm_jax.models.vivit import EncoderBlock, ViViT
-from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 x 4 x 4 = 64 patches + CLS = 65 tokens
 
@@ -65,7 +65,7 @@ def test_param_tree_is_scenic_vivit_b():
 
 def test_full_size_r300_token_counts():
     """ViViT-B/16x2 at 32x224x224 with r=300 traces to docs/method.md §3.1's counts."""
-    model = ViViT(num_classes=400, merging=ReductionSettings(mode="merge", r=300))
+    model = ViViT(num_classes=400, merging=MergingSettings(mode="merge", r=300))
     video = jax.ShapeDtypeStruct((1, 32, 224, 224, 3), jnp.float32)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)["params"]
     expected = [2837, 2537, 2237, 1937, 1637, 1337, 1037, 737, 437, 219, 110, 56]
@@ -105,7 +105,7 @@ def test_r0_matches_hf(hf_vivit, attention):
     video = hf_video()
     with torch.no_grad():
         expected = hf(pixel_values=video).logits.numpy()
-    got, _ = ours_logits(converted, ReductionSettings(), video, attention)
+    got, _ = ours_logits(converted, MergingSettings(), video, attention)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
@@ -129,7 +129,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_merged_matches_torch_reference(hf_vivit, case):
     hf, converted, _ = hf_vivit
-    merging = ReductionSettings(**case)
+    merging = MergingSettings.from_dict(case)
     video = hf_video(seed=1)
     got, model = ours_logits(converted, merging, video)
 
@@ -154,10 +154,10 @@ def test_merged_matches_torch_reference(hf_vivit, case):
         )
     np.testing.assert_allclose(got, ref["logits"].numpy(), atol=1e-4, rtol=0)
     # Each case is far from the unreduced logits (and hybrid from merge), so 1e-4 separates them.
-    unreduced, _ = ours_logits(converted, ReductionSettings(), video)
+    unreduced, _ = ours_logits(converted, MergingSettings(), video)
     assert np.abs(got - unreduced).max() > 1e-2
     if case["mode"] == "hybrid":
-        merged, _ = ours_logits(converted, ReductionSettings(mode="merge", r=case["r"]), video)
+        merged, _ = ours_logits(converted, MergingSettings(mode="merge", r=case["r"]), video)
         assert np.abs(got - merged).max() > 1e-2
     assert [p.tokens_out for p in model.token_plan(FRAMES, SIZE)] == ref["token_counts"]
 
@@ -165,7 +165,7 @@ def test_merged_matches_torch_reference(hf_vivit, case):
 def test_shapes_follow_plan_and_one_compile_per_schedule(hf_vivit):
     _, converted, _ = hf_vivit
     record = record_from_converted({"architecture": "vivit", **converted})
-    model = build_model(record, ReductionSettings(mode="merge", r=10, schedule=-1.0))
+    model = build_model(record, MergingSettings(mode="merge", r=10, schedule=-1.0))
     params = converted["params"]
     video = jnp.zeros((1, FRAMES, SIZE, SIZE, 3))
     assert block_token_counts(model, params, video) == [
@@ -189,7 +189,7 @@ def test_trace_source_dense_and_index_agree(hf_vivit):
     video = jnp.asarray(hf_video(seed=2).numpy().transpose(0, 1, 3, 4, 2))
     sources = {}
     for form in ("dense", "index"):
-        model = build_model(record, ReductionSettings(mode="merge", r=8, trace_source=form))
+        model = build_model(record, MergingSettings(mode="merge", r=8, trace_source=form))
         _, state = model.apply({"params": converted["params"]}, video, mutable=["intermediates"])
         sources[form] = state["intermediates"]["source"][0]
     dense, index = sources["dense"], sources["index"]

@@ -10,8 +10,8 @@ import torch
 from tests.reference.tome_oracle import parse_r
 from tests.reference.torch_vivit_fe import factorised_vivit_forward
 from vtm_jax.cli import main
+from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT, temporal_rng
-from vtm_jax.reduction import ReductionSettings, layer_key
 
 FRAMES, SIZE = 8, 32  # tubelet (2, 8, 8): 4 frames of 16 patches (+ CLS = 17 tokens each)
 
@@ -77,7 +77,7 @@ CASES = [
 )
 def test_matches_torch_reference(small, case):
     model, params, video = small
-    merging = ReductionSettings(**case)
+    merging = MergingSettings.from_dict(case)
     got = np.asarray(model.clone(merging=merging).apply({"params": params}, jnp.asarray(video)))
 
     def random_scores(step, shape, rng=None):
@@ -96,7 +96,7 @@ def test_matches_torch_reference(small, case):
             temporal_random_scores=lambda step, shape: random_scores(step, shape, temporal_key),
             mode=merging.mode,
             prop_attn=merging.prop_attn,
-            threshold=merging.threshold or 0.0,
+            threshold=merging.rule_options.get("threshold", 0.0),
             random_scores=random_scores,
         ).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
@@ -106,7 +106,7 @@ def test_matches_torch_reference(small, case):
 
 
 def test_token_plan_per_frame():
-    model = FactorisedEncoderViViT(num_classes=400, merging=ReductionSettings(mode="merge", r=18))
+    model = FactorisedEncoderViViT(num_classes=400, merging=MergingSettings(mode="merge", r=18))
     plan = model.token_plan(32, 224)
     # 197 tokens per frame (196 + CLS), r=18 per frame; then 17 untouched temporal tokens.
     assert [p.tokens_out for p in plan[:3]] == [179, 161, 143]
@@ -139,7 +139,7 @@ def test_scenic_checkpoint_converts(small, tmp_path):
     out = tmp_path / "logits.npy"
     args = ["predict", "--checkpoint", str(ckpt), "--video", str(tmp_path / "clip.npy")]
     assert main([*args, "--r", "3", "--save-logits", str(out)]) == 0
-    merged = model.clone(merging=ReductionSettings(mode="merge", r=3))
+    merged = model.clone(merging=MergingSettings(mode="merge", r=3))
     np.testing.assert_allclose(
         np.load(out), merged.apply({"params": params}, video[:1])[0], atol=1e-5
     )

@@ -1,7 +1,7 @@
 """vtm-jax: training-free token merging for video transformers in JAX/Flax.
 
 The Python API (:mod:`vtm_jax.api`) is importable from here: ``vtm_jax.load``,
-``vtm_jax.classify``, ``vtm_jax.ReductionSettings``, the merge functions ... Its names are
+``vtm_jax.classify``, ``vtm_jax.MergingSettings``, the merge functions ... Its names are
 loaded on first use (module ``__getattr__``), so ``import vtm_jax`` imports no JAX and the
 ``vtm-jax`` command starts as fast as before.
 """
@@ -20,9 +20,10 @@ _API = frozenset(
     {
         "RULES",
         "Match",
+        "MergingSettings",
         "ModelRecord",
-        "ReductionSettings",
         "Rule",
+        "RuleOption",
         "Tokens",
         "UserError",
         "bipartite_soft_matching",
@@ -32,10 +33,10 @@ _API = frozenset(
         "drop",
         "load",
         "load_clip",
+        "merge_tokens",
         "merge_wavg",
         "prepare_clip",
         "random_scores",
-        "reduce_tokens",
         "register_rule",
         "register_schedule",
         "settings",
@@ -49,7 +50,21 @@ _API = frozenset(
 __all__ = ["__version__", *sorted(_API)]
 
 
+# Names of vtm-jax 0.1, still answered (with a DeprecationWarning) until 0.3.
+_RENAMED = {"ReductionSettings": "MergingSettings", "reduce_tokens": "merge_tokens"}
+
+
 def __getattr__(name: str) -> _Any:
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(
+            f"vtm_jax.{name} is now vtm_jax.{new}; the old name goes in vtm-jax 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new)
     if name in _API:
         from vtm_jax import api
 

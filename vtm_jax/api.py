@@ -35,24 +35,26 @@ from vtm_jax.merge import (
     random_scores,
     unmerge,
 )
-from vtm_jax.predict import check_logits, forward, load_clip, prepare_clip, top_k
-from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import (
+from vtm_jax.merging import (
     RULES,
-    ReductionSettings,
+    MergingSettings,
     Rule,
+    RuleOption,
     Tokens,
-    reduce_tokens,
+    merge_tokens,
     register_rule,
 )
+from vtm_jax.predict import check_logits, forward, load_clip, prepare_clip, top_k
+from vtm_jax.record import ModelRecord
 from vtm_jax.schedule import register_schedule
 
 __all__ = [
     "RULES",
     "Match",
+    "MergingSettings",
     "ModelRecord",
-    "ReductionSettings",
     "Rule",
+    "RuleOption",
     "Tokens",
     "UserError",
     "bipartite_soft_matching",
@@ -62,10 +64,10 @@ __all__ = [
     "drop",
     "load",
     "load_clip",
+    "merge_tokens",
     "merge_wavg",
     "prepare_clip",
     "random_scores",
-    "reduce_tokens",
     "register_rule",
     "register_schedule",
     "settings",
@@ -75,19 +77,19 @@ __all__ = [
     "with_merging",
 ]
 
-Merging = ReductionSettings | Mapping[str, Any] | None
+Merging = MergingSettings | Mapping[str, Any] | None
 
 
-def settings(merging: Merging = None, **fields: Any) -> ReductionSettings:
-    """Reduction settings from a ``ReductionSettings``, a dict (a config's ``token_merging``
+def settings(merging: Merging = None, **fields: Any) -> MergingSettings:
+    """Merging settings from a ``MergingSettings``, a dict (a config's ``token_merging``
     block) or keywords: ``settings(mode="merge", r=64)``. ``None`` and no keywords: r=0."""
-    if isinstance(merging, ReductionSettings):
+    if isinstance(merging, MergingSettings):
         return dataclasses.replace(merging, **fields) if fields else merging
     if merging is not None and not isinstance(merging, Mapping):
         raise UserError(
-            f"merging must be ReductionSettings, a dict or None, not {type(merging).__name__}"
+            f"merging must be MergingSettings, a dict or None, not {type(merging).__name__}"
         )
-    return ReductionSettings.from_dict({**(merging or {}), **fields})
+    return MergingSettings.from_dict({**(merging or {}), **fields})
 
 
 def load(
@@ -110,7 +112,7 @@ def load(
         cache (``hf``), a Scenic msgpack file, a ``.pyth``/``.pth`` file; converted in memory,
         nothing written.
       source: None for a checkpoint directory, else one of ``vtm_jax.convert.sources.SOURCES``.
-      merging: the model's reduction settings (``ReductionSettings`` or a dict); None: those
+      merging: the model's merging settings (``MergingSettings`` or a dict); None: those
         stored with the checkpoint (``record.token_merging``).
       attention: attention backend (``vtm_jax.attention.get_attention``).
       verify: check a checkpoint directory's digests and finiteness (slower for large ones).
@@ -146,13 +148,13 @@ def load(
         source, path, num_frames=num_frames, image_size=image_size, num_heads=num_heads
     )
     if merging is None:
-        merging = ReductionSettings.from_dict(record.token_merging)
+        merging = MergingSettings.from_dict(record.token_merging)
     # load_source has checked the parameters against this architecture already.
     return build_model(record, merging, get_attention(attention)), params, record
 
 
 def with_merging(model: nn.Module, merging: Merging = None, **fields: Any) -> nn.Module:
-    """``model`` with other reduction settings (its parameters still fit: merging adds none).
+    """``model`` with other merging settings (its parameters still fit: merging adds none).
 
     ``merging`` (settings or a dict) replaces the model's settings; keywords change fields of
     them, or of the model's own when ``merging`` is None: ``with_merging(model, r=32)``. A
@@ -160,7 +162,7 @@ def with_merging(model: nn.Module, merging: Merging = None, **fields: Any) -> nn
     """
     from vtm_jax.models.registry import ARCHITECTURES, check_settings_apply
 
-    if not isinstance(getattr(model, "merging", None), ReductionSettings):
+    if not isinstance(getattr(model, "merging", None), MergingSettings):
         raise UserError(f"{type(model).__name__} is not a vtm-jax model")
     new = settings(model.merging if merging is None else merging, **fields)
     names = [name for name, cls in ARCHITECTURES.items() if type(model) is cls]
@@ -184,7 +186,7 @@ def classify(
     the path of a ``.npy`` or video file. Raw pixels and paths are sampled, resized, cropped
     and normalised as ``record`` says (one view), so they need ``record``.
 
-    ``merging`` overrides the model's reduction settings for this call (:func:`with_merging`).
+    ``merging`` overrides the model's merging settings for this call (:func:`with_merging`).
     The compiled forward pass is cached per model and input shape, so calling again (with the
     same settings and batch size) runs without compiling; non-finite inputs or outputs are a
     UserError, never NaN scores.

@@ -1,4 +1,4 @@
-"""Throughput of a model under reduction settings, with the paper's protocol.
+"""Throughput of a model under merging settings, with the paper's protocol.
 
 Random input, a warm-up, then timed forward passes only, at a fixed batch per device
 (docs/method.md §5); speedups are ratios to r=0 measured in the same run. Each setting also reports
@@ -20,20 +20,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.attention import get_attention
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 
 def sweep(
-    base: ReductionSettings,
+    base: MergingSettings,
     *,
     modes: Sequence[str] | None = None,
     r_values: Sequence[int] | None = None,
     schedules: Sequence[float] | None = None,
-) -> list[ReductionSettings]:
+) -> list[MergingSettings]:
     """The r=0 baseline, then every (mode, r, schedule) combination built on ``base``."""
-    settings = [ReductionSettings()]
+    settings = [MergingSettings()]
     if base.mode == "none" and not modes:
         return settings
     for mode in modes or [base.mode]:
@@ -95,7 +95,7 @@ def random_params(record: ModelRecord, attention: str = "auto") -> Any:
 
 def bench_settings(
     record: ModelRecord,
-    settings: Sequence[ReductionSettings],
+    settings: Sequence[MergingSettings],
     *,
     batch_size: int = 1,
     warmup: int = 1,
@@ -144,7 +144,7 @@ def bench_settings(
 
 
 class _CompiledRun(NamedTuple):
-    merging: ReductionSettings
+    merging: MergingSettings
     model: Any
     compiled: Any
     compile_s: float
@@ -152,7 +152,7 @@ class _CompiledRun(NamedTuple):
 
 def _compiled_run(
     record: ModelRecord,
-    merging: ReductionSettings,
+    merging: MergingSettings,
     attention_fn: Any,
     params: Any,
     video: jax.Array,

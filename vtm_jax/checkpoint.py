@@ -2,7 +2,7 @@
 
 A directory holds ``params/`` (an orbax checkpoint) and ``model.json``: the architecture, the
 model's constructor arguments, the input size, preprocessing, class labels and the stored
-reduction settings (a :class:`vtm_jax.record.ModelRecord`), so a checkpoint alone says how to
+merging settings (a :class:`vtm_jax.record.ModelRecord`), so a checkpoint alone says how to
 build and feed its model.
 
 The directory may be local or remote (``gs://bucket/ckpt`` on a TPU pod): orbax and the
@@ -20,11 +20,10 @@ import numpy as np
 
 from vtm_jax import integrity, paths
 from vtm_jax.errors import UserError, one_line
-from vtm_jax.record import ModelRecord, read_record, write_record
+from vtm_jax.record import FORMAT_VERSION, ModelRecord, read_record, write_record
 
 RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
-FORMAT_VERSION = 1
 
 
 def save_checkpoint(directory: str, params: Any, record: ModelRecord) -> None:

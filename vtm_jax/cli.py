@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 from vtm_jax import paths
 from vtm_jax.convert.sources import SOURCES
 from vtm_jax.errors import UserError, expected_failure
+from vtm_jax.merging import RULES
 from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file, write_json
-from vtm_jax.reduction import RULES
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -60,24 +61,44 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _merging_from_args(args: argparse.Namespace, stored: dict | None):
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
 
-    values = dict(stored or {})
+    # The stored settings in today's form (a format-1 record keeps threshold beside the mode),
+    # so that the flags below replace its options rather than repeat them.
+    values = MergingSettings.from_dict(stored).to_dict() if stored else {}
     if args.mode is not None:
         values["mode"] = args.mode
     if args.r is not None:
         values["r"] = args.r
         if values.get("mode", "none") == "none" and args.mode is None:
             values["mode"] = "merge"  # --r alone asks for the paper's default mode
-    for name in ("schedule", "threshold", "seed", "head_aggregation", "motionformer_concat_keys"):
+    for name in ("schedule", "seed", "head_aggregation", "motionformer_concat_keys"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.prop_attn is not None:
         values["prop_attn"] = args.prop_attn
-    settings = ReductionSettings.from_dict(values)
+    options = _rule_options(args.rule_option or [])
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    values["rule_options"] = {**values.get("rule_options", {}), **options}
+    settings = MergingSettings.from_dict(values)
     if args.threshold is not None and settings.mode != "hybrid":
         raise UserError(f"--threshold is read only by mode hybrid, not {settings.mode!r}")
     return settings
+
+
+def _rule_options(flags: Sequence[str]) -> dict[str, Any]:
+    """``--rule-option name=value`` flags; a value is read as JSON (0.4, 3, true) or a string."""
+    options = {}
+    for item in flags:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--rule-option takes NAME=VALUE, not {item!r}")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
 
 
 def _logits_path(path: str) -> str:
@@ -151,7 +172,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 
     from vtm_jax.benchmark import bench_settings, format_table, plot_speed, run_info, sweep
     from vtm_jax.config import load_config, record_from_config
-    from vtm_jax.reduction import ReductionSettings
+    from vtm_jax.merging import MergingSettings
 
     config = load_config(config_args, command="bench")
     stem = _bench_stem(args)
@@ -161,7 +182,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     record = record_from_config(config)
     bench = config.get("bench", {})
     settings = sweep(
-        ReductionSettings.from_dict(config.get("token_merging")),
+        MergingSettings.from_dict(config.get("token_merging")),
         modes=bench.get("modes"),
         r_values=bench.get("r_values"),
         schedules=bench.get("schedules"),
@@ -360,8 +381,8 @@ def _sweep(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 
 
 CONFIG_COMMANDS = ("bench", "eval", "train", "demo", "sweep")
-# Modes are checked by ReductionSettings, so registered rules and 'module:attr' paths work too.
-MODE_HELP = f"reduction mode: {', '.join(RULES)}, or a 'package.module:attribute' rule"
+# Modes are checked by MergingSettings, so registered rules and 'module:attr' paths work too.
+MODE_HELP = f"merging mode: {', '.join(RULES)}, or a 'package.module:attribute' rule"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,11 +438,17 @@ def _add_convert(sub: Any) -> argparse.ArgumentParser:
 
 
 def _add_merging_options(parser: argparse.ArgumentParser) -> None:
-    """The reduction flags of the commands that take a checkpoint without a config file."""
+    """The merging flags of the commands that take a checkpoint without a config file."""
     parser.add_argument("--mode", help=MODE_HELP)
     parser.add_argument("--r", type=int, help="tokens removed per layer")
     parser.add_argument("--schedule", type=float, help="inflection: 0 constant, -1 dec., 1 inc.")
     parser.add_argument("--threshold", type=float, help="hybrid mode's similarity threshold")
+    parser.add_argument(
+        "--rule-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="an option of the mode's rule (repeatable), e.g. --rule-option threshold=0.4",
+    )
     parser.add_argument(
         "--prop-attn",
         action=argparse.BooleanOptionalAction,

@@ -1,6 +1,6 @@
 """The paper's result in miniature, on the shipped demo checkpoint and the synthetic dataset.
 
-``run_demo`` evaluates the checkpoint at r=0 and with every reduction mode at one r, times each
+``run_demo`` evaluates the checkpoint at r=0 and with every merging mode at one r, times each
 setting with the benchmark's protocol, sweeps r for an accuracy-against-throughput plot, and
 draws which tokens merged. Every figure it prints comes from this run.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from vtm_jax import paths
 from vtm_jax.errors import UserError
-from vtm_jax.reduction import ReductionSettings
+from vtm_jax.merging import MergingSettings
 
 DEMO_CHECKPOINT = "demo_vivit"
 
@@ -43,21 +43,21 @@ def demo_config(checkpoint: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(trained["config"])
 
 
-def demo_settings(config: ml_collections.ConfigDict) -> list[ReductionSettings]:
+def demo_settings(config: ml_collections.ConfigDict) -> list[MergingSettings]:
     """r=0, then each of the demo's modes at the config's r (hybrid with its threshold)."""
-    base = ReductionSettings.from_dict(config.token_merging)
+    base = MergingSettings.from_dict(config.token_merging)
     demo = config.demo
-    settings = [ReductionSettings()]
+    settings = [MergingSettings()]
     for mode in demo.modes:
-        threshold = demo.hybrid_threshold if mode == "hybrid" else None
-        settings.append(dataclasses.replace(base, mode=mode, threshold=threshold))
+        options = {"threshold": demo.hybrid_threshold} if mode == "hybrid" else {}
+        settings.append(dataclasses.replace(base, mode=mode, rule_options=options))
     return settings
 
 
-def curve_settings(config: ml_collections.ConfigDict) -> list[ReductionSettings]:
-    base = ReductionSettings.from_dict(config.token_merging)
+def curve_settings(config: ml_collections.ConfigDict) -> list[MergingSettings]:
+    base = MergingSettings.from_dict(config.token_merging)
     return [
-        dataclasses.replace(base, mode=mode, r=int(r), threshold=None)
+        dataclasses.replace(base, mode=mode, r=int(r), rule_options={})
         for mode in config.demo.curve_modes
         for r in config.demo.curve_r
     ]
@@ -145,7 +145,7 @@ def run_demo(
 
 
 def _rows(
-    settings: Sequence[ReductionSettings],
+    settings: Sequence[MergingSettings],
     accuracy: Sequence[float],
     speed: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
@@ -154,7 +154,7 @@ def _rows(
         {
             "mode": s.mode,
             "r": s.to_dict()["r"],
-            "threshold": s.threshold,
+            "threshold": s.rule_options.get("threshold"),
             "top1": acc,
             "clips_per_s": t["clips_per_s"],
             "speedup": t["speedup"],
@@ -241,12 +241,12 @@ def _visualise(
     with paths.open_file(path, "wb") as f:
         np.save(f, video)
     layers = list(config.demo.get("visualize_layers", (2, 4, 6)))
-    merging = ReductionSettings.from_dict(config.token_merging)
+    merging = MergingSettings.from_dict(config.token_merging)
     return visualize(checkpoint, path, layers=layers, out_dir=out_dir, merging=merging)
 
 
-def _describe(merging: ReductionSettings) -> str:
+def _describe(merging: MergingSettings) -> str:
     if merging.mode == "none":
         return "r=0"
-    extra = f", threshold {merging.threshold:g}" if merging.mode == "hybrid" else ""
+    extra = "".join(f", {k} {v:g}" for k, v in merging.rule_options.items())
     return f"{merging.mode}, r={merging.to_dict()['r']}{extra}"

@@ -27,7 +27,7 @@ uninterrupted one. With several processes, each process keeps its own progress f
 ``results_path + '.process<i>'``, and only process 0 writes ``results_path``
 (``evaluation.results``).
 
-Random reduction modes draw their scores per forward pass. Their numbers depend on the batch
+Random merging modes draw their scores per forward pass. Their numbers depend on the batch
 size per device, but not on the number of devices or processes.
 """
 
@@ -57,10 +57,10 @@ from vtm_jax.evaluation.results import (
     scores_path_for,
 )
 from vtm_jax.evaluation.spec import ENSEMBLES, EvalSpec
+from vtm_jax.merging import MergingSettings, is_random
 from vtm_jax.outputs import write_json
 from vtm_jax.paths import absolute
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings, is_random
 
 __all__ = [
     "ENSEMBLES",
@@ -157,7 +157,7 @@ def evaluate(
 
 
 def _compiled_step(
-    record: ModelRecord, merging: ReductionSettings, params: Any, heads: list, spec: EvalSpec
+    record: ModelRecord, merging: MergingSettings, params: Any, heads: list, spec: EvalSpec
 ) -> Any:
     """The model with its merging, checked against the parameters, as a pmap-ed step."""
     from vtm_jax.attention import get_attention
@@ -174,7 +174,7 @@ def _override(spec: EvalSpec) -> dict[str, Any] | None:
 
 def _load(
     checkpoint_dir: str, spec: EvalSpec, scenic_record: ModelRecord | None
-) -> tuple[Any, ModelRecord, ReductionSettings, dict[str, Any], dict[str, Any] | None]:
+) -> tuple[Any, ModelRecord, MergingSettings, dict[str, Any], dict[str, Any] | None]:
     """Parameters and record, at the frame count the preprocessing asks for; the merging,
     the preprocessing and, when it changes the frame count, how."""
     params, record = load_checkpoint(
@@ -182,7 +182,7 @@ def _load(
     )
     merging = spec.merging
     if merging is None:
-        merging = ReductionSettings.from_dict(record.token_merging)
+        merging = MergingSettings.from_dict(record.token_merging)
     prep = record.resolve_preprocessing(_override(spec))
     if prep["num_frames"] == record.num_frames:
         return params, record, merging, prep, None
@@ -208,7 +208,7 @@ def _run_description(
     source: Any,
     spec: EvalSpec,
     record: ModelRecord,
-    merging: ReductionSettings,
+    merging: MergingSettings,
     prep: dict[str, Any],
     frames: dict[str, Any] | None,
 ) -> dict[str, Any]:

@@ -16,9 +16,9 @@ from vtm_jax import paths
 from vtm_jax.checkpoint import load_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.integrity import check_finite
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 
 def prepare_clip(frames: Any, record: ModelRecord, *, what: str = "the clip") -> np.ndarray:
@@ -82,7 +82,7 @@ def load_clip(video: str | os.PathLike | np.ndarray, record: ModelRecord) -> np.
 
 def load_model(
     checkpoint: str,
-    merging: ReductionSettings | None = None,
+    merging: MergingSettings | None = None,
     attention: str = "auto",
     *,
     verify: bool = True,
@@ -98,7 +98,7 @@ def load_model(
 
     params, record = load_checkpoint(checkpoint, verify=verify)
     if merging is None:
-        merging = ReductionSettings.from_dict(record.token_merging)
+        merging = MergingSettings.from_dict(record.token_merging)
     model = build_model(record, merging, get_attention(attention))
     check_params_fit(model, params, record.input, where=checkpoint)
     return model, params, record
@@ -144,7 +144,7 @@ def forward(model: Any, params: Any, videos: Any, *, where: str | None = None) -
 def predict(
     checkpoint: str,
     video: str | os.PathLike | np.ndarray,
-    merging: ReductionSettings | None = None,
+    merging: MergingSettings | None = None,
     attention: str = "auto",
     *,
     verify: bool = True,

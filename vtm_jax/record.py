@@ -22,6 +22,10 @@ from vtm_jax.errors import UserError
 
 Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
 
+# The model.json format. 2: token_merging keeps a rule's options (hybrid's threshold) under
+# rule_options; version 1 records, with threshold at the top level, read the same.
+FORMAT_VERSION = 2
+
 PREPROCESSING_KEYS = (
     "num_frames",
     "stride",
@@ -49,8 +53,8 @@ class ModelRecord:
 
     ``model`` holds the architecture's constructor arguments as JSON values (lists, not
     tuples); ``preprocessing`` the input pipeline the model was made for (resolved by
-    :meth:`resolve_preprocessing`); ``token_merging`` the stored reduction settings
-    (``ReductionSettings.from_dict``). ``class_splits`` cut one concatenated classifier into
+    :meth:`resolve_preprocessing`); ``token_merging`` the stored merging settings
+    (``MergingSettings.from_dict``). ``class_splits`` cut one concatenated classifier into
     heads (EPIC-KITCHENS verb and noun). ``params_digest`` / ``params_files`` identify the
     parameters (set when a checkpoint is written, checked when it is read). Entries of a
     ``model.json`` that vtm-jax does not know are kept in ``extra`` and written back.
@@ -77,6 +81,14 @@ class ModelRecord:
     where: dataclasses.InitVar[str] = "model record"
 
     def __post_init__(self, where: str) -> None:
+        version = self.format_version
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION
+        ):
+            raise UserError(
+                f"{where}: format_version {version!r} is not one this vtm-jax reads "
+                f"(1 to {FORMAT_VERSION}); a newer vtm-jax wrote it"
+            )
         # Code builds records with tuples too; the record holds what model.json reads back.
         for name in ("model", "preprocessing", "labels", "class_splits", "split_names"):
             object.__setattr__(self, name, _lists(getattr(self, name)))

@@ -4,7 +4,7 @@ Every count here is a Python int known before tracing, so a model built from a p
 once per (model, schedule, input shape) with no padding or masks.
 
 A schedule is a pure function ``fn(num_layers, r, schedule) -> per-layer r`` (``schedule`` is
-the float parameter of ``ReductionSettings``; the paper's is its inflection). Schedules live in
+the float parameter of ``MergingSettings``; the paper's is its inflection). Schedules live in
 :data:`SCHEDULES` by name; :func:`register_schedule` adds one, and ``r_schedule`` may instead
 be a ``"package.module:attribute"`` path, imported on first use.
 """
@@ -65,7 +65,7 @@ SCHEDULES: dict[str, ScheduleFn] = {"paper": paper_schedule}
 
 
 def register_schedule(name: str, fn: ScheduleFn, *, replace: bool = False) -> ScheduleFn:
-    """Add an r schedule, selectable as ``ReductionSettings(r_schedule=name)``.
+    """Add an r schedule, selectable as ``MergingSettings(r_schedule=name)``.
 
     ``fn(num_layers, r, schedule)`` must be pure and return ``num_layers`` non-negative ints
     (the requested r per layer; each is still clamped to half the unprotected tokens).

@@ -1,7 +1,7 @@
 """Named sweeps: the paper's experiment families (docs/method.md §6) over the checkpoints you have.
 
 A family is data (:class:`Family`): which models and datasets the paper ran it on, which r
-values (as rules relative to the model's own token count), which reduction settings, and
+values (as rules relative to the model's own token count), which merging settings, and
 whether it measures accuracy (``vtm-jax eval``'s code) or speed (``vtm-jax bench``'s code).
 :func:`run_sweep` expands the chosen families into runs for the ``(model, dataset)`` pairs of a
 runs file, runs each once (a run shared by several families, such as r=0, runs once), each
@@ -382,11 +382,11 @@ def r_values(
 
 def first_step_max_r(record: ModelRecord, num_frames: int | None = None) -> int:
     """The most tokens the model's first merge step can remove (its own clamp)."""
+    from vtm_jax.merging import MergingSettings
     from vtm_jax.models.registry import build_model
-    from vtm_jax.reduction import ReductionSettings
 
     frames = num_frames or record.num_frames
-    model = build_model(record, ReductionSettings(mode="merge", r=10**9))
+    model = build_model(record, MergingSettings(mode="merge", r=10**9))
     return model.token_plan(frames, record.image_size)[0].r
 
 
@@ -774,14 +774,14 @@ class Runner:
         """Bench's timing of the checkpoint's architecture (random weights, as vtm-jax bench)."""
         from vtm_jax.benchmark import bench_settings, random_params, run_info
         from vtm_jax.checkpoint import load_record
-        from vtm_jax.reduction import ReductionSettings
+        from vtm_jax.merging import MergingSettings
         from vtm_jax.scenic.checkpoint import checkpoint_record
 
         record = load_record(run.pair.checkpoint, scenic_record=checkpoint_record(config))
         bench = config.get("bench", {})
         batch = int(bench.get("batch_size", 1))
         attention = bench.get("attention", "auto")
-        merging = ReductionSettings.from_dict(config.token_merging)
+        merging = MergingSettings.from_dict(config.token_merging)
         key = json.dumps([record.to_json(), attention], sort_keys=True, default=str)
         if key not in self.params:  # one initialisation per model, not per timed setting
             self.params[key] = random_params(record, attention)

@@ -36,10 +36,10 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import atomic_file, write_json
 from vtm_jax.paths import absolute, join
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.training.input import (
     TrainExamples,
     batch_indices,
@@ -98,7 +98,7 @@ class _Run:
     preprocessing: dict[str, Any]
     train_source: Any
     test_source: Any
-    merging: ReductionSettings
+    merging: MergingSettings
     batch_size: int
     total_steps: int
     workers: int
@@ -188,10 +188,10 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, train_source, test_
             f"has {train_source.num_classes}"
         )
     training = config.get("training", {}) or {}
-    merging = ReductionSettings.from_dict(training.get("token_merging"))
+    merging = MergingSettings.from_dict(training.get("token_merging"))
     attention = get_attention(training.get("attention", "auto"))
     model = build_model(record, merging, attention)
-    eval_model = build_model(record, ReductionSettings(), attention)
+    eval_model = build_model(record, MergingSettings(), attention)
     devices = jax.local_devices()
     batch_size = int(config.batch_size)
     if batch_size % len(devices):
@@ -349,7 +349,7 @@ def _export_record(
     source: Any,
     summary: dict[str, Any],
 ) -> ModelRecord:
-    eval_merging = ReductionSettings.from_dict(config.get("token_merging"))
+    eval_merging = MergingSettings.from_dict(config.get("token_merging"))
     return dataclasses.replace(
         record,
         labels=source.labels,

@@ -1,6 +1,6 @@
 """Pictures of which tokens merged: the paper's visualisations (docs/method.md §4), from index sources.
 
-Models run with ``ReductionSettings(trace_source="index")`` sow one group id per original token
+Models run with ``MergingSettings(trace_source="index")`` sow one group id per original token
 (``-1`` for a token that was dropped). This module turns those ids into pictures drawn on the
 raw RGB frames:
 
@@ -36,8 +36,8 @@ from typing import NamedTuple
 import numpy as np
 
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 DROPPED_DARK = (64, 64, 64)
 DROPPED_LIGHT = (112, 112, 112)
@@ -377,7 +377,7 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({max(1, num_layers // 3), max(1, 2 * num_layers // 3), num_layers})
 
 
-def layer_settings(settings: ReductionSettings, num_layers: int, layer: int) -> ReductionSettings:
+def layer_settings(settings: MergingSettings, num_layers: int, layer: int) -> MergingSettings:
     """``settings`` reduced to the first ``layer`` layers (1-based), tracing index sources.
 
     Every later layer gets r = 0, so the sown groups are those after layer ``layer``; earlier
@@ -423,7 +423,7 @@ class GroupTrace(NamedTuple):
     patch: Patch
     labels: dict[int, np.ndarray]  # layer -> [T', h', w'] token labels, -1 dropped
     num_layers: int = 0  # 0: unknown
-    merging: ReductionSettings | None = None
+    merging: MergingSettings | None = None
 
 
 def _check_layers(layers: int | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -440,7 +440,7 @@ def trace_groups(
     video_path: str,
     *,
     layers: int | Sequence[int] | None,
-    merging: ReductionSettings | None = None,
+    merging: MergingSettings | None = None,
     attention: str = "auto",
     verify: bool = True,
 ) -> GroupTrace:
@@ -495,14 +495,14 @@ def trace_groups(
     return GroupTrace(frames, geometry.patch, labels, num_layers, merging)
 
 
-def describe_merging(settings: ReductionSettings) -> str:
+def describe_merging(settings: MergingSettings) -> str:
     """``merge, r=64`` (``hybrid, r=8, threshold 0.3``; ``no merging`` at r=0)."""
     if settings.mode == "none":
         return "no merging"
     r = settings.to_dict()["r"]
     r = ",".join(str(v) for v in r) if isinstance(r, list | tuple) else str(r)
-    threshold = f", threshold {settings.threshold:g}" if settings.threshold is not None else ""
-    return f"{settings.mode}, r={r}{threshold}"
+    options = "".join(f", {k} {v:g}" for k, v in settings.rule_options.items())
+    return f"{settings.mode}, r={r}{options}"
 
 
 def input_legend(frames: np.ndarray, scale: int) -> list[str]:
@@ -553,7 +553,7 @@ def visualize(
     *,
     layers: int | Sequence[int],
     out_dir: str,
-    merging: ReductionSettings | None = None,
+    merging: MergingSettings | None = None,
     attention: str = "auto",
     ncols: int | None = None,
     fps: float = 4.0,

@@ -224,7 +224,7 @@ def _from_groups(x: torch.Tensor, slots: int, groups: str) -> torch.Tensor:
 
 
 def _reduce(x, metric, r, size, source, *, mode, threshold, trace_source, scores):
-    """One reduction step with class_token=False on [G, P, C] groups; returns (x, size, source)."""
+    """One merging step with class_token=False on [G, P, C] groups; returns (x, size, source)."""
     if mode in ("drop", "random_drop"):
         drop = tm.bipartite_soft_matching_drop(
             metric, r, class_token=False, mode=mode, random_scores=scores

@@ -3,7 +3,7 @@
 A plain function around the modules of a HuggingFace transformers-5 `TimesformerForVideoClassification`: the
 embeddings, layer norms, dense layers and classifier are the model's own, while both attentions of every block are
 recomputed eagerly, so that proportional attention can be added to the spatial step and its keys used as the matching
-metric. Every reduction step goes through `tome_oracle`. Written from docs/method.md; independent of `vtm_jax`.
+metric. Every merging step goes through `tome_oracle`. Written from docs/method.md; independent of `vtm_jax`.
 
 Layout: one class token, then the patches in (p t) order (spatial index major, frame minor). Reduction is per frame:
 the patches are rearranged to [(B T), p, C] (frames as the batch of the matching, no protected token), merged with the

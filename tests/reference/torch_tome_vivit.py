@@ -2,7 +2,7 @@
 
 A plain function around the modules of a HuggingFace transformers-5 `VivitForVideoClassification`: the weights and the
 embedding / layernorm / MLP / classifier modules are the model's own, while every layer's attention is recomputed
-eagerly so that proportional attention can be added and the keys used as the matching metric. All reduction steps
+eagerly so that proportional attention can be added and the keys used as the matching metric. All merging steps
 go through `tome_oracle`. Independent of `vtm_jax`.
 
 Call it on a model in eval mode (dropout off); wrap it in torch.no_grad() if gradients are not needed.
@@ -58,7 +58,7 @@ def _reduce(
     trace_source: bool,
     scores: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One reduction step with class_token=True; returns (h, size, source)."""
+    """One merging step with class_token=True; returns (h, size, source)."""
     if mode in ("drop", "random_drop"):
         drop = tm.bipartite_soft_matching_drop(
             metric, r, class_token=True, mode=mode, random_scores=scores

@@ -3,7 +3,7 @@
 A plain function around the modules of a HuggingFace transformers-5 `VideoMAEForVideoClassification`: the embeddings
 (tubelet Conv3d + fixed sinusoidal table), layer norms, MLPs, `fc_norm` and classifier are the model's own; every
 layer's attention is recomputed eagerly from its query/key/value Linears (the key has no bias) so that proportional
-attention can be added and the keys used as the matching metric. All reduction steps go through `tome_oracle`, with
+attention can be added and the keys used as the matching metric. All merging steps go through `tome_oracle`, with
 class_token=False (no CLS: clamp N//2, unmerged tokens stay in score order). Independent of `vtm_jax`.
 
 Call it on a model in eval mode; wrap it in torch.no_grad() if gradients are not needed.
@@ -60,7 +60,7 @@ def _reduce(
     trace_source: bool,
     scores: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One reduction step with class_token=False; returns (h, size, source)."""
+    """One merging step with class_token=False; returns (h, size, source)."""
     if mode in ("drop", "random_drop"):
         drop = tm.bipartite_soft_matching_drop(
             metric, r, class_token=False, mode=mode, random_scores=scores

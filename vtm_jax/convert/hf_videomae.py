@@ -60,7 +60,7 @@ DEFAULT_STRIDE = 1
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-# The paper runs every VideoMAE experiment with TOME.PROP_ATTN False; ReductionSettings
+# The paper runs every VideoMAE experiment with TOME.PROP_ATTN False; MergingSettings
 # defaults to True, so converted records carry this.
 PAPER_TOKEN_MERGING: dict[str, Any] = {"mode": "none", "prop_attn": False}
 

@@ -43,7 +43,7 @@ def scenic_preprocessing(num_frames: int, image_size: int) -> dict[str, Any]:
 
 def record_from_converted(converted: dict[str, Any]) -> ModelRecord:
     """The checkpoint record of a reader's dict (its ``params`` aside); a reader that stores
-    no reduction settings gets none (``mode`` ``none``)."""
+    no merging settings gets none (``mode`` ``none``)."""
     return ModelRecord(
         architecture=converted["architecture"],
         model=converted["model"],

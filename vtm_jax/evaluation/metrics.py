@@ -8,8 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vtm_jax.merging import MergingSettings
 from vtm_jax.record import Head
-from vtm_jax.reduction import ReductionSettings
 
 TOP_K = 5
 
@@ -116,10 +116,15 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def _merging_line(merging: dict[str, Any]) -> str:
-    defaults = ReductionSettings().to_dict()
-    return ", ".join(
-        f"{k}={v}" for k, v in merging.items() if k in ("mode", "r") or v != defaults.get(k)
-    )
+    """``mode=hybrid, r=8, threshold=0.4``: the fields off their defaults, then rule options."""
+    defaults = MergingSettings().to_dict()
+    items = [
+        (k, v)
+        for k, v in merging.items()
+        if k != "rule_options" and (k in ("mode", "r") or v != defaults.get(k))
+    ]
+    items += list((merging.get("rule_options") or {}).items())
+    return ", ".join(f"{k}={v}" for k, v in items)
 
 
 def _skipped_lines(results: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ from etils import epath
 
 from vtm_jax.errors import UserError
 from vtm_jax.evaluation.metrics import sum_names, with_metrics
+from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import atomic_file
 from vtm_jax.paths import absolute
 from vtm_jax.record import Head
@@ -160,12 +161,23 @@ def check_same_run(saved: dict[str, Any], run: dict[str, Any], path: str) -> Non
             )
             + "; choose another results path or pass overwrite=True"
         )
+    if isinstance(old.get("token_merging"), dict):
+        # Files written before rules had options keep hybrid's threshold at the top level:
+        # read back as settings, they name the same run as the rewritten form.
+        old = {**old, "token_merging": _settings_dict(old["token_merging"], path)}
     differ = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
     if differ:
         raise UserError(
             f"{path} holds the results of a different run ({', '.join(differ)} differ); "
             "choose another results path or pass overwrite=True"
         )
+
+
+def _settings_dict(values: dict[str, Any], path: str) -> dict[str, Any]:
+    try:
+        return MergingSettings.from_dict(values).to_dict()
+    except UserError as err:
+        raise UserError(f"{path}: its token_merging is not valid ({err})") from None
 
 
 def update_state(

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import check_output_file
-from vtm_jax.reduction import ReductionSettings
 
 ENSEMBLES = ("sum", "max")
 
@@ -23,7 +23,7 @@ class EvalSpec:
     """How to evaluate: views, batching, merging, outputs, and what the results keep.
 
     Attributes:
-      merging: reduction settings; ``None`` uses the checkpoint's stored ``token_merging``.
+      merging: merging settings; ``None`` uses the checkpoint's stored ``token_merging``.
       preprocessing: entries that override the checkpoint's preprocessing record.
       batch_size: videos per device per step (each with all its views).
       num_clips, three_crops: views per video (temporal clips x 1 or 3 spatial crops).
@@ -50,7 +50,7 @@ class EvalSpec:
         ``paper`` (zeros, as the paper's loader) or ``interpolate`` (``vtm_jax.frames``).
     """
 
-    merging: ReductionSettings | None = None
+    merging: MergingSettings | None = None
     preprocessing: Mapping[str, Any] | None = None
     batch_size: int = 1
     num_clips: int = 1
@@ -115,7 +115,7 @@ class EvalSpec:
         merging = config.get("token_merging")
         split = data.get("split", "test")
         return cls(
-            merging=None if merging is None else ReductionSettings.from_dict(merging),
+            merging=None if merging is None else MergingSettings.from_dict(merging),
             preprocessing=config_preprocessing(data, config.dataset_name, split),
             batch_size=_global_batch(data, devices) // devices,
             num_clips=data.get("num_test_clips", 1),

@@ -22,7 +22,7 @@ token count always follows ``schedule.plan_tokens``; from then on groups span se
 locations. The class token is never merged and stays first.
 
 It is written against the rule types of :mod:`vtm_jax.tokens` only, as an outside package's
-rule would be; :mod:`vtm_jax.reduction` registers it as ``tube_merge`` when it is imported
+rule would be; :mod:`vtm_jax.merging` registers it as ``tube_merge`` when it is imported
 (the name is always listed). It needs the patch grid, so it works in the global-merging ViViT
 and VideoMAE; other backbones raise a UserError.
 """
@@ -34,10 +34,10 @@ import jax.numpy as jnp
 
 from vtm_jax import merge as mg
 from vtm_jax.errors import UserError
-from vtm_jax.tokens import ReduceContext, Rule, Tokens
+from vtm_jax.tokens import MergeContext, Rule, Tokens
 
 
-def tube_merge_rule(tokens: Tokens, metric: jax.Array, r: int, ctx: ReduceContext) -> Tokens:
+def tube_merge_rule(tokens: Tokens, metric: jax.Array, r: int, ctx: MergeContext) -> Tokens:
     """Remove ``r`` tokens by joining temporally adjacent tubes (see the module docstring)."""
     if ctx.grid is None or tokens.pos is None:
         raise UserError(

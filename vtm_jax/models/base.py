@@ -1,7 +1,7 @@
 """What a backbone must provide (:class:`Backbone`), and the pieces backbones share.
 
 A backbone is a Flax module that classifies a video ``[B, T, H, W, 3]`` while reducing its
-tokens as ``merging`` (a :class:`~vtm_jax.reduction.ReductionSettings`) says. The rest of
+tokens as ``merging`` (a :class:`~vtm_jax.merging.MergingSettings`) says. The rest of
 vtm_jax (evaluation, benchmarks, sweeps, pictures, conversion checks) reaches a backbone only
 through this contract and :mod:`vtm_jax.models.registry`, never by its architecture name.
 
@@ -23,17 +23,17 @@ import jax.numpy as jnp
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
-from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
-from vtm_jax.reduction import (
-    ReductionSettings,
+from vtm_jax.merging import (
+    MergingSettings,
     Tokens,
     initial_positions,
     initial_source,
     key_metric,
     layer_key,
+    merge_tokens,
     needs_positions,
-    reduce_tokens,
 )
+from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
 from vtm_jax.schedule import LayerPlan, block_macs
 
 CLASSIFIERS = ("token", "gap")
@@ -101,7 +101,7 @@ class Backbone(Protocol):
     Fields: ``merging`` (static settings) and ``attention_fn`` (the attention backend).
     """
 
-    merging: ReductionSettings
+    merging: MergingSettings
     attention_fn: AttentionFn
     options: ClassVar[tuple[str, ...]]
 
@@ -195,7 +195,7 @@ class Step(NamedTuple):
 
 
 def encoder_steps(
-    merging: ReductionSettings, num_layers: int, merge_rng: jax.Array | None
+    merging: MergingSettings, num_layers: int, merge_rng: jax.Array | None
 ) -> list[Step]:
     """The steps of ``num_layers`` layers under ``merging``, in execution order.
 
@@ -226,7 +226,7 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     class_token: bool
-    merging: ReductionSettings
+    merging: MergingSettings
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     attention_fn: AttentionFn = xla_attention
@@ -260,7 +260,7 @@ class EncoderBlock(nn.Module):
         r = clamp_r(tokens.x.shape[1], r, class_token=self.class_token)
         if r > 0:
             metric = key_metric(keys, self.merging.head_aggregation)
-            tokens = reduce_tokens(
+            tokens = merge_tokens(
                 tokens,
                 metric,
                 r,
@@ -291,7 +291,7 @@ class Encoder(nn.Module):
     num_heads: int
     mlp_dim: int
     class_token: bool
-    merging: ReductionSettings
+    merging: MergingSettings
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
     attention_fn: AttentionFn = xla_attention

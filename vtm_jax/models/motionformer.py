@@ -1,4 +1,4 @@
-"""Motionformer (trajectory attention) with token reduction (docs/method.md §3.4, §3.6).
+"""Motionformer (trajectory attention) with token merging (docs/method.md §3.4, §3.6).
 
 Input ``[B, T, H, W, 3]``. A tubelet Conv cuts ``(2, 16, 16)`` patches, flattened frame-major:
 the ``S = F * P`` patch tokens are in ``(f n)`` order (``F`` temporal slots, ``P`` patches per
@@ -17,7 +17,7 @@ Trajectory attention, per head (the original code path, ``USE_ORIGINAL_TRAJ_ATTN
    original's typo: the value half of ``proj_kv`` is never used; ``original_temporal_values``
    = False uses it as the paper describes).
 
-Token reduction (the paper's patch): after the attention residual and before the MLP, the
+Token merging (the paper's patch): after the attention residual and before the MLP, the
 patch tokens are split into ``F`` groups and each group is reduced on its own with the mean of
 the patch keys over heads as metric (``head_aggregation='concat'``, which the paper's
 Motionformer ignores, is refused unless ``merging.motionformer_concat_keys`` asks for the
@@ -54,6 +54,13 @@ import jax.numpy as jnp
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
+from vtm_jax.merging import (
+    MergingSettings,
+    Tokens,
+    initial_source,
+    key_metric,
+    merge_tokens,
+)
 from vtm_jax.models.base import (
     SourceLayout,
     TemporalTable,
@@ -69,13 +76,6 @@ from vtm_jax.models.base import (
     sow_source,
 )
 from vtm_jax.models.layers import MlpBlock
-from vtm_jax.reduction import (
-    ReductionSettings,
-    Tokens,
-    initial_source,
-    key_metric,
-    reduce_tokens,
-)
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 _XAVIER = nn.initializers.xavier_uniform()
@@ -189,7 +189,7 @@ class TrajectoryBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     num_slots: int
-    merging: ReductionSettings
+    merging: MergingSettings
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     original_temporal_values: bool = True
@@ -215,7 +215,7 @@ class TrajectoryBlock(nn.Module):
         if r > 0:
             metric = to_groups(key_metric(keys, self.merging.head_aggregation), f, grouping)
             grouped = Tokens(to_groups(x[:, 1:], f, grouping), tokens.size, tokens.source)
-            grouped = reduce_tokens(
+            grouped = merge_tokens(
                 grouped, metric, r, settings=self.merging, class_token=False, key=key
             )
             x = jnp.concatenate([x[:, :1], from_groups(grouped.x, f, grouping)], axis=1)
@@ -225,7 +225,7 @@ class TrajectoryBlock(nn.Module):
         return tokens._replace(x=x + y)
 
 
-def check_head_aggregation(merging: ReductionSettings) -> None:
+def check_head_aggregation(merging: MergingSettings) -> None:
     """Refuse ``concat`` unless asked for by name: the paper's Motionformer ignores it."""
     if merging.head_aggregation == "concat" and not merging.motionformer_concat_keys:
         raise UserError(
@@ -236,7 +236,7 @@ def check_head_aggregation(merging: ReductionSettings) -> None:
 
 
 class Motionformer(nn.Module):
-    """Motionformer (ViT-B, trajectory attention) with token reduction.
+    """Motionformer (ViT-B, trajectory attention) with token merging.
 
     Parameters: ``embedding`` (Conv, kernel ``(t, h, w, 3, D)``), ``cls`` ``(1, 1, D)``,
     ``pos_embedding`` ``(1, 1 + P, D)`` (entry 0: the class token's), ``temporal_embedding``
@@ -258,7 +258,7 @@ class Motionformer(nn.Module):
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
     original_temporal_values: bool = True  # USE_ORIGINAL_TRAJ_ATTN_CODE
-    merging: ReductionSettings = ReductionSettings()
+    merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
 
     options: ClassVar[tuple[str, ...]] = ("motionformer_groups", "motionformer_concat_keys")

@@ -19,6 +19,7 @@ from flax import traverse_util
 from vtm_jax import plugins
 from vtm_jax.attention import AttentionFn, get_attention
 from vtm_jax.errors import UserError
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import BACKBONE_OPTIONS
 from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.timesformer import TimeSformer
@@ -26,7 +27,6 @@ from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 from vtm_jax.record import ModelRecord
-from vtm_jax.reduction import ReductionSettings
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit": ViViT,
@@ -69,13 +69,13 @@ def register_backbone(name: str, module: type[nn.Module], *, replace: bool = Fal
     ARCHITECTURES[name] = module
 
 
-def check_settings_apply(architecture: str, merging: ReductionSettings) -> None:
+def check_settings_apply(architecture: str, merging: MergingSettings) -> None:
     """A UserError for a backbone-only option the architecture would ignore.
 
     Each backbone lists the options it reads (``options``); one set away from its default on
     a backbone that does not list it would silently do nothing.
     """
-    defaults = ReductionSettings()
+    defaults = MergingSettings()
     for option in BACKBONE_OPTIONS:
         if getattr(merging, option) == getattr(defaults, option):
             continue
@@ -86,14 +86,14 @@ def check_settings_apply(architecture: str, merging: ReductionSettings) -> None:
 
 def build_model(
     record: ModelRecord,
-    merging: ReductionSettings | None = None,
+    merging: MergingSettings | None = None,
     attention_fn: AttentionFn | None = None,
 ) -> nn.Module:
-    """The Flax module a record describes, with the given reduction settings and attention."""
+    """The Flax module a record describes, with the given merging settings and attention."""
     name = record.architecture
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
-    merging = merging or ReductionSettings()
+    merging = merging or MergingSettings()
     check_settings_apply(name, merging)
     try:
         return ARCHITECTURES[name](

@@ -1,4 +1,4 @@
-"""TimeSformer (divided space-time attention) with per-frame token reduction.
+"""TimeSformer (divided space-time attention) with per-frame token merging.
 
 Input ``[B, T, H, W, 3]``. Each frame is cut into ``p`` patches by a 2-D conv; the sequence is
 one class token followed by the patches in ``(p t)`` order (spatial index major, frame minor),
@@ -32,6 +32,13 @@ import jax.numpy as jnp
 from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merge import clamp_r
+from vtm_jax.merging import (
+    MergingSettings,
+    Tokens,
+    initial_source,
+    key_metric,
+    merge_tokens,
+)
 from vtm_jax.models.base import (
     SourceLayout,
     TemporalTable,
@@ -48,13 +55,6 @@ from vtm_jax.models.base import (
     sow_source,
 )
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention
-from vtm_jax.reduction import (
-    ReductionSettings,
-    Tokens,
-    initial_source,
-    key_metric,
-    reduce_tokens,
-)
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
@@ -95,7 +95,7 @@ class EncoderBlock(nn.Module):
     num_frames: int
     num_heads: int
     mlp_dim: int
-    merging: ReductionSettings
+    merging: MergingSettings
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     attention_fn: AttentionFn = xla_attention
@@ -131,7 +131,7 @@ class EncoderBlock(nn.Module):
         # Reduction per frame: frames are the batch of the matching, no protected token.
         r = clamp_r(p, r, class_token=False)
         if r > 0:
-            frame_tokens = reduce_tokens(
+            frame_tokens = merge_tokens(
                 frame_tokens,
                 key_metric(keys[:, 1:], "mean"),
                 r,
@@ -153,7 +153,7 @@ class Encoder(nn.Module):
     num_layers: int
     num_heads: int
     mlp_dim: int
-    merging: ReductionSettings
+    merging: MergingSettings
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     attention_fn: AttentionFn = xla_attention
@@ -181,7 +181,7 @@ class Encoder(nn.Module):
 
 
 class TimeSformer(nn.Module):
-    """TimeSformer (divided space-time) with per-frame token reduction.
+    """TimeSformer (divided space-time) with per-frame token merging.
 
     Parameters: ``embedding`` (per-frame conv, kernel ``(ph, pw, 3, D)``), ``cls``,
     ``posembed_input/pos_embedding (1, 1 + p, D)``, ``time_embedding (1, T, D)``,
@@ -201,7 +201,7 @@ class TimeSformer(nn.Module):
     patch_size: tuple[int, int] = (16, 16)  # (h, w)
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False  # the paper's and HF's TimeSformer use exact GELU
-    merging: ReductionSettings = ReductionSettings()
+    merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
 
     options: ClassVar[tuple[str, ...]] = ()

@@ -1,4 +1,4 @@
-"""VideoMAE (ViT-B fine-tuned classifier) with token reduction, in a Scenic-like parameter layout.
+"""VideoMAE (ViT-B fine-tuned classifier) with token merging, in a Scenic-like parameter layout.
 
 Input ``[B, T, H, W, 3]``. A tubelet Conv embeds ``(t, h, w)`` patches in ``(t h w)`` order; a
 fixed sine-cosine position table (regenerated, never stored) is added; there is no class token.
@@ -8,7 +8,7 @@ over all tokens; without a class token the unmerged tokens keep their score orde
 §3.2, §9). The head is ``fc_norm`` of the mean over the remaining tokens, then one Dense.
 
 The paper runs VideoMAE with proportional attention off (``TOME.PROP_ATTN False`` on every
-VideoMAE experiment line), while :class:`ReductionSettings` defaults to on: converted records
+VideoMAE experiment line), while :class:`MergingSettings` defaults to on: converted records
 store ``token_merging.prop_attn = False`` (see ``vtm_jax.convert.hf_videomae``); a model built
 by hand takes whatever ``merging`` it is given.
 """
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import (
     Encoder,
     SourceLayout,
@@ -39,7 +40,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
@@ -59,7 +59,7 @@ def sinusoid_positions(num_tokens: int, width: int) -> np.ndarray:
 
 
 class VideoMAE(nn.Module):
-    """VideoMAE video classifier with token reduction.
+    """VideoMAE video classifier with token merging.
 
     Parameters: ``embedding`` (Conv, kernel ``(t, h, w, 3, D)``),
     ``Transformer/encoderblock_i/{LayerNorm_0, MultiHeadDotProductAttention_0 (key without
@@ -81,7 +81,7 @@ class VideoMAE(nn.Module):
     patch_size: tuple[int, int, int] = (2, 16, 16)  # (t, h, w)
     layer_norm_eps: float = 1e-6
     fc_norm_eps: float = 1e-6
-    merging: ReductionSettings = ReductionSettings()
+    merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
 
     options: ClassVar[tuple[str, ...]] = ("size_weighted_pool",)

@@ -1,4 +1,4 @@
-"""Spatio-temporal ViViT ("model 1") with token reduction, in Scenic's parameter layout.
+"""Spatio-temporal ViViT ("model 1") with token merging, in Scenic's parameter layout.
 
 Input ``[B, T, H, W, 3]`` (Scenic's NTHWC). A tubelet Conv embeds ``(t, h, w)`` patches in
 ``(t h w)`` order, a class token is prepended, learned position embeddings added, then pre-LN
@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 
 from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import (
     Encoder,
     EncoderBlock,
@@ -32,7 +33,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.reduction import ReductionSettings
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 # The shared encoder is ViViT's (Scenic's Transformer); its block is named here for the tests
@@ -41,9 +41,9 @@ __all__ = ["Encoder", "EncoderBlock", "ViViT"]
 
 
 class ViViT(nn.Module):
-    """ViViT model 1 with token reduction; parameter tree identical to Scenic's ``ViViT``.
+    """ViViT model 1 with token merging; parameter tree identical to Scenic's ``ViViT``.
 
-    ``merging`` holds the reduction settings (static); ``attention_fn`` is the attention
+    ``merging`` holds the merging settings (static); ``attention_fn`` is the attention
     backend. With ``merging.trace_source`` set, the final source tracking is sown as
     ``intermediates/source`` (apply with ``mutable=['intermediates']``).
     """
@@ -58,7 +58,7 @@ class ViViT(nn.Module):
     representation_size: int | None = None
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
-    merging: ReductionSettings = ReductionSettings()
+    merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
 
     options: ClassVar[tuple[str, ...]] = ("size_weighted_pool",)

@@ -1,4 +1,4 @@
-"""Factorised-encoder ViViT ("model 2", Scenic's ``SpaceTimeViViT``) with token reduction.
+"""Factorised-encoder ViViT ("model 2", Scenic's ``SpaceTimeViViT``) with token merging.
 
 A spatial transformer runs on each frame's tubelet tokens (its own class token), each frame is
 pooled to one token, and a temporal transformer runs over those. Merging happens inside the
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 
 from vtm_jax.attention import AttentionFn, xla_attention
+from vtm_jax.merging import MergingSettings, Tokens
 from vtm_jax.models.base import (
     Encoder,
     SourceLayout,
@@ -34,7 +35,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.reduction import ReductionSettings, Tokens
 from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
@@ -54,12 +54,12 @@ class FactorisedEncoderViViT(nn.Module):
     representation_size: int | None = None
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
-    merging: ReductionSettings = ReductionSettings()
+    merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
 
     options: ClassVar[tuple[str, ...]] = ("temporal_r", "size_weighted_pool")
 
-    def _encoder(self, name: str, merging: ReductionSettings) -> Encoder:
+    def _encoder(self, name: str, merging: MergingSettings) -> Encoder:
         prefix = name[: -len("Transformer")].lower()
         return Encoder(
             num_layers=getattr(self, f"{prefix}_num_layers"),
@@ -73,7 +73,7 @@ class FactorisedEncoderViViT(nn.Module):
             name=name,
         )
 
-    def _encode(self, x: jax.Array, name: str, merging: ReductionSettings, rng) -> Tokens:
+    def _encode(self, x: jax.Array, name: str, merging: MergingSettings, rng) -> Tokens:
         """Class token (if any), encoder; ``x`` is ``[batch, tokens, D]``."""
         if self.classifier == "token":
             x = prepend_class_token(self, x, f"cls_{name}")
@@ -162,17 +162,17 @@ class FactorisedEncoderViViT(nn.Module):
         return [TemporalTable(("TemporalTransformer", "posembed_input", "pos_embedding"), cls, 1)]
 
 
-def temporal_rng(merging: ReductionSettings, merge_rng: jax.Array | None) -> jax.Array:
+def temporal_rng(merging: MergingSettings, merge_rng: jax.Array | None) -> jax.Array:
     """The temporal encoder's base key: split off the spatial one, so no key is used twice
     (the spatial encoder's step keys are ``fold_in(base, step)``)."""
     base = jax.random.PRNGKey(merging.seed) if merge_rng is None else merge_rng
     return jax.random.split(base)[1]
 
 
-def temporal_settings(merging: ReductionSettings) -> ReductionSettings:
+def temporal_settings(merging: MergingSettings) -> MergingSettings:
     """The temporal encoder's settings: the same mode, r = ``temporal_r``, no duplication."""
     if merging.temporal_r == 0:
-        return ReductionSettings(trace_source="none")
+        return MergingSettings(trace_source="none")
     return dataclasses.replace(
         merging,
         r=merging.temporal_r,

@@ -3,7 +3,7 @@
 With Scenic installed (``pip install "vtm-jax[scenic]"``), :class:`ViViTTokenMergingModel`
 subclasses Scenic's ``ClassificationModel``, so Scenic's current generic trainer and evaluator
 (``scenic.train_lib.classification_trainer``) can train and evaluate it from a Scenic ViViT
-config plus a ``token_merging`` block (the fields of :class:`vtm_jax.reduction.ReductionSettings`;
+config plus a ``token_merging`` block (the fields of :class:`vtm_jax.merging.MergingSettings`;
 none means no merging). The module's parameter tree is Scenic's ViViT's, so Scenic checkpoints
 and ``init_from`` work unchanged. ``python -m vtm_jax.scenic.model --config=... --workdir=...``
 runs Scenic's classification trainer with it, as a Scenic project's ``main.py`` would.
@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import MERGE_STREAM
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.reduction import ReductionSettings
 
 try:
     from scenic.model_lib.base_models import classification_model as _classification_model
@@ -111,7 +111,7 @@ def flax_model_from_config(
                 config.dataset_configs = ml_collections.ConfigDict()
             config.dataset_configs.num_classes = num_classes
     record = vivit_record(config)
-    merging = ReductionSettings.from_dict(config.get("token_merging"))
+    merging = MergingSettings.from_dict(config.get("token_merging"))
     check_settings_apply(record.architecture, merging)
     module = ScenicViViT if record.architecture == "vivit" else ScenicFactorisedEncoderViViT
     return module(
