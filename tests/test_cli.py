@@ -201,6 +201,15 @@ def test_bench_tiny(tmp_path, capsys):
     assert main([*args, "--config.token_merging.r=6", f"--workdir={tmp_path / 'w'}"]) == 0
     assert sorted(os.listdir(tmp_path / "w")) == ["bench.json", "bench.md", "bench.png"]
     assert "| merge | 6 |" in (tmp_path / "w" / "bench.md").read_text()
+    # A batch of 2 run one clip at a time: the same plan, recorded in the results.
+    stepped = ["--config.bench.batch_size=2", "--config.bench.clips_per_step=1"]
+    assert main([*args, *stepped, "--config.token_merging.r=6", f"--output={out}"]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["clips_per_step"] for r in results] == [1, 1]
+    assert results[1]["tokens_per_layer"] == [59, 53]
+    capsys.readouterr()
+    bad_step = ["--config.bench.batch_size=4", "--config.bench.clips_per_step=3"]
+    _bad([*args, *bad_step], capsys, "clips_per_step must divide the batch of 4 clips")
     _bad([*args, f"--workdir={tmp_path / 'w'}", f"--output={out}"], capsys, "not both")
     _bad([*args, f"--workdir={out}"], capsys, f"--workdir {out} is a file")
     _bad([*args, "--config.token_merging.mode=tome"], capsys, "unknown mode 'tome'")

@@ -299,6 +299,19 @@ def test_a_results_file_from_before_rule_options_resumes(checkpoint, tmp_path):
         evaluate(checkpoint, FakeSource(), **{**kwargs, "merging": other})
 
 
+def test_clips_per_step_gives_the_same_results(checkpoint, baseline):
+    """A device batch (2 videos x 6 views) run 3 clips at a time: the same sums and ids."""
+    expected, _ = baseline
+    stepped = evaluate(
+        checkpoint, FakeSource(), clips_per_step=3, predictions=True, confusion_matrix=True, **RUN
+    )
+    for key in SUM_KEYS:
+        assert stepped[key] == expected[key], key
+    assert stepped["info"]["clips_per_step"] == 3
+    with pytest.raises(UserError, match="must divide the 12 clips of a device batch"):
+        evaluate(checkpoint, FakeSource(), clips_per_step=5, **RUN)
+
+
 def test_other_run_on_the_same_path_is_refused(checkpoint, baseline, tmp_path):
     _, path = baseline
     other = MergingSettings(mode="drop", r=4)

@@ -2,13 +2,16 @@
 else the seeded default; so a trainer that passes ``rngs`` per step (as Scenic's does) gets a
 new draw each step, and evaluation's per-video keys are unchanged."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
-from vtm_jax.models.base import MERGE_STREAM
+from vtm_jax.models.base import MERGE_STREAM, apply_in_steps
 from vtm_jax.models.registry import ARCHITECTURES
 
 VIDEO = jax.random.normal(jax.random.PRNGKey(7), (2, 4, 16, 16, 3))
@@ -79,6 +82,29 @@ def test_the_merge_stream_decides_the_draws(tiny):
     default = _run(model, params)
     assert _same(default, _run(model, params, rngs={"dropout": k1}))
     assert not np.array_equal(one[1], default[1])
+
+
+def test_a_batch_run_in_steps_of_clips(tiny):
+    """apply_in_steps: step i of a batch is the model on its clips with fold_in(key, i)."""
+    model, params = tiny
+    key = jax.random.PRNGKey(5)
+    stepped = apply_in_steps(model, params, VIDEO, clips_per_step=1, merge_rng=key)
+    for i in range(VIDEO.shape[0]):
+        alone = model.apply(
+            {"params": params}, VIDEO[i : i + 1], merge_rng=jax.random.fold_in(key, i)
+        )
+        np.testing.assert_allclose(stepped[i : i + 1], alone, atol=1e-5, rtol=0)
+    # A deterministic mode gives the whole batch's logits; a step of the batch is one apply.
+    merge = model.clone(merging=dataclasses.replace(model.merging, mode="merge"))
+    whole = merge.apply({"params": params}, VIDEO)
+    np.testing.assert_allclose(
+        apply_in_steps(merge, params, VIDEO, clips_per_step=1), whole, atol=1e-5, rtol=0
+    )
+    np.testing.assert_array_equal(apply_in_steps(merge, params, VIDEO, clips_per_step=2), whole)
+    four = jnp.concatenate([VIDEO, VIDEO])
+    for bad in (3, 0):
+        with pytest.raises(UserError, match="clips_per_step must divide the batch of 4 clips"):
+            apply_in_steps(merge, params, four, clips_per_step=bad)
 
 
 def test_explicit_key_wins_and_no_stream_keeps_the_seeded_default(tiny):

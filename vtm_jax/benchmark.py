@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vtm_jax.attention import get_attention
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
+from vtm_jax.models.base import apply_in_steps
 from vtm_jax.models.registry import build_model
 from vtm_jax.record import ModelRecord
 
@@ -103,11 +104,13 @@ def bench_settings(
     attention: str = "auto",
     params: Any = None,
     progress: Callable[[str], None] = print,
+    clips_per_step: int | None = None,
 ) -> list[dict[str, Any]]:
     """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline.
 
     Settings are timed in turns, one pass of each per round, after all are compiled and
-    warmed up."""
+    warmed up. ``clips_per_step`` runs each batch that many clips at a time
+    (:func:`vtm_jax.models.base.apply_in_steps`; None: the whole batch at once)."""
     if batch_size < 1 or iterations < 1 or warmup < 0:
         raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
     num_frames, size = record.num_frames, record.image_size
@@ -121,7 +124,9 @@ def bench_settings(
     # round): a change in the machine's load hits every setting alike instead of skewing the
     # speedups, which are ratios of settings.
     runs = [
-        _compiled_run(record, merging, attention_fn, params, video, warmup, progress)
+        _compiled_run(
+            record, merging, attention_fn, params, video, warmup, progress, clips_per_step
+        )
         for merging in settings
     ]
     seconds: list[list[float]] = [[] for _ in runs]
@@ -137,6 +142,7 @@ def bench_settings(
     ]
     baseline = next((r for r in results if r["mode"] == "none"), None)
     for r in results:
+        r["clips_per_step"] = clips_per_step
         if baseline is not None:
             r["speedup"] = r["clips_per_s"] / baseline["clips_per_s"]
             r["flop_limit"] = baseline["gmacs_per_clip"] / r["gmacs_per_clip"]
@@ -158,6 +164,7 @@ def _compiled_run(
     video: jax.Array,
     warmup: int,
     progress: Callable[[str], None],
+    clips_per_step: int | None = None,
 ) -> _CompiledRun:
     """One setting's model, compiled for ``video`` and run ``warmup`` times."""
     model = build_model(record, merging, attention_fn)
@@ -166,7 +173,7 @@ def _compiled_run(
     )
 
     def forward(p, x):
-        return model.apply({"params": p}, x)
+        return apply_in_steps(model, p, x, clips_per_step=clips_per_step)
 
     start = time.perf_counter()
     compiled = jax.jit(forward).lower(params, video).compile()

@@ -213,6 +213,7 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         iterations=bench.get("iterations", 3),
         attention=bench.get("attention", "auto"),
         progress=say,
+        clips_per_step=bench.get("clips_per_step"),
     )
     # Measured again after the timing, the best kept: one reading taken in a loaded moment
     # would make every rate look closer to the peak than it is.

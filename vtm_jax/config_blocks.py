@@ -79,6 +79,9 @@ def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
             "ensemble": "sum",  # SlowFast's DATA.ENSEMBLE_METHOD over views: sum or max
             "save_scores": False,  # per-video scores beside the results, as .scores.npz
             "workers": config_dict.placeholder(int),
+            # Clips run at a time within a device batch (None: all at once); on a CPU a step
+            # of one clip keeps activations in cache (vtm_jax.models.base.apply_in_steps).
+            "clips_per_step": config_dict.placeholder(int),
             # A frame count other than the checkpoint's: what becomes of the learned temporal
             # positions, "paper" (zeros) or "interpolate" (vtm_jax.frames).
             "position_embeddings": "paper",
@@ -89,10 +92,17 @@ def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
 
 
 def bench_config(**values: Any) -> ml_collections.ConfigDict:
-    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, and
-    sweeps over modes, r values and schedules (None: just the token_merging block)."""
+    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, clips
+    run at a time within a batch (None: all), and sweeps over modes, r values and schedules
+    (None: just the token_merging block)."""
     block = ml_collections.ConfigDict(
-        {"batch_size": 1, "warmup": 1, "iterations": 3, "attention": "auto"}
+        {
+            "batch_size": 1,
+            "warmup": 1,
+            "iterations": 3,
+            "attention": "auto",
+            "clips_per_step": config_dict.placeholder(int),
+        }
     )
     for name in ("modes", "r_values", "schedules"):
         block[name] = config_dict.placeholder(tuple)

@@ -237,6 +237,12 @@ def _run_description(
             "source": eval_input.source_fingerprint(source),
             # Only present when the frame count differs, so older results files still resume.
             **({"frames": frames} if frames else {}),
+            # Stepping through a batch changes the draws of random modes, not other logits.
+            **(
+                {"clips_per_step": spec.clips_per_step}
+                if spec.clips_per_step and is_random(merging)
+                else {}
+            ),
         }
     )
 
@@ -254,6 +260,7 @@ def _run_info(run: dict[str, Any], record: ModelRecord, spec: EvalSpec) -> dict[
         "processes": jax.process_count(),
         "batch_size_per_device": spec.batch_size,
         "views_per_video": spec.views,
+        "clips_per_step": spec.clips_per_step,
         "attention": spec.attention,
         "jax": jax.__version__,
     }

@@ -20,11 +20,12 @@ import numpy as np
 from vtm_jax.evaluation import input as eval_input
 from vtm_jax.evaluation.metrics import view_metrics, with_metrics
 from vtm_jax.evaluation.results import Loaded, save_score_chunk, update_state
+from vtm_jax.models.base import apply_in_steps
 from vtm_jax.outputs import write_json
 from vtm_jax.record import Head
 
 
-def eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed):
+def eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed, clips_per_step=None):
     """One device's share of a step; sums are psum-ed, so each device holds the process's.
 
     Random modes get a fresh draw per device batch, keyed by the dataset index of its first
@@ -34,8 +35,9 @@ def eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed):
     videos = batch["inputs"]  # [B, V, T, S, S, 3]
     b, v = videos.shape[:2]
     merge_rng = jax.random.fold_in(jax.random.PRNGKey(seed), batch["example_index"][0])
-    logits = model.apply(
-        {"params": params}, videos.reshape((b * v,) + videos.shape[2:]), merge_rng=merge_rng
+    clips = videos.reshape((b * v,) + videos.shape[2:])
+    logits = apply_in_steps(
+        model, params, clips, clips_per_step=clips_per_step, merge_rng=merge_rng
     )
     logits = logits.reshape(b, v, -1)
     # A video whose logits overflowed is skipped (and listed), not counted with NaN scores.
@@ -61,6 +63,7 @@ def pmapped_step(model: Any, heads: Sequence[Head], spec: Any, seed: int) -> Cal
             softmax_views=spec.softmax_views,
             ensemble=spec.ensemble,
             seed=seed,
+            clips_per_step=spec.clips_per_step,
         ),
         axis_name="batch",
         devices=jax.local_devices(),

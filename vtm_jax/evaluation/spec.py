@@ -48,6 +48,9 @@ class EvalSpec:
       position_embeddings: when ``preprocessing`` asks for another frame count than the
         checkpoint's, what becomes of the learned temporal positions that no longer fit:
         ``paper`` (zeros, as the paper's loader) or ``interpolate`` (``vtm_jax.frames``).
+      clips_per_step: run a device's ``batch_size x views`` clips this many at a time
+        (:func:`vtm_jax.models.base.apply_in_steps`): faster on a CPU at large batches, the
+        same logits for deterministic modes; None runs them all at once.
     """
 
     merging: MergingSettings | None = None
@@ -69,6 +72,7 @@ class EvalSpec:
     workers: int | None = None
     verify: bool = True
     position_embeddings: str = "paper"
+    clips_per_step: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("batch_size", self.batch_size), ("num_clips", self.num_clips)):
@@ -78,6 +82,13 @@ class EvalSpec:
             raise UserError(f"limit must be a positive integer (or unset), not {self.limit!r}")
         if self.ensemble not in ENSEMBLES:
             raise UserError(f"unknown ensemble {self.ensemble!r}; valid: {', '.join(ENSEMBLES)}")
+        step = self.clips_per_step
+        clips = self.batch_size * self.views
+        if step is not None and (not isinstance(step, int) or step < 1 or clips % step):
+            raise UserError(
+                f"clips_per_step must divide the {clips} clips of a device batch "
+                f"(batch_size x views), not {step!r}"
+            )
         if self.save_scores and self.results_path is None:
             raise UserError("save_scores needs a results_path (the scores go beside it)")
 
@@ -132,6 +143,7 @@ class EvalSpec:
             save_scores=options.get("save_scores", False),
             workers=workers,
             position_embeddings=options.get("position_embeddings", "paper"),
+            clips_per_step=options.get("clips_per_step"),
             progress=progress,
             verify=verify,
         )

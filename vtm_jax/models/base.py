@@ -184,6 +184,47 @@ def merge_key(module: nn.Module, merge_rng: jax.Array | None) -> jax.Array | Non
     return None
 
 
+def apply_in_steps(
+    model: nn.Module,
+    params: Any,
+    videos: jax.Array,
+    *,
+    clips_per_step: int | None = None,
+    merge_rng: jax.Array | None = None,
+) -> jax.Array:
+    """``model.apply`` over ``videos`` ``[B, ...]``, ``clips_per_step`` clips at a time.
+
+    Why: on a CPU a whole batch's activations leave the last-level cache (ViViT-B's MLP
+    activations are 38 MB a clip), and the elementwise work between the matmuls becomes bound
+    by memory. Running the clips of a batch in steps of a few (a ``lax.map``, one compiled
+    body) keeps them in cache: ViViT-B at batch 4 ran 3.0 s per clip in steps of one clip
+    against 3.9 s as one batch (BENCHMARKS.md). Logits are unchanged for deterministic modes.
+    Random modes draw per step, from ``fold_in(key, step)`` of the call's key (``merge_rng``,
+    else ``PRNGKey(merging.seed)``), so their draws differ from a whole-batch call's.
+
+    ``None`` (or a step of the whole batch) is one plain ``model.apply``; ``B`` must be a
+    multiple of ``clips_per_step``.
+    """
+    batch = videos.shape[0]
+    if clips_per_step is None or clips_per_step >= batch:
+        return model.apply({"params": params}, videos, merge_rng=merge_rng)
+    if clips_per_step < 1 or batch % clips_per_step:
+        raise UserError(
+            f"clips_per_step must divide the batch of {batch} clips, not {clips_per_step!r}"
+        )
+    steps = batch // clips_per_step
+    key = merge_rng if merge_rng is not None else jax.random.PRNGKey(model.merging.seed)
+
+    def one_step(args):
+        index, clips = args
+        step_rng = jax.random.fold_in(key, index)
+        return model.apply({"params": params}, clips, merge_rng=step_rng)
+
+    chunks = videos.reshape((steps, clips_per_step) + videos.shape[1:])
+    logits = jax.lax.map(one_step, (jnp.arange(steps), chunks))
+    return logits.reshape((batch,) + logits.shape[2:])
+
+
 class Step(NamedTuple):
     """One step of an encoder: which layer runs, its r, its PRNG key, and ``repeats``: the same
     layer runs again next (a duplicated layer, docs/method.md §3.6)."""
