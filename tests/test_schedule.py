@@ -111,3 +111,10 @@ def test_settings_r_forms():
             MergingSettings(mode="merge", **bad)
     with pytest.raises(UserError, match="threshold must be a finite number"):
         MergingSettings(mode="hybrid", rule_options={"threshold": float("nan")})
+    # ... and given at the top level, as a config block's --config.token_merging.threshold=nan.
+    with pytest.raises(UserError, match="threshold must be a finite number"):
+        MergingSettings.from_dict({"mode": "hybrid", "threshold": float("nan")})
+    with pytest.raises(UserError, match="threshold is given twice: 0.4 and rule_options 0.5"):
+        MergingSettings.from_dict(
+            {"mode": "hybrid", "threshold": 0.4, "rule_options": {"threshold": 0.5}}
+        )

@@ -248,7 +248,7 @@ class MergingSettings:
         given = dict(values.pop("rule_options", None) or {})
         for name in sorted(set(values) & _option_names(values.get("mode", "none"))):
             value = values.pop(name)
-            if value is not None and given.get(name, value) != value:
+            if value is not None and name in given and given[name] != value:
                 raise UserError(
                     f"{name} is given twice: {value!r} and rule_options {given[name]!r}"
                 )
