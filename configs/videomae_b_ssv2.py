@@ -8,7 +8,7 @@ Every experiment family of the paper is an override, e.g. --config.token_merging
 --config.token_merging.schedule=-1 or --config.token_merging.duplicate="(11, 12)".
 """
 
-from vtm_jax.paper import get_paper_config
+from vtm_jax.config.paper import get_paper_config
 
 
 def get_config():

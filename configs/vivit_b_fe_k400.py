@@ -9,7 +9,7 @@ Scenic's schema (``model.*``, ``dataset_configs.*``) plus a ``token_merging`` bl
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.config_blocks import bench_config, token_merging_config
+from vtm_jax.config.blocks import bench_config, token_merging_config
 
 
 def get_config() -> ml_collections.ConfigDict:

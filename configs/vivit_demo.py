@@ -12,7 +12,7 @@ and ``vtm-jax demo`` evaluates it (``token_merging`` below is the demo's operati
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.config_blocks import bench_config, token_merging_config, training_config
+from vtm_jax.config.blocks import bench_config, token_merging_config, training_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ r"""A ViViT checkpoint on the synthetic dataset (built on first use): a quick en
 import ml_collections
 from ml_collections import config_dict
 
-from vtm_jax.paper import get_paper_config
+from vtm_jax.config.paper import get_paper_config
 
 
 def get_config() -> ml_collections.ConfigDict:

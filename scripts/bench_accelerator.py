@@ -48,9 +48,9 @@ def parity(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from vtm_jax.attention import get_attention, xla_attention
-    from vtm_jax.config import load_config, record_from_config
+    from vtm_jax.config.loading import load_config, record_from_config
     from vtm_jax.merging import MergingSettings
+    from vtm_jax.models.attention import get_attention, xla_attention
     from vtm_jax.models.registry import build_model
 
     platform = jax.default_backend()

@@ -65,7 +65,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from vtm_jax.attention import blockwise_attention, xla_attention
+    from vtm_jax.models.attention import blockwise_attention, xla_attention
 
     for n in args.tokens:
         q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, n, 12, 64)) for i in range(3))

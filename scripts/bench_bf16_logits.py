@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_accelerator import _random_params  # noqa: E402
 
-from vtm_jax.attention import get_attention
-from vtm_jax.config import load_config, record_from_config
+from vtm_jax.config.loading import load_config, record_from_config
 from vtm_jax.merging import MergingSettings
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.registry import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,8 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from vtm_jax.attention import get_attention
 from vtm_jax.merging import MergingSettings, Tokens, merge_tokens
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.vivit import EncoderBlock, ViViT
 
 

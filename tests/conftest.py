@@ -33,9 +33,9 @@ def tiny_checkpoint(tmp_path_factory):
         import jax
         import numpy as np
 
-        from vtm_jax.checkpoint import save_checkpoint
+        from vtm_jax.checkpoints.record import ModelRecord
+        from vtm_jax.checkpoints.store import save_checkpoint
         from vtm_jax.models.registry import ARCHITECTURES
-        from vtm_jax.record import ModelRecord
 
         kwargs = {**TINY_MODELS[architecture], "num_classes": num_classes}
         video = np.zeros((1, frames, size, size, 3), np.float32)

@@ -1,4 +1,4 @@
-"""TensorBoard event files read back: what ``vtm_jax.metrics`` wrote through clu."""
+"""TensorBoard event files read back: what ``vtm_jax.jobs.tensorboard`` wrote through clu."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 
 import vtm_jax
 from vtm_jax import api
-from vtm_jax.predict import _apply, predict
+from vtm_jax.jobs.predict import _apply, predict
 
 FRAMES, SIZE = 16, 32
 

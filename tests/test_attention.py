@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax.attention import (
+from vtm_jax.errors import UserError
+from vtm_jax.models.attention import (
     blockwise_attention,
     get_attention,
     jax_nn_attention,
@@ -13,7 +14,6 @@ from vtm_jax.attention import (
     pallas_tpu_attention,
     xla_attention,
 )
-from vtm_jax.errors import UserError
 
 
 @pytest.mark.parametrize("n, chunk", [(37, 8), (64, 16), (10, 128)])

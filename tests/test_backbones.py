@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from vtm_jax.checkpoints.frame_count import temporal_tables
+from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
-from vtm_jax.frames import temporal_tables
+from vtm_jax.jobs.visualize import default_layers
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import BACKBONE_OPTIONS, Backbone, SourceLayout, TemporalTable
 from vtm_jax.models.registry import (
@@ -17,8 +19,6 @@ from vtm_jax.models.registry import (
     register_backbone,
 )
 from vtm_jax.models.vivit import ViViT
-from vtm_jax.record import ModelRecord
-from vtm_jax.visualize import default_layers
 
 
 def _record(architecture: str, **model) -> ModelRecord:

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 
-from vtm_jax.benchmark import sweep
+from vtm_jax.jobs.bench import sweep
 from vtm_jax.merging import MergingSettings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_bench_across_two_processes(tmp_path):
 
 def test_every_config_describes_its_backbone():
     """Each shipped config builds its model at the paper's r and plans the paper's counts."""
-    from vtm_jax.config import load_config, record_from_config
+    from vtm_jax.config.loading import load_config, record_from_config
     from vtm_jax.models.registry import build_model
 
     expected = {

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from vtm_jax.attention import get_attention
-from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.checkpoints.store import load_checkpoint
 from vtm_jax.cli import main
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.registry import build_model
 
 torch = pytest.importorskip("torch")

@@ -25,7 +25,7 @@ from vtm_jax.data.pipeline import (
     shard_indices,
 )
 from vtm_jax.errors import UserError
-from vtm_jax.evaluation.input import ExampleLoader, host_batch, loaded_batches
+from vtm_jax.jobs.evaluation.input import ExampleLoader, host_batch, loaded_batches
 
 SYNTHETIC = {"train_examples": 64, "test_examples": 32}
 PREP = {

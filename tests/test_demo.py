@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.test_train import tiny_config
-from vtm_jax.config_blocks import bench_config
-from vtm_jax.demo import demo_config, format_demo_table, run_demo
-from vtm_jax.train import train
+from vtm_jax.config.blocks import bench_config
+from vtm_jax.jobs.demo import demo_config, format_demo_table, run_demo
+from vtm_jax.jobs.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from vtm_jax.checkpoint import load_record
+from vtm_jax.checkpoints.store import load_record
 from vtm_jax.data.datasets import open_split
-from vtm_jax.demo import demo_config, shipped_checkpoint
-from vtm_jax.evaluate import evaluate
+from vtm_jax.jobs.demo import demo_config, shipped_checkpoint
+from vtm_jax.jobs.evaluation.evaluate import evaluate
 from vtm_jax.merging import MergingSettings
 
 

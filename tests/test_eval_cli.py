@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tests.events import read_scalars
-from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.models.vivit import ViViT
-from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import save_checkpoint
 from vtm_jax.errors import UserError
-from vtm_jax.evaluate import evaluate, format_results, view_metrics
+from vtm_jax.jobs.evaluation.evaluate import evaluate, format_results, view_metrics
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.vivit import ViViT
-from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE = 8, 32
@@ -100,7 +100,7 @@ def make_checkpoint(path, num_classes, class_splits=None):
 
 def reference_scores(checkpoint, source):
     """Each video's logits ``[views, classes]``, one video at a time (None where corrupt)."""
-    from vtm_jax.checkpoint import load_checkpoint
+    from vtm_jax.checkpoints.store import load_checkpoint
     from vtm_jax.data.pipeline import CorruptVideo, eval_views
     from vtm_jax.models.registry import build_model
 
@@ -403,7 +403,7 @@ def run_script(checkpoint, results_path, devices, process=0, processes=1, port=0
         "if int(processes) > 1:\n"
         "    jax.distributed.initialize(f'127.0.0.1:{port}', int(processes), int(process))\n"
         "from tests.test_evaluate import FakeSource, RUN\n"
-        "from vtm_jax.evaluate import evaluate\n"
+        "from vtm_jax.jobs.evaluation.evaluate import evaluate\n"
         "RUN['progress'] = int(process) == 0\n"
         "evaluate(checkpoint, FakeSource(), results_path=path, predictions=True,\n"
         "         confusion_matrix=True, **RUN)\n"
@@ -520,7 +520,7 @@ class CountingSource(FakeSource):
 
 def test_examples_are_streamed(checkpoint):
     """Videos are read a few at a time ahead of the devices, never the whole split at once."""
-    from vtm_jax.evaluate import PREFETCH_BATCHES
+    from vtm_jax.jobs.evaluation.evaluate import PREFETCH_BATCHES
 
     source = CountingSource()
     workers, host_batch = 2, 1  # one device, one video per batch

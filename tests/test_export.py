@@ -20,11 +20,11 @@ from jax import export
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
 from jax._src.lib import cuda_versions
 
-from vtm_jax.attention import cudnn_attention, jax_nn_attention, pallas_tpu_attention
-from vtm_jax.config import load_config, record_from_config
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.config.loading import load_config, record_from_config
 from vtm_jax.merging import MergingSettings
+from vtm_jax.models.attention import cudnn_attention, jax_nn_attention, pallas_tpu_attention
 from vtm_jax.models.registry import build_model
-from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = ("vivit_b", "vivit_b_fe", "videomae_b", "timesformer_b", "motionformer_b")

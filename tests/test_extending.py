@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax import attention
-from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.checkpoints.store import load_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.data import datasets
 from vtm_jax.errors import UserError
-from vtm_jax.evaluate import evaluate
+from vtm_jax.jobs.evaluation.evaluate import evaluate
 from vtm_jax.merging import MergingSettings
+from vtm_jax.models import attention
 from vtm_jax.models.registry import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax import merge as mg
-from vtm_jax import schedule
-from vtm_jax.config import load_config
+from vtm_jax.config.loading import load_config
 from vtm_jax.errors import UserError
 from vtm_jax.merging import (
     RULES,
@@ -21,12 +19,14 @@ from vtm_jax.merging import (
     initial_source,
     merge_tokens,
     register_rule,
+    schedule,
 )
+from vtm_jax.merging import matching as mg
+from vtm_jax.merging.tokens import RuleOption
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import EncoderBlock, ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.tokens import RuleOption
 
 GRID = (4, 4, 4)  # 8 frames of 32x32, tubelet (2, 8, 8): 64 patches
 VIDEO = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 32, 32, 3))
@@ -189,9 +189,9 @@ def test_unknown_names_are_one_line_user_errors():
         (dict(mode="tome"), "unknown mode 'tome'; valid: none, merge"),
         (dict(r_schedule="linear"), "unknown r_schedule 'linear'; valid: paper"),
         (dict(mode="no_such_module_xyz:rule"), "cannot import 'no_such_module_xyz'"),
-        (dict(mode="vtm_jax.extensions.tube:nope"), "has no attribute 'nope'"),
-        (dict(mode="vtm_jax.extensions:tube"), "names a module, not a rule"),
-        (dict(r_schedule="vtm_jax.schedule:RSpec.x"), "has no attribute"),
+        (dict(mode="vtm_jax.merging.tube:nope"), "has no attribute 'nope'"),
+        (dict(mode="vtm_jax.merging:tube"), "names a module, not a rule"),
+        (dict(r_schedule="vtm_jax.merging.schedule:RSpec.x"), "has no attribute"),
     ]
     for values, message in cases:
         with pytest.raises(UserError, match=message) as info:
@@ -243,7 +243,7 @@ def test_tube_merge_in_models_follows_plan_and_keeps_tubes(architecture):
     model = architecture(**TINY, num_layers=2)
     merging = MergingSettings(mode="tube_merge", r=[24, 20], trace_source="index")
     if architecture is VideoMAE:  # by path: the same rule object
-        merging = dataclasses.replace(merging, mode="vtm_jax.extensions.tube:tube_merge")
+        merging = dataclasses.replace(merging, mode="vtm_jax.merging.tube:tube_merge")
         assert get_rule(merging.mode) is get_rule("tube_merge")
     out, source, counts = run(model, merging)
     assert counts == [p.tokens_out for p in model.clone(merging=merging).token_plan(8, 32)]

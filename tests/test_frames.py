@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from vtm_jax.checkpoint import load_checkpoint
+from vtm_jax.checkpoints.frame_count import change_frames, resample_linear
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import load_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.errors import UserError
-from vtm_jax.frames import change_frames, resample_linear
 from vtm_jax.models.registry import build_model, check_params_fit
-from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POS = ("Transformer", "posembed_input", "pos_embedding")

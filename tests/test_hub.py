@@ -12,7 +12,7 @@ import pytest
 import vtm_jax
 from tests.hf_models import random_hf_vivit
 from vtm_jax.cli import main
-from vtm_jax.predict import predict
+from vtm_jax.jobs.predict import predict
 
 REPO_ID = "tiny-org/vivit-tiny"
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.reference import tome_oracle as oracle
-from vtm_jax import merge as mg
 from vtm_jax.merging import MergingSettings, Tokens, initial_source, merge_tokens
+from vtm_jax.merging import matching as mg
 
 MODES = ("merge", "random_merge", "drop", "random_drop", "hybrid")
 

@@ -13,10 +13,10 @@ from tests.reference.torch_motionformer import (
     randomise,
     tome_motionformer_forward,
 )
-from vtm_jax.attention import get_attention
-from vtm_jax.convert.motionformer import convert_motionformer, load_motionformer
+from vtm_jax.checkpoints.convert.motionformer import convert_motionformer, load_motionformer
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings, layer_key
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.motionformer import (
     Motionformer,
     TrajectoryBlock,

@@ -151,7 +151,7 @@ def test_fake_gcs_is_what_epath_uses(gcs):
 
 
 def test_checkpoint_round_trip_on_gcs(gcs, tiny_checkpoint):
-    from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
+    from vtm_jax.checkpoints.store import load_checkpoint, save_checkpoint
 
     params, record = load_checkpoint(tiny_checkpoint("vivit"))
     save_checkpoint("gs://bucket/ckpt", params, record)
@@ -168,7 +168,7 @@ def test_checkpoint_round_trip_on_gcs(gcs, tiny_checkpoint):
 
 
 def test_damaged_checkpoint_on_gcs_is_named(gcs, tiny_checkpoint):
-    from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
+    from vtm_jax.checkpoints.store import load_checkpoint, save_checkpoint
 
     params, record = load_checkpoint(tiny_checkpoint("vivit"))
     save_checkpoint("gs://bucket/ckpt", params, record)
@@ -250,9 +250,9 @@ def _encoded_video(frames: int = 20, size: int = 32) -> bytes:
 
 
 def test_video_and_checkpoint_on_gcs_predict(gcs, tiny_checkpoint, tmp_path, capsys):
-    from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
+    from vtm_jax.checkpoints.store import load_checkpoint, save_checkpoint
     from vtm_jax.cli import main
-    from vtm_jax.predict import load_clip, predict
+    from vtm_jax.jobs.predict import load_clip, predict
 
     local_ckpt = tiny_checkpoint("vivit")
     params, record = load_checkpoint(local_ckpt)
@@ -345,7 +345,7 @@ def test_hf_directory_converted_from_gcs(gcs, tmp_path):
     """A HuggingFace directory on gs:// (safetensors read from its bytes)."""
     from safetensors.numpy import save_file
 
-    from vtm_jax.convert.common import read_hf_directory
+    from vtm_jax.checkpoints.convert.common import read_hf_directory
 
     weights = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
     save_file(weights, str(tmp_path / "model.safetensors"))
@@ -374,8 +374,8 @@ def test_local_paths_unchanged(tmp_path):
 def test_visualize_writes_to_gcs(gcs, tiny_checkpoint):
     from PIL import Image
 
+    from vtm_jax.jobs.visualize import visualize
     from vtm_jax.merging import MergingSettings
-    from vtm_jax.visualize import visualize
 
     paths.as_path("gs://bucket/clip.mp4").write_bytes(_encoded_video())
     merging = MergingSettings.from_dict({"mode": "merge", "r": 8})
@@ -548,8 +548,8 @@ class _Clips:
 
 
 def test_evaluation_resumes_on_gcs(gcs, tiny_checkpoint):
-    from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
-    from vtm_jax.evaluate import evaluate
+    from vtm_jax.checkpoints.store import load_checkpoint, save_checkpoint
+    from vtm_jax.jobs.evaluation.evaluate import evaluate
 
     save_checkpoint("gs://bucket/ckpt", *load_checkpoint(tiny_checkpoint("vivit")))
     run = dict(batch_size=2, progress=False, save_scores=True)

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 from tests.reference import slowfast_loaders as oracle
+from vtm_jax.config.paper import PROTOCOL
 from vtm_jax.data import protocols, spatial
 from vtm_jax.data.datasets import open_split
 from vtm_jax.data.pipeline import eval_views
 from vtm_jax.data.readers import VideoBytes, reader_for
 from vtm_jax.errors import UserError
-from vtm_jax.paper import PROTOCOL
 
 MODELS = ("vivit", "videomae", "timesformer", "motionformer")
 SHORT, CROP = 40, 32  # the paper's 256 / 224, scaled down to keep the test quick

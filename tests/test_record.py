@@ -10,11 +10,11 @@ import os
 import numpy as np
 import pytest
 
-from vtm_jax.checkpoint import RECORD_FILE, load_checkpoint, load_record, save_checkpoint
-from vtm_jax.demo import shipped_checkpoint
+from vtm_jax.checkpoints.record import FORMAT_VERSION, ModelRecord, read_record
+from vtm_jax.checkpoints.store import RECORD_FILE, load_checkpoint, load_record, save_checkpoint
 from vtm_jax.errors import UserError
+from vtm_jax.jobs.demo import shipped_checkpoint
 from vtm_jax.merging import MergingSettings
-from vtm_jax.record import FORMAT_VERSION, ModelRecord, read_record
 
 JSON = {
     "architecture": "vivit",

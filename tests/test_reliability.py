@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vtm_jax.checkpoint import load_checkpoint, save_checkpoint
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import load_checkpoint, save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.errors import UserError
-from vtm_jax.evaluate import NONFINITE_OUTPUT, evaluate
+from vtm_jax.jobs.evaluation.evaluate import NONFINITE_OUTPUT, evaluate
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.outputs import atomic_file
-from vtm_jax.record import ModelRecord
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE, CLASSES = 4, 16, 4
@@ -226,7 +226,7 @@ def test_damaged_replaced_or_non_finite_checkpoints_are_named_on_load(ckpt, tmp_
     _bad(["predict", "--checkpoint", legacy_inf, "--video", clip], capsys, "NaN or infinite")
 
     # The shipped checkpoint carries digests, and they hold.
-    from vtm_jax.demo import shipped_checkpoint
+    from vtm_jax.jobs.demo import shipped_checkpoint
 
     assert load_checkpoint(shipped_checkpoint())[1].params_digest.startswith("sha256:")
 
@@ -443,7 +443,7 @@ def test_messages_say_what_is_wrong(ckpt, tmp_path, capsys):
     _bad([*bench, "--config.nonexistent=1"], capsys, "the config has no field 'nonexistent'")
 
     # The training fields are read by train, so only the others are reported as ignored.
-    from vtm_jax.config import load_config
+    from vtm_jax.config.loading import load_config
 
     load_config([f"--config={REPO}/configs/vivit_demo.py"], command="train")
     train_note = capsys.readouterr().err
@@ -475,7 +475,7 @@ def test_messages_say_what_is_wrong(ckpt, tmp_path, capsys):
 
     # A pickled HF pytorch_model.bin is refused in one line, without torch's advice to unpickle.
     torch = pytest.importorskip("torch")
-    from vtm_jax.convert.common import read_state_dict
+    from vtm_jax.checkpoints.convert.common import read_state_dict
 
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -494,7 +494,7 @@ class Pickled:
 
 
 def test_silently_accepted_settings_are_errors(ckpt, tmp_path, capsys):
-    from vtm_jax.config import load_config
+    from vtm_jax.config.loading import load_config
     from vtm_jax.merging import MergingSettings
 
     bench = ["bench", f"--config={REPO}/configs/vivit_tiny.py"]

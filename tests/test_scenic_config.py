@@ -11,15 +11,15 @@ import pytest
 from flax import serialization
 
 from tests.scenic_fixtures import TINY_MODEL1, TINY_MODEL2, write_scenic_config
-from vtm_jax.checkpoint import load_checkpoint, load_record
+from vtm_jax.checkpoints.convert.sources import load_source
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import load_checkpoint, load_record
 from vtm_jax.cli import main
-from vtm_jax.config import load_config, record_from_config
-from vtm_jax.convert.sources import load_source
+from vtm_jax.config.loading import load_config, record_from_config
+from vtm_jax.config.scenic_checkpoint import checkpoint_record
 from vtm_jax.errors import UserError
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.record import ModelRecord
-from vtm_jax.scenic.checkpoint import checkpoint_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

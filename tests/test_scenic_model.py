@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.scenic_fixtures import TINY_MODEL1, TINY_MODEL2, write_scenic_config
-from vtm_jax.config import load_config
+from vtm_jax.config.loading import load_config
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.vivit import ViViT

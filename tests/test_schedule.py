@@ -3,7 +3,7 @@
 import pytest
 
 from vtm_jax.errors import UserError
-from vtm_jax.schedule import block_macs, parse_r, plan_tokens
+from vtm_jax.merging.schedule import block_macs, parse_r, plan_tokens
 
 
 @pytest.mark.parametrize(

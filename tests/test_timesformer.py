@@ -11,10 +11,10 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from tests.reference.torch_timesformer import timesformer_forward
-from vtm_jax.attention import get_attention
-from vtm_jax.convert.hf_timesformer import load_hf_timesformer
+from vtm_jax.checkpoints.convert.hf_timesformer import load_hf_timesformer
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings, layer_key
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.timesformer import EncoderBlock, TimeSformer
 
 FRAMES, SIZE = 4, 32  # patch 8: 16 patches per frame, 1 + 4 * 16 = 65 tokens
@@ -326,8 +326,8 @@ def test_conversion_errors_name_keys(hf_timesformer, tmp_path):
 
 def test_live_state_dict_converts_like_the_saved_one(hf_timesformer):
     """transformers 5 names TimeSformer weights the same in memory and on disk."""
-    from vtm_jax.convert.common import flatten
-    from vtm_jax.convert.hf_timesformer import convert_timesformer
+    from vtm_jax.checkpoints.convert.common import flatten
+    from vtm_jax.checkpoints.convert.hf_timesformer import convert_timesformer
 
     hf, converted, path = hf_timesformer
     assert set(hf.state_dict()) == set(load_file(path / "model.safetensors"))
@@ -340,7 +340,7 @@ def test_live_state_dict_converts_like_the_saved_one(hf_timesformer):
 
 
 def test_preprocessing_from_processor_config(tmp_path):
-    from vtm_jax.convert.hf_timesformer import read_preprocessing
+    from vtm_jax.checkpoints.convert.hf_timesformer import read_preprocessing
 
     inputs = {"num_frames": 8, "image_size": 224}
     paper = read_preprocessing(tmp_path, inputs, num_classes=400)

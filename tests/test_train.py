@@ -13,10 +13,10 @@ import pytest
 
 from tests.events import read_scalars
 from vtm_jax.cli import main
-from vtm_jax.config import load_config
-from vtm_jax.config_blocks import token_merging_config, training_config
+from vtm_jax.config.blocks import token_merging_config, training_config
+from vtm_jax.config.loading import load_config
 from vtm_jax.errors import UserError
-from vtm_jax.train import batch_indices, learning_rate_schedule, make_optimizer, train
+from vtm_jax.jobs.training.train import batch_indices, learning_rate_schedule, make_optimizer, train
 
 
 def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def _params(workdir: str):
-    from vtm_jax.checkpoint import load_checkpoint
+    from vtm_jax.checkpoints.store import load_checkpoint
 
     return load_checkpoint(os.path.join(workdir, "model"))
 
@@ -123,7 +123,7 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_streamed_batches_follow_batch_indices():
     """grain's stream from any step reads exactly ``batch_indices`` of each step, in order,
     across epoch boundaries: a resumed run reads what an uninterrupted one does."""
-    from vtm_jax.training.input import TrainExamples, train_batches
+    from vtm_jax.jobs.training.input import TrainExamples, train_batches
 
     class Indices(TrainExamples):
         def __call__(self, position):
@@ -158,7 +158,7 @@ def test_training_learns_and_exports_a_checkpoint(tmp_path):
     assert record.preprocessing["crop_size"] == 16
     # The exported checkpoint evaluates to the accuracy the run recorded.
     from vtm_jax.data.datasets import open_split
-    from vtm_jax.evaluate import evaluate
+    from vtm_jax.jobs.evaluation.evaluate import evaluate
     from vtm_jax.merging import MergingSettings
 
     source = open_split(
@@ -272,7 +272,7 @@ def test_the_training_block_takes_command_line_overrides():
 def test_training_streams_its_examples(tmp_path):
     """Training reads each step's batch a few steps ahead, never the whole split up front."""
     from vtm_jax.data.datasets import open_split
-    from vtm_jax.training.input import PREFETCH_BATCHES
+    from vtm_jax.jobs.training.input import PREFETCH_BATCHES
 
     data, batch = str(tmp_path / "data"), 4
     config = tiny_config(data, batch_size=batch, num_training_steps=12, log_eval_steps=0)

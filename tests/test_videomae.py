@@ -11,11 +11,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from tests.reference.torch_videomae import tome_videomae_forward
-from vtm_jax.attention import get_attention
-from vtm_jax.convert.common import flatten
-from vtm_jax.convert.hf_videomae import convert_videomae, load_hf_videomae
+from vtm_jax.checkpoints.convert.common import flatten
+from vtm_jax.checkpoints.convert.hf_videomae import convert_videomae, load_hf_videomae
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings, layer_key
+from vtm_jax.models.attention import get_attention
 from vtm_jax.models.videomae import VideoMAE, sinusoid_positions
 from vtm_jax.models.vivit import EncoderBlock
 

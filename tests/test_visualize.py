@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from vtm_jax import visualize as vis
-from vtm_jax.checkpoint import save_checkpoint
+from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.checkpoints.store import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.errors import UserError
-from vtm_jax.merging import MergingSettings
-from vtm_jax.models import motionformer, timesformer
-from vtm_jax.models.motionformer import Motionformer
-from vtm_jax.models.registry import build_model
-from vtm_jax.models.timesformer import TimeSformer
-from vtm_jax.models.vivit import ViViT
-from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.record import ModelRecord
-from vtm_jax.visualize import (
+from vtm_jax.jobs import visualize as vis
+from vtm_jax.jobs.visualize import (
     BORDER,
     DROPPED_DARK,
     DROPPED_LIGHT,
@@ -41,6 +34,13 @@ from vtm_jax.visualize import (
     visualize,
     with_legend,
 )
+from vtm_jax.merging import MergingSettings
+from vtm_jax.models import motionformer, timesformer
+from vtm_jax.models.motionformer import Motionformer
+from vtm_jax.models.registry import build_model
+from vtm_jax.models.timesformer import TimeSformer
+from vtm_jax.models.vivit import ViViT
+from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 
 PATCH = (1, 4, 4)
 

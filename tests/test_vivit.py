@@ -8,8 +8,8 @@ import torch
 
 from tests.hf_models import random_hf_vivit
 from tests.reference.torch_tome_vivit import tome_vivit_forward
-from vtm_jax.convert.hf_vivit import load_hf_vivit
-from vtm_jax.convert.sources import record_from_converted
+from vtm_jax.checkpoints.convert.hf_vivit import load_hf_vivit
+from vtm_jax.checkpoints.convert.sources import record_from_converted
 from vtm_jax.merging import MergingSettings, layer_key
 from vtm_jax.models.registry import build_model
 from vtm_jax.models.vivit import EncoderBlock, ViViT
@@ -91,7 +91,7 @@ def hf_video(seed=0, batch=2):
 
 
 def ours_logits(converted, merging, video, attention="xla"):
-    from vtm_jax.attention import get_attention
+    from vtm_jax.models.attention import get_attention
 
     record = record_from_converted({"architecture": "vivit", **converted})
     model = build_model(record, merging, get_attention(attention))

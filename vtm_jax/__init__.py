@@ -6,6 +6,12 @@ loaded on first use (module ``__getattr__``), so ``import vtm_jax`` imports no J
 ``vtm-jax`` command starts as fast as before.
 """
 
+import importlib as _importlib
+import importlib.abc as _abc
+import importlib.util as _util
+import sys as _sys
+import types as _types
+import warnings as _warnings
 from importlib import metadata as _metadata
 from typing import Any as _Any
 
@@ -56,10 +62,8 @@ _RENAMED = {"ReductionSettings": "MergingSettings", "reduce_tokens": "merge_toke
 
 def __getattr__(name: str) -> _Any:
     if name in _RENAMED:
-        import warnings
-
         new = _RENAMED[name]
-        warnings.warn(
+        _warnings.warn(
             f"vtm_jax.{name} is now vtm_jax.{new}; the old name goes in vtm-jax 0.3",
             DeprecationWarning,
             stacklevel=2,
@@ -76,3 +80,74 @@ def __getattr__(name: str) -> _Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | _API)
+
+
+# Modules of vtm-jax 0.2 (and 0.1's ``reduction``) and where they live since 0.3: importing an
+# old name still works, with a DeprecationWarning, until vtm-jax 0.4 (docs/architecture.md).
+_MOVED = {
+    "attention": "models.attention",
+    "benchmark": "jobs.bench",
+    "checkpoint": "checkpoints.store",
+    "config_blocks": "config.blocks",
+    "convert": "checkpoints.convert",
+    "demo": "jobs.demo",
+    "evaluate": "jobs.evaluation.evaluate",
+    "evaluation": "jobs.evaluation",
+    "extensions": "merging",
+    "frames": "checkpoints.frame_count",
+    "integrity": "checkpoints.integrity",
+    "merge": "merging.matching",
+    "metrics": "jobs.tensorboard",
+    "paper": "config.paper",
+    "predict": "jobs.predict",
+    "record": "checkpoints.record",
+    "reduction": "merging",
+    "run_eval": "jobs.evaluation.from_config",
+    "schedule": "merging.schedule",
+    "scenic_model": "scenic.model",
+    "sweep": "jobs.sweep",
+    "tokens": "merging.tokens",
+    "train": "jobs.training.train",
+    "training": "jobs.training",
+    "visualize": "jobs.visualize",
+}
+
+
+class _MovedModule(_abc.MetaPathFinder, _abc.Loader):
+    """Answers an old module name with the module at its new place (``python -m`` too)."""
+
+    def find_spec(self, fullname: str, path: _Any = None, target: _Any = None) -> _Any:
+        old = fullname.removeprefix(__name__ + ".")
+        if old == fullname or old not in _MOVED:
+            return None
+        return _util.spec_from_loader(fullname, self)
+
+    def _new_name(self, fullname: str) -> str:
+        return f"{__name__}.{_MOVED[fullname.removeprefix(__name__ + '.')]}"
+
+    def create_module(self, spec: _Any) -> _types.ModuleType:
+        new = self._new_name(spec.name)
+        _warnings.warn(
+            f"{spec.name} is now {new}; the old name goes in vtm-jax 0.4",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        module = _importlib.import_module(new)
+        if spec.name.endswith(".reduction"):  # 0.1's names, beside the package's
+            alias = _types.ModuleType(spec.name, module.__doc__)
+            alias.__dict__.update({k: v for k, v in vars(module).items() if k[0] != "_"})
+            alias.ReductionSettings = module.MergingSettings
+            alias.ReduceContext = module.MergeContext
+            alias.reduce_tokens = module.merge_tokens
+            return alias
+        return module
+
+    def exec_module(self, module: _types.ModuleType) -> None:
+        pass  # the module at the new place has run already
+
+    def get_code(self, fullname: str) -> _Any:
+        new = self._new_name(fullname)  # ``python -m old.name`` runs the new module
+        return _util.find_spec(new).loader.get_code(new)
+
+
+_sys.meta_path.append(_MovedModule())

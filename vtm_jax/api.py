@@ -24,17 +24,10 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
-from vtm_jax.demo import shipped_checkpoint as demo_checkpoint
+from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
-from vtm_jax.merge import (
-    Match,
-    bipartite_soft_matching,
-    cosine_scores,
-    drop,
-    merge_wavg,
-    random_scores,
-    unmerge,
-)
+from vtm_jax.jobs.demo import shipped_checkpoint as demo_checkpoint
+from vtm_jax.jobs.predict import check_logits, forward, load_clip, prepare_clip, top_k
 from vtm_jax.merging import (
     RULES,
     MergingSettings,
@@ -44,9 +37,16 @@ from vtm_jax.merging import (
     merge_tokens,
     register_rule,
 )
-from vtm_jax.predict import check_logits, forward, load_clip, prepare_clip, top_k
-from vtm_jax.record import ModelRecord
-from vtm_jax.schedule import register_schedule
+from vtm_jax.merging.matching import (
+    Match,
+    bipartite_soft_matching,
+    cosine_scores,
+    drop,
+    merge_wavg,
+    random_scores,
+    unmerge,
+)
+from vtm_jax.merging.schedule import register_schedule
 
 __all__ = [
     "RULES",
@@ -111,17 +111,17 @@ def load(
         --source SOURCE --input`` reads: a HuggingFace directory or a Hub repo id in the local
         cache (``hf``), a Scenic msgpack file, a ``.pyth``/``.pth`` file; converted in memory,
         nothing written.
-      source: None for a checkpoint directory, else one of ``vtm_jax.convert.sources.SOURCES``.
+      source: None for a checkpoint directory, else one of ``vtm_jax.checkpoints.convert.sources.SOURCES``.
       merging: the model's merging settings (``MergingSettings`` or a dict); None: those
         stored with the checkpoint (``record.token_merging``).
-      attention: attention backend (``vtm_jax.attention.get_attention``).
+      attention: attention backend (``vtm_jax.models.attention.get_attention``).
       verify: check a checkpoint directory's digests and finiteness (slower for large ones).
       num_frames, image_size, num_heads: for sources whose files do not say them, as
         ``vtm-jax convert``'s flags.
     """
-    from vtm_jax.attention import get_attention
+    from vtm_jax.jobs.predict import load_model
+    from vtm_jax.models.attention import get_attention
     from vtm_jax.models.registry import build_model
-    from vtm_jax.predict import load_model
 
     path = os.fspath(checkpoint)
     if merging is not None:
@@ -142,7 +142,7 @@ def load(
                 "directory's model.json says them"
             )
         return load_model(path, merging, attention, verify=verify)
-    from vtm_jax.convert.sources import load_source
+    from vtm_jax.checkpoints.convert.sources import load_source
 
     params, record = load_source(
         source, path, num_frames=num_frames, image_size=image_size, num_heads=num_heads
@@ -216,7 +216,7 @@ def _ready(array: np.ndarray, record: ModelRecord | None, what: str) -> np.ndarr
         raise UserError(f"{what}: expected an array (T, H, W, 3), got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
         _need_record(None, f"raw {array.dtype} pixels")
-    from vtm_jax.integrity import check_finite
+    from vtm_jax.checkpoints.integrity import check_finite
 
     check_finite(array, what=what)
     return array.astype(np.float32)

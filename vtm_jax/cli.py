@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from vtm_jax import paths
-from vtm_jax.convert.sources import SOURCES
+from vtm_jax.checkpoints.convert.sources import SOURCES
 from vtm_jax.errors import UserError, expected_failure
 from vtm_jax.merging import RULES
 from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file, write_json
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from vtm_jax.checkpoint import check_new_checkpoint, save_checkpoint
-    from vtm_jax.convert.sources import load_source
+    from vtm_jax.checkpoints.convert.sources import load_source
+    from vtm_jax.checkpoints.store import check_new_checkpoint, save_checkpoint
 
     check_new_checkpoint(args.output, what="--output")  # before the weights are read
     params, record = load_source(
@@ -48,7 +48,7 @@ def _convert(args: argparse.Namespace) -> None:
             )
     converted_from = {"source": args.source, "path": paths.absolute(args.input)}
     if args.source == "hf" and not paths.exists(args.input):  # a Hub id, read from the cache
-        from vtm_jax.convert.hub import cached_snapshot
+        from vtm_jax.checkpoints.convert.hub import cached_snapshot
 
         converted_from = {
             "source": "hf",
@@ -110,8 +110,8 @@ def _logits_path(path: str) -> str:
 def _predict(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from vtm_jax.checkpoint import load_record
-    from vtm_jax.predict import predict, top_k
+    from vtm_jax.checkpoints.store import load_record
+    from vtm_jax.jobs.predict import predict, top_k
 
     merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
     logits, record = predict(
@@ -170,7 +170,8 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
     import jax
 
-    from vtm_jax.benchmark import (
+    from vtm_jax.config.loading import load_config, record_from_config
+    from vtm_jax.jobs.bench import (
         bench_settings,
         format_table,
         matmul_peak_gflops,
@@ -178,7 +179,6 @@ def _bench(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         run_info,
         sweep,
     )
-    from vtm_jax.config import load_config, record_from_config
     from vtm_jax.merging import MergingSettings
 
     config = load_config(config_args, command="bench")
@@ -264,9 +264,9 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
     import jax
 
-    from vtm_jax.config import load_config
-    from vtm_jax.evaluate import format_results
-    from vtm_jax.run_eval import eval_config
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.evaluation.evaluate import format_results
+    from vtm_jax.jobs.evaluation.from_config import eval_config
 
     config = load_config(config_args, command="eval")
     if args.workdir:
@@ -293,9 +293,9 @@ def _eval(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 def _log_eval_scalars(config, results: dict, workdir: str, *, lead: bool) -> None:
     """The metrics as TensorBoard scalars in the workdir (clu.metric_writers, as Scenic's
     evaluators), at the step the checkpoint was trained to (0 when it does not say)."""
-    from vtm_jax.checkpoint import load_record
-    from vtm_jax.metrics import metric_writer
-    from vtm_jax.scenic.checkpoint import checkpoint_record
+    from vtm_jax.checkpoints.store import load_record
+    from vtm_jax.config.scenic_checkpoint import checkpoint_record
+    from vtm_jax.jobs.tensorboard import metric_writer
 
     record = load_record(config.checkpoint, scenic_record=checkpoint_record(config))
     step = int((record.trained or {}).get("steps", 0))
@@ -307,8 +307,8 @@ def _log_eval_scalars(config, results: dict, workdir: str, *, lead: bool) -> Non
 
 
 def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:
-    from vtm_jax.config import load_config
-    from vtm_jax.train import train
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.training.train import train
 
     config = load_config(config_args, command="train")
     for field in ("dataset_name", "batch_size"):
@@ -320,8 +320,8 @@ def _train(args: argparse.Namespace, config_args: Sequence[str]) -> None:
 
 
 def _demo(args: argparse.Namespace, config_args: Sequence[str]) -> None:
-    from vtm_jax.config import load_config
-    from vtm_jax.demo import demo_config, run_demo, shipped_checkpoint
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.demo import demo_config, run_demo, shipped_checkpoint
 
     checkpoint = args.checkpoint or shipped_checkpoint()
     config = load_config(config_args, command="demo") if config_args else demo_config(checkpoint)
@@ -342,14 +342,14 @@ def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    from vtm_jax.visualize import visualize
+    from vtm_jax.jobs.visualize import visualize
 
     if args.scale is not None and args.scale < 1:  # before the output directory or the model
         raise UserError(f"--scale must be a positive integer, not {args.scale}")
     out = _workdir_or_out(args, "out/visualize")
     merging = None
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
-        from vtm_jax.checkpoint import load_record
+        from vtm_jax.checkpoints.store import load_record
 
         merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
     written = visualize(
@@ -367,7 +367,7 @@ def _visualize(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace, config_args: Sequence[str]) -> None:
-    from vtm_jax import sweep
+    from vtm_jax.jobs import sweep
 
     if args.list:
         print(sweep.describe_families())

@@ -3,7 +3,7 @@
 Which frames and crops make the views is the protocol's business (``vtm_jax.data.protocols``:
 the paper's SlowFast loaders, Scenic's DMVR pipeline, or vtm-jax 0.1's centred clips). Views
 are ordered clip-major: ``[clip0-crop0, clip0-crop1, ..., clip1-crop0, ...]``. Batching, prefetching
-and padding are ``vtm_jax.evaluation.input``'s.
+and padding are ``vtm_jax.jobs.evaluation.input``'s.
 """
 
 from __future__ import annotations

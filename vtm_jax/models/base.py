@@ -20,9 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
-from vtm_jax.merge import clamp_r
 from vtm_jax.merging import (
     MergingSettings,
     Tokens,
@@ -33,8 +31,10 @@ from vtm_jax.merging import (
     merge_tokens,
     needs_positions,
 )
+from vtm_jax.merging.matching import clamp_r
+from vtm_jax.merging.schedule import LayerPlan, block_macs
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
-from vtm_jax.schedule import LayerPlan, block_macs
 
 CLASSIFIERS = ("token", "gap")
 
@@ -65,7 +65,7 @@ class SourceLayout(NamedTuple):
 
 
 class TemporalTable(NamedTuple):
-    """A learned parameter table whose length follows the frame count (:mod:`vtm_jax.frames`).
+    """A learned parameter table whose length follows the frame count (:mod:`vtm_jax.checkpoints.frame_count`).
 
     The table at ``path`` is ``(1, class_entries + slots * per_slot, D)``, slot-major (``(t h
     w)`` order), with ``slots = frames // tubelet`` and ``per_slot`` spatial entries per slot

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
+from vtm_jax.models.attention import AttentionFn, xla_attention
 
 
 class MlpBlock(nn.Module):

@@ -51,9 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
-from vtm_jax.merge import clamp_r
 from vtm_jax.merging import (
     MergingSettings,
     Tokens,
@@ -61,6 +59,9 @@ from vtm_jax.merging import (
     key_metric,
     merge_tokens,
 )
+from vtm_jax.merging.matching import clamp_r
+from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     SourceLayout,
     TemporalTable,
@@ -76,7 +77,6 @@ from vtm_jax.models.base import (
     sow_source,
 )
 from vtm_jax.models.layers import MlpBlock
-from vtm_jax.schedule import LayerPlan, plan_tokens
 
 _XAVIER = nn.initializers.xavier_uniform()
 

@@ -17,16 +17,16 @@ import numpy as np
 from flax import traverse_util
 
 from vtm_jax import plugins
-from vtm_jax.attention import AttentionFn, get_attention
+from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
+from vtm_jax.models.attention import AttentionFn, get_attention
 from vtm_jax.models.base import BACKBONE_OPTIONS
 from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
-from vtm_jax.record import ModelRecord
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit": ViViT,

@@ -29,9 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.errors import UserError
-from vtm_jax.merge import clamp_r
 from vtm_jax.merging import (
     MergingSettings,
     Tokens,
@@ -39,6 +37,9 @@ from vtm_jax.merging import (
     key_metric,
     merge_tokens,
 )
+from vtm_jax.merging.matching import clamp_r
+from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     SourceLayout,
     TemporalTable,
@@ -55,7 +56,6 @@ from vtm_jax.models.base import (
     sow_source,
 )
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention
-from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
 def spatial_size_bias(size: jax.Array | None, prop_attn: bool) -> jax.Array | None:

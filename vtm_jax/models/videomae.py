@@ -9,7 +9,7 @@ over all tokens; without a class token the unmerged tokens keep their score orde
 
 The paper runs VideoMAE with proportional attention off (``TOME.PROP_ATTN False`` on every
 VideoMAE experiment line), while :class:`MergingSettings` defaults to on: converted records
-store ``token_merging.prop_attn = False`` (see ``vtm_jax.convert.hf_videomae``); a model built
+store ``token_merging.prop_attn = False`` (see ``vtm_jax.checkpoints.convert.hf_videomae``); a model built
 by hand takes whatever ``merging`` it is given.
 """
 
@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.merging import MergingSettings
+from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     Encoder,
     SourceLayout,
@@ -40,7 +41,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,7 +128,7 @@ class VideoMAE(nn.Module):
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per step and in total.
 
-        A full step is :func:`~vtm_jax.schedule.block_macs` (projections and attention on the
+        A full step is :func:`~vtm_jax.merging.schedule.block_macs` (projections and attention on the
         tokens entering, MLP on the tokens left); a duplicate's extra run costs its key
         projection only. The embedding is the tubelet Conv; the head is the classifier Dense.
         Norms, GELU, softmax, position adds and the matching itself are not counted.

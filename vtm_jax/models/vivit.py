@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.merging import MergingSettings
+from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     Encoder,
     EncoderBlock,
@@ -33,7 +34,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.schedule import LayerPlan, plan_tokens
 
 # The shared encoder is ViViT's (Scenic's Transformer); its block is named here for the tests
 # and tools that capture it.

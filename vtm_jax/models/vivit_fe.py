@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 
-from vtm_jax.attention import AttentionFn, xla_attention
 from vtm_jax.merging import MergingSettings, Tokens
+from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     Encoder,
     SourceLayout,
@@ -35,7 +36,6 @@ from vtm_jax.models.base import (
     sow_source,
     step_macs,
 )
-from vtm_jax.schedule import LayerPlan, plan_tokens
 
 
 class FactorisedEncoderViViT(nn.Module):

@@ -1,9 +1,6 @@
-"""Everything Scenic-specific: its ViViT config files, its bare checkpoints, its model class.
+"""Scenic interop on the side: a Scenic ``ClassificationModel`` whose module is vtm-jax's ViViT.
 
-:mod:`vtm_jax.scenic.config` reads Scenic ViViT config files (defaults, checks, translation to
-a model record), :mod:`vtm_jax.scenic.checkpoint` describes a bare Scenic checkpoint from the
-config that names it, and :mod:`vtm_jax.scenic.model` is the Scenic model class on vtm_jax's
-ViViT. This package builds on vtm_jax's core (records, models, config blocks, the Scenic
-weight reader in :mod:`vtm_jax.convert.scenic`); nothing in the core imports it, only the
-front ends that read config files (:mod:`vtm_jax.config`, the command line, the sweep).
+:mod:`vtm_jax.scenic.model` needs Scenic installed (the ``scenic`` extra). It builds on the
+core (records, models, config blocks, :mod:`vtm_jax.config.scenic` for Scenic's config schema
+and :mod:`vtm_jax.checkpoints.convert.scenic` for its weights); nothing in vtm-jax imports it.
 """

@@ -95,12 +95,12 @@ def flax_model_from_config(
     """The Flax module a Scenic ViViT config (plus ``token_merging``) describes.
 
     ``num_classes`` defaults to ``config.dataset_configs.num_classes``. A non-zero dropout rate
-    or a dtype other than float32 is an error (:func:`vtm_jax.scenic.config.check_no_dropout`).
+    or a dtype other than float32 is an error (:func:`vtm_jax.config.scenic.check_no_dropout`).
     """
-    from vtm_jax.attention import get_attention
-    from vtm_jax.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
+    from vtm_jax.checkpoints.convert.scenic import SCENIC_GELU_APPROXIMATE, SCENIC_LAYER_NORM_EPS
+    from vtm_jax.config.scenic import check_float32, check_no_dropout, vivit_record
+    from vtm_jax.models.attention import get_attention
     from vtm_jax.models.registry import check_settings_apply
-    from vtm_jax.scenic.config import check_float32, check_no_dropout, vivit_record
 
     check_no_dropout(config)
     check_float32(config, ("model_dtype_str",))  # the input's dtype is Scenic's loader's
@@ -125,7 +125,7 @@ def flax_model_from_config(
 
 def _default_config() -> ml_collections.ConfigDict:
     """A small spatio-temporal ViViT config in Scenic's schema, for Scenic's test utilities."""
-    from vtm_jax.config_blocks import token_merging_config
+    from vtm_jax.config.blocks import token_merging_config
 
     config = ml_collections.ConfigDict()
     config.model_name = "vivit_classification"

@@ -1,0 +1,184 @@
+"""The device loop: a ``pmap``-ed step over the local devices, progress saved after each batch.
+
+Each host batch is padded to ``local_devices x batch_size`` with a ``batch_mask`` and reshaped
+to ``[local_devices, batch_size, ...]``; the metric sums are ``psum``-ed over the ``'batch'``
+axis, so every device returns the process's numbers for the step. The pmap spans only the
+local devices: processes never wait on one another during the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vtm_jax.checkpoints.record import Head
+from vtm_jax.jobs.evaluation import input as eval_input
+from vtm_jax.jobs.evaluation.metrics import view_metrics, with_metrics
+from vtm_jax.jobs.evaluation.results import Loaded, save_score_chunk, update_state
+from vtm_jax.models.base import apply_in_steps
+from vtm_jax.outputs import write_json
+
+
+def eval_step(params, batch, *, model, heads, softmax_views, ensemble, seed, clips_per_step=None):
+    """One device's share of a step; sums are psum-ed, so each device holds the process's.
+
+    Random modes get a fresh draw per device batch, keyed by the dataset index of its first
+    example: videos do not all share one random pattern, and the draw does not depend on how
+    many devices or processes run.
+    """
+    videos = batch["inputs"]  # [B, V, T, S, S, 3]
+    b, v = videos.shape[:2]
+    merge_rng = jax.random.fold_in(jax.random.PRNGKey(seed), batch["example_index"][0])
+    clips = videos.reshape((b * v,) + videos.shape[2:])
+    logits = apply_in_steps(
+        model, params, clips, clips_per_step=clips_per_step, merge_rng=merge_rng
+    )
+    logits = logits.reshape(b, v, -1)
+    # A video whose logits overflowed is skipped (and listed), not counted with NaN scores.
+    finite = jnp.isfinite(logits).all(axis=(1, 2))
+    sums, top, scores = view_metrics(
+        logits,
+        batch["labels"],
+        batch["batch_mask"] * finite,
+        heads,
+        softmax_views=softmax_views,
+        ensemble=ensemble,
+    )
+    return jax.lax.psum(sums, axis_name="batch"), top, scores, finite
+
+
+def pmapped_step(model: Any, heads: Sequence[Head], spec: Any, seed: int) -> Callable:
+    """:func:`eval_step` over the local devices, for ``spec``'s view combination."""
+    return jax.pmap(
+        functools.partial(
+            eval_step,
+            model=model,
+            heads=tuple(heads),
+            softmax_views=spec.softmax_views,
+            ensemble=spec.ensemble,
+            seed=seed,
+            clips_per_step=spec.clips_per_step,
+        ),
+        axis_name="batch",
+        devices=jax.local_devices(),
+    )
+
+
+def replicate(params: Any, devices: Sequence[jax.Device]) -> Any:
+    """One copy of every parameter on each device, laid out as pmap expects."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("replica",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+
+    def put(x):
+        x = np.asarray(x)[None]
+        shards = [jax.device_put(x, d) for d in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices),) + x.shape[1:], sharding, shards
+        )
+
+    return jax.tree.map(put, params)
+
+
+class _Progress:
+    """The bar (process 0) and the wall time of a run that may span several sessions."""
+
+    def __init__(self, state: dict[str, Any], total: int, show: bool, started: float):
+        self.state, self.started, self.wall_before = state, started, state["wall_s"]
+        self.session_start, self.session_clips = time.perf_counter(), 0
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=state["done"], unit="video", dynamic_ncols=True, desc="eval"
+            )
+
+    def add(self, videos: int, clips: int) -> None:
+        self.session_clips += clips
+        self.state["clips"] += clips
+        self.tick()
+        if self.bar is not None:
+            self.bar.update(videos)
+            rate = self.session_clips / max(time.perf_counter() - self.session_start, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.3g} clips/s")
+
+    def tick(self) -> None:
+        self.state["wall_s"] = self.wall_before + time.perf_counter() - self.started
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.tick()
+
+
+def run_shard(
+    state: dict[str, Any],
+    shard: range,
+    load: eval_input.ExampleLoader,
+    step: Callable,
+    device_params: Any,
+    *,
+    batch_size: int,
+    heads: Sequence[Head],
+    state_path: str | None,
+    progress: bool,
+    workers: int,
+    on_batch: Callable[[dict[str, Any]], None] | None,
+    started: float,
+    scores_dir: str | None = None,
+) -> None:
+    """Evaluate the examples of ``shard`` not yet in ``state``, saving it after every batch.
+
+    Videos are read and decoded through grain (``evaluation.input.loaded_batches``). With
+    ``scores_dir``, each batch's per-video scores are written there before the state that
+    counts them.
+    """
+    devices = jax.local_device_count()
+    host_batch = batch_size * devices
+    batches = eval_input.loaded_batches(load, shard[state["done"] :], host_batch, workers)
+    meter = _Progress(state, len(shard), progress, started)
+    try:
+        for loaded in batches:
+            batch = eval_input.host_batch(loaded, host_batch, load.view_shape, len(heads))
+            outputs = jax.device_get(step(device_params, eval_input.shard_batch(batch, devices)))
+            _count(state, loaded, outputs, heads, host_batch, scores_dir)
+            meter.add(len(loaded), load.view_shape[0] * sum(i.views is not None for i in loaded))
+            state["complete"] = state["done"] == len(shard)
+            if state_path is not None:
+                write_json(state_path, with_metrics(state))
+            if on_batch is not None:
+                on_batch(state)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # grain's reader threads stop with it
+        meter.close()
+
+
+def _count(
+    state: dict[str, Any],
+    loaded: Sequence[Loaded],
+    outputs: tuple,
+    heads: Sequence[Head],
+    host_batch: int,
+    scores_dir: str | None,
+) -> None:
+    """One step's outputs into the state (and its scores into ``scores_dir``)."""
+    sums, top, scores, finite = outputs
+    finite = finite.reshape(host_batch)
+    if scores_dir is not None:
+        save_score_chunk(scores_dir, loaded, scores.reshape(host_batch, -1), finite)
+    update_state(
+        state,
+        loaded,
+        {k: int(v[0]) for k, v in sums.items()},  # psum-ed: every device holds them
+        [t.reshape(host_batch, -1) for t in top],
+        heads,
+        finite,
+    )

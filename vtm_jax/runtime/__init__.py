@@ -1,0 +1,1 @@
+"""The one device path: a ``Mesh`` over the devices, batch shardings, jitted steps, gathers."""
