@@ -26,7 +26,7 @@ files=()
 for backend in $backends; do
     for batch in 1 8; do
         f="$out/bench_${backend}_b${batch}.json"
-        "$py" -m vtm_jax.cli bench --config=configs/vivit_b_k400.py \
+        "$py" -m vtm_jax.cli bench --config=vivit_b_k400 \
             --config.bench.attention="$backend" --config.bench.batch_size="$batch" \
             --config.bench.iterations=5 --output="$f"
         files+=("$f")

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONES = ("vivit_b", "vivit_b_fe", "videomae_b", "timesformer_b", "motionformer_b")
 PLATFORM_BACKENDS = {"gpu": ("xla", "jax_nn", "cudnn"), "tpu": ("xla", "pallas_tpu")}
 # Largest |logit difference| / largest |CPU logit| accepted. "highest": float32 matmuls on the
@@ -61,7 +59,7 @@ def parity(args: argparse.Namespace) -> int:
     cpu = jax.devices("cpu")[0]
     rows, failed = [], 0
     for backbone in args.backbones:
-        config = load_config([f"--config={REPO}/configs/{backbone}_k400.py"])
+        config = load_config(f"{backbone}_k400")
         record = record_from_config(config)
         model = {
             k: min(v, args.layers) if k.endswith("num_layers") else v

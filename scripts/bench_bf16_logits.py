@@ -27,12 +27,10 @@ from vtm_jax.merging import MergingSettings
 from vtm_jax.models.attention import get_attention
 from vtm_jax.models.registry import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=f"{REPO}/configs/vivit_b_k400.py")
+    parser.add_argument("--config", default="vivit_b_k400")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output")
     args = parser.parse_args()

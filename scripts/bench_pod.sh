@@ -11,5 +11,5 @@ set -euo pipefail
 tpu="$1"; zone="$2"; shift 2
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
   "cd ~/vtm-jax && python -m vtm_jax.cli bench --distributed \
-   --config=configs/vivit_b_k400.py --config.bench.batch_size=8 \
+   --config=vivit_b_k400 --config.bench.batch_size=8 \
    --config.bench.r_values='(100, 200, 300)' --output=out/bench_pod.json $*"

@@ -197,7 +197,7 @@ def report_md(summaries: list[dict[str, Any]], header: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/vivit_b_k400.py")
+    parser.add_argument("--config", default="vivit_b_k400")
     parser.add_argument("--r", type=int, default=300)
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison")
     parser.add_argument("--batches", type=int, nargs="+", default=[1])

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p out
-.venv/bin/vtm-jax demo --config=configs/vivit_demo.py --workdir=out/demo "$@"
+.venv/bin/vtm-jax demo --config=vivit_demo --workdir=out/demo "$@"

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from vtm_jax.checkpoints.convert.common import flatten, read_state_dict
+from vtm_jax.checkpoints.convert.checkpoint_files import read_state_dict
+from vtm_jax.checkpoints.convert.common import flatten
 from vtm_jax.checkpoints.convert.hf_vivit import convert_vivit, load_hf_vivit
 from vtm_jax.checkpoints.convert.scenic import read_scenic_checkpoint, vivit_config_from_params
 from vtm_jax.errors import UserError

@@ -24,6 +24,7 @@ from vtm_jax.data.pipeline import (
     eval_views,
     shard_indices,
 )
+from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
 from vtm_jax.jobs.evaluation.input import ExampleLoader, host_batch, loaded_batches
 
@@ -36,6 +37,7 @@ PREP = {
     "mean": [0.45, 0.45, 0.45],
     "std": [0.225, 0.225, 0.225],
 }
+VIEWS = Preprocessing.from_dict(PREP)
 
 
 def write_video(path, frames, codec="libx264", fps=10):
@@ -242,14 +244,14 @@ def test_kinetics_builder(kinetics):
     with open(os.path.join(manual, "val", "ddddddddddd_000001_000011.mp4"), "rb") as f:
         assert stored.tobytes() == f.read()
     assert decode_bytes(stored).shape == (12, 24, 32, 3)
-    views = eval_views(good, PREP, num_clips=2, three_crops=True)
+    views = eval_views(good, VIEWS, num_clips=2, three_crops=True)
     assert views.shape == (6, 4, 16, 16, 3) and views.dtype == np.float32
     portrait = eval_views(
-        examples["eeeeeeeeeee_000030_000040"], PREP, num_clips=1, three_crops=True
+        examples["eeeeeeeeeee_000030_000040"], VIEWS, num_clips=1, three_crops=True
     )
     assert portrait.shape == (3, 4, 16, 16, 3)
     with pytest.raises(CorruptVideo) as caught:
-        eval_views(examples["ggggggggggg_000002_000012"], PREP, num_clips=1, three_crops=False)
+        eval_views(examples["ggggggggggg_000002_000012"], VIEWS, num_clips=1, three_crops=False)
     assert caught.value.video_id == "ggggggggggg_000002_000012" and caught.value.reason
     # Built once: the train split and the 'val' alias open without the manual files.
     train = open_split("kinetics400", "train", data_dir=data_dir, build=False)
@@ -266,7 +268,9 @@ def test_evaluation_input_batches_pads_and_masks(kinetics):
     ids = [source[i]["video_id"] for i in range(len(source))]
     heads = [("label", 0, 3)]
     view_shape = (2, 4, 16, 16, 3)
-    load = ExampleLoader(source, PREP, heads, num_clips=2, three_crops=False, view_shape=view_shape)
+    load = ExampleLoader(
+        source, VIEWS, heads, num_clips=2, three_crops=False, view_shape=view_shape
+    )
     loaded = list(loaded_batches(load, range(3), host_batch=2, workers=2))
     assert [len(items) for items in loaded] == [2, 1]
     first, last = (host_batch(items, 2, view_shape, num_heads=1) for items in loaded)
@@ -344,7 +348,7 @@ def test_ssv2_builder(tmp_path):
     assert examples["201"]["caption"] == "Approaching a café menu with your camera"
     assert examples["202"]["template"] == "Putting [something] on a surface"
     assert decode_bytes(examples["201"]["video"]).shape == (8, 24, 32, 3)
-    views = eval_views(examples["201"], PREP, num_clips=2, three_crops=True)
+    views = eval_views(examples["201"], VIEWS, num_clips=2, three_crops=True)
     assert views.shape == (6, 4, 16, 16, 3)
     train = open_split("ssv2", "train", data_dir=data_dir, build=False)
     assert sorted(int(train[i]["label"]) for i in range(2)) == [0, 2]
@@ -391,9 +395,9 @@ def test_epic_kitchens_builder(tmp_path):
     assert (wash["label"], wash["verb"], wash["noun"]) == (-1, 2, 299)
     assert wash["participant_id"] == "P02" and wash["recording_id"] == "P02_03"
     assert (wash["start_frame"], wash["stop_frame"], wash["narration"]) == (3030, 3120, "wash pan")
-    assert eval_views(wash, PREP, num_clips=2, three_crops=True).shape == (6, 4, 16, 16, 3)
+    assert eval_views(wash, VIEWS, num_clips=2, three_crops=True).shape == (6, 4, 16, 16, 3)
     with pytest.raises(CorruptVideo, match="P02_03_8.*empty"):
-        eval_views(examples["P02_03_8"], PREP)
+        eval_views(examples["P02_03_8"], VIEWS)
     train_split = open_split("epic_kitchens", "train", data_dir=data_dir, build=False)
     pairs = sorted((int(x["verb"]), int(x["noun"])) for x in train_split)
     assert pairs == [(0, 2), (3, 3)]
@@ -427,7 +431,7 @@ def test_clip_indices():
 def test_eval_views_crops_and_normalises():
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (10, 20, 30, 3), dtype=np.uint8)
-    prep = dict(PREP, min_resize=20)  # no resize: the crops can be checked exactly
+    prep = Preprocessing.from_dict(dict(PREP, min_resize=20))  # no resize: exact crops
     views = eval_views({"video": frames, "video_id": "x"}, prep, num_clips=2, three_crops=True)
     assert views.shape == (6, 4, 16, 16, 3)
     mean, std = np.float32(0.45), np.float32(0.225)
@@ -441,7 +445,10 @@ def test_eval_views_crops_and_normalises():
     assert single.shape == (1, 4, 16, 16, 3)
     np.testing.assert_allclose(single[0], expected, atol=1e-5)
     with pytest.raises(UserError, match="lacks stride"):
-        eval_views({"video": frames}, {k: v for k, v in PREP.items() if k != "stride"})
+        eval_views(
+            {"video": frames},
+            Preprocessing.from_dict({k: v for k, v in PREP.items() if k != "stride"}),
+        )
 
 
 def test_shard_indices_cover_and_partition():
@@ -472,7 +479,11 @@ def test_segment_sampling():
         "mean": [0.0] * 3,
         "std": [1 / 255] * 3,
     }
-    views = eval_views({"video": video, "video_id": "x"}, {**prep, "sampling": "segments"})
+    segments = Preprocessing.from_dict({**prep, "sampling": "segments"})
+    views = eval_views({"video": video, "video_id": "x"}, segments)
     np.testing.assert_allclose(views[0, :, 0, 0, 0], [5, 15, 24, 34], atol=1e-3)
     with pytest.raises(UserError, match="unknown sampling"):
-        eval_views({"video": video, "video_id": "x"}, {**prep, "sampling": "middle"})
+        eval_views(
+            {"video": video, "video_id": "x"},
+            Preprocessing.from_dict({**prep, "sampling": "middle"}),
+        )

@@ -102,6 +102,7 @@ def reference_scores(checkpoint, source):
     """Each video's logits ``[views, classes]``, one video at a time (None where corrupt)."""
     from vtm_jax.checkpoints.store import load_checkpoint
     from vtm_jax.data.pipeline import CorruptVideo, eval_views
+    from vtm_jax.data.preprocessing import Preprocessing
     from vtm_jax.models.registry import build_model
 
     params, record = load_checkpoint(checkpoint)
@@ -110,7 +111,9 @@ def reference_scores(checkpoint, source):
     scores = []
     for i in range(len(source)):
         try:
-            views = eval_views(source[i], PREPROCESSING, num_clips=2, three_crops=True)
+            views = eval_views(
+                source[i], Preprocessing.from_dict(PREPROCESSING), num_clips=2, three_crops=True
+            )
         except CorruptVideo:
             scores.append(None)
             continue
@@ -250,7 +253,7 @@ def test_resume_after_interruption(checkpoint, baseline, tmp_path):
     batches = []
 
     def stop_after_three(state):
-        batches.append(state["done"])
+        batches.append(state.done)
         if len(batches) == 3:
             raise KeyboardInterrupt
 
@@ -263,7 +266,7 @@ def test_resume_after_interruption(checkpoint, baseline, tmp_path):
 
     batches.clear()
     resumed = evaluate(
-        checkpoint, FakeSource(), on_batch=lambda s: batches.append(s["done"]), **kwargs
+        checkpoint, FakeSource(), on_batch=lambda s: batches.append(s.done), **kwargs
     )
     assert batches[0] == 8 and batches[-1] == NUM_VIDEOS  # only the rest was evaluated
     expected, _ = baseline
@@ -526,7 +529,7 @@ def test_examples_are_streamed(checkpoint):
     workers, host_batch = 2, 1  # one device, one video per batch
 
     def counted(state):
-        source.consumed = state["done"]
+        source.consumed = state.done
 
     results = evaluate(
         checkpoint, source, batch_size=1, workers=workers, on_batch=counted, progress=False

@@ -168,3 +168,72 @@ def test_the_config_blocks_import_nothing_above_the_merging_settings():
 def test_no_import_cycle_in_vtm_jax():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+# The layers of docs/architecture.md, bottom first. A module may import its own layer and the
+# layers below it; two layers of the same rank (models and data) may not import each other.
+LAYERS = {
+    "base": (0, ("vtm_jax.errors", "vtm_jax.paths", "vtm_jax.plugins", "vtm_jax.outputs")),
+    "merging": (1, ("vtm_jax.merging",)),
+    "models": (2, ("vtm_jax.models",)),
+    "data": (2, ("vtm_jax.data",)),
+    "checkpoints": (3, ("vtm_jax.checkpoints",)),
+    "config": (4, ("vtm_jax.config", "vtm_jax.configs")),
+    "runtime": (5, ("vtm_jax.runtime",)),
+    "jobs": (6, ("vtm_jax.jobs",)),
+    "scenic": (7, ("vtm_jax.scenic",)),
+    "front": (8, ("vtm_jax", "vtm_jax.api", "vtm_jax.cli", "vtm_jax.__main__")),
+}
+
+
+def layer_of(module: str) -> str:
+    """The layer holding ``module``: the longest prefix listed (``vtm_jax`` itself is front)."""
+    best, length = None, -1
+    for name, (_, prefixes) in LAYERS.items():
+        for prefix in prefixes:
+            fits = module == prefix or module.startswith(prefix + ".")
+            if fits and len(prefix) > length and (prefix != "vtm_jax" or module == "vtm_jax"):
+                best, length = name, len(prefix)
+    if best is None:
+        raise AssertionError(f"{module} is in no layer of docs/architecture.md")
+    return best
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    edges = []
+    for module, targets in sorted(graph.items()):
+        here = layer_of(module)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if there != here and LAYERS[there][0] >= LAYERS[here][0]:
+                edges.append(f"{module} ({here}) -> {target} ({there})")
+    return edges
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_lower_ones():
+    graph = import_graph()
+    assert len(graph) > 80, "the walk found the package's modules"
+    assert not upward_edges(graph), "imports against the layers:\n" + "\n".join(upward_edges(graph))
+
+
+def test_the_layering_check_catches_an_upward_and_a_sideways_edge():
+    graph = {
+        "vtm_jax.merging.rules": {"vtm_jax.errors"},  # down: fine
+        "vtm_jax.models.vivit": {"vtm_jax.jobs.bench"},  # up
+        "vtm_jax.data.spatial": {"vtm_jax.models.layers"},  # sideways, same rank
+    }
+    assert upward_edges(graph) == [
+        "vtm_jax.data.spatial (data) -> vtm_jax.models.layers (models)",
+        "vtm_jax.models.vivit (models) -> vtm_jax.jobs.bench (jobs)",
+    ]
+
+
+def test_at_most_eight_modules_at_the_top_and_none_over_450_lines():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, top
+    lines = {
+        str(p.relative_to(PACKAGE)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in PACKAGE.rglob("*.py")
+    }
+    long = {name: n for name, n in lines.items() if n > 450}
+    assert not long, long

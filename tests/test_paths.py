@@ -345,7 +345,7 @@ def test_hf_directory_converted_from_gcs(gcs, tmp_path):
     """A HuggingFace directory on gs:// (safetensors read from its bytes)."""
     from safetensors.numpy import save_file
 
-    from vtm_jax.checkpoints.convert.common import read_hf_directory
+    from vtm_jax.checkpoints.convert.checkpoint_files import read_hf_directory
 
     weights = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
     save_file(weights, str(tmp_path / "model.safetensors"))
@@ -557,7 +557,7 @@ def test_evaluation_resumes_on_gcs(gcs, tiny_checkpoint):
     paths.makedirs("gs://bucket/eval")
 
     def stop_after_two(state):
-        if state["done"] == 4:
+        if state.done == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -569,7 +569,7 @@ def test_evaluation_resumes_on_gcs(gcs, tiny_checkpoint):
         "gs://bucket/ckpt",
         _Clips(),
         results_path=results,
-        on_batch=lambda state: done.append(state["done"]),
+        on_batch=lambda state: done.append(state.done),
         **run,
     )
     assert done == [6, 8]  # only the rest was evaluated

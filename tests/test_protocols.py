@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 
 from tests.reference import slowfast_loaders as oracle
-from vtm_jax.config.paper import PROTOCOL
 from vtm_jax.data import protocols, spatial
 from vtm_jax.data.datasets import open_split
 from vtm_jax.data.pipeline import eval_views
+from vtm_jax.data.preprocessing import Preprocessing
+from vtm_jax.data.protocols import PAPER_MODEL_INPUTS
 from vtm_jax.data.readers import VideoBytes, reader_for
 from vtm_jax.errors import UserError
 
@@ -63,7 +64,7 @@ def videos(tmp_path_factory):
 
 
 def _prep(model, loader):
-    num_frames, strides, mean, std = PROTOCOL[model]
+    num_frames, strides, mean, std = PAPER_MODEL_INPUTS[model]
     dataset = {"kinetics": "k400", "ssv2": "ssv2", "epic_kitchens": "ek100"}[loader]
     return {
         "protocol": "paper",
@@ -78,7 +79,9 @@ def _prep(model, loader):
 
 
 def _plan(example, prep, clips, three):
-    spec = protocols.ViewSpec.from_preprocessing(prep, num_clips=clips, three_crops=three)
+    spec = protocols.ViewSpec.from_preprocessing(
+        Preprocessing.from_dict(prep), num_clips=clips, three_crops=three
+    )
     return protocols.plan_views(reader_for(example), example, spec)
 
 
@@ -89,7 +92,9 @@ def test_kinetics_views_equal_the_paper_loader(model, videos):
     for name, data in videos.items():
         example = {"video": np.frombuffer(data, np.uint8), "video_id": name}
         for clips, three in ((1, False), (4, True)):
-            views = eval_views(example, prep, num_clips=clips, three_crops=three)
+            views = eval_views(
+                example, Preprocessing.from_dict(prep), num_clips=clips, three_crops=three
+            )
             plan = _plan(example, prep, clips, three)
             crops = 3 if three else 1
             assert views.shape == (clips * crops, prep["num_frames"], CROP, CROP, 3)
@@ -174,7 +179,9 @@ def test_ssv2_frame_folders_equal_the_paper_loader(model, ssv2_root):
     for example in source:
         for clips, three in ((1, False), (4, True)):
             crops = 3 if three else 1
-            views = eval_views(example, prep, num_clips=clips, three_crops=three)
+            views = eval_views(
+                example, Preprocessing.from_dict(prep), num_clips=clips, three_crops=three
+            )
             plan = _plan(example, prep, clips, three)
             for v in range(clips * crops):
                 indices, expected = oracle.ssv2_view(
@@ -253,7 +260,9 @@ def test_epic_frame_folders_equal_the_paper_loader(model, epic_root):
         folder = os.path.dirname(example["frame_template"])
         for clips, three in ((1, False), (4, True)):
             crops = 3 if three else 1
-            views = eval_views(example, prep, num_clips=clips, three_crops=three)
+            views = eval_views(
+                example, Preprocessing.from_dict(prep), num_clips=clips, three_crops=three
+            )
             plan = _plan(example, prep, clips, three)
             for v in range(clips * crops):
                 numbers, expected = oracle.epic_view(
@@ -357,7 +366,9 @@ def test_scenic_views_equal_dmvr(videos):
         reader = reader_for(example)
         decoded = reader.frames(range(reader.count))
         for clips, three in ((1, False), (1, True), (4, True)):
-            views = eval_views(example, prep, num_clips=clips, three_crops=three)
+            views = eval_views(
+                example, Preprocessing.from_dict(prep), num_clips=clips, three_crops=three
+            )
             plan = _plan(example, prep, clips, three)
             indices, expected = dmvr_pipeline.views(
                 decoded,

@@ -146,7 +146,7 @@ def test_heads():
 
 def test_resolve_preprocessing():
     record = ModelRecord.from_json(JSON)
-    assert record.resolve_preprocessing() == {
+    assert record.resolve_preprocessing().to_dict() == {
         **JSON["preprocessing"],
         "sampling": "stride",
         "protocol": "centred",  # what records written before protocols were measured with
@@ -160,14 +160,14 @@ def test_resolve_preprocessing():
             "paper_loader": "ssv2",
             "is_test_split": True,
         }
-    )
+    ).to_dict()
     assert prep["stride"] == 3 and prep["mean"] == [0.25] * 3
     assert prep["paper_loader"] == "ssv2" and "is_test_split" not in prep
     # The frame count and crop default to the input size.
     bare = dataclasses.replace(record, preprocessing={"stride": 1, "min_resize": 16})
     with pytest.raises(UserError, match="records no preprocessing mean, std"):
         bare.resolve_preprocessing()
-    full = bare.resolve_preprocessing({"mean": [0.0] * 3, "std": [1.0] * 3})
+    full = bare.resolve_preprocessing({"mean": [0.0] * 3, "std": [1.0] * 3}).to_dict()
     assert (full["num_frames"], full["crop_size"]) == (4, 16)
     with pytest.raises(UserError, match="unknown preprocessing entries size"):
         record.resolve_preprocessing({"size": 3})

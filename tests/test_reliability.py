@@ -475,7 +475,7 @@ def test_messages_say_what_is_wrong(ckpt, tmp_path, capsys):
 
     # A pickled HF pytorch_model.bin is refused in one line, without torch's advice to unpickle.
     torch = pytest.importorskip("torch")
-    from vtm_jax.checkpoints.convert.common import read_state_dict
+    from vtm_jax.checkpoints.convert.checkpoint_files import read_state_dict
 
     hf = tmp_path / "hf"
     hf.mkdir()

@@ -11,7 +11,8 @@ import pytest
 from vtm_jax.cli import main
 from vtm_jax.config.loading import record_from_config
 from vtm_jax.config.paper import MODELS, get_paper_config
-from vtm_jax.jobs.sweep import FAMILIES, TABLE_FAMILIES, Pair, family_names, family_rows
+from vtm_jax.jobs.sweep_families import FAMILIES, TABLE_FAMILIES, family_names
+from vtm_jax.jobs.sweep_plan import Pair, family_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ["--config.bench.iterations=1", "--config.bench.warmup=0", "--config.bench.batch_size=1"]
@@ -352,7 +353,7 @@ def test_paper_models_get_the_papers_r_values():
 def test_paper_layout_from_results(tmp_path):
     """The headline table of the paper's models on K400, SSv2 and EPIC-KITCHENS (verb and noun
     heads), from results files written here: docs/method.md §8's columns, FPS from K400."""
-    from vtm_jax.jobs.sweep import format_markdown, headline_rows, headline_table
+    from vtm_jax.jobs.sweep_tables import format_markdown, headline_rows, headline_table
 
     pairs = [
         Pair(m, d, "ckpt", "data", None, "config.py", ())

@@ -14,25 +14,27 @@ from vtm_jax.checkpoints.store import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.errors import UserError
 from vtm_jax.jobs import visualize as vis
-from vtm_jax.jobs.visualize import (
+from vtm_jax.jobs.pictures import (
     BORDER,
     DROPPED_DARK,
     DROPPED_LIGHT,
     auto_scale,
     frame_grid,
     frame_group_labels,
-    gif_legend,
-    input_legend,
-    layer_legend,
-    layer_settings,
     legend_strip,
     render_frame_groups,
     render_global_groups,
     render_groups,
-    trace_groups,
     upscale,
-    visualize,
     with_legend,
+)
+from vtm_jax.jobs.visualize import (
+    gif_legend,
+    input_legend,
+    layer_legend,
+    layer_settings,
+    trace_groups,
+    visualize,
 )
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models import motionformer, timesformer

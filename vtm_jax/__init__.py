@@ -24,31 +24,46 @@ except _metadata.PackageNotFoundError:  # run from a source tree that is not ins
 # without importing JAX; tests/test_api.py checks the two lists agree.
 _API = frozenset(
     {
-        "RULES",
+        "EvalSpec",
         "Match",
         "MergingSettings",
         "ModelRecord",
+        "Preprocessing",
+        "RULES",
         "Rule",
         "RuleOption",
         "Tokens",
         "UserError",
+        "bench",
+        "bench_settings",
         "bipartite_soft_matching",
         "classify",
+        "convert",
         "cosine_scores",
+        "demo",
         "demo_checkpoint",
         "drop",
+        "eval_config",
+        "eval_views",
+        "evaluate",
         "load",
         "load_clip",
+        "load_config",
         "merge_tokens",
         "merge_wavg",
+        "predict",
         "prepare_clip",
         "random_scores",
         "register_rule",
         "register_schedule",
         "settings",
+        "shipped_configs",
+        "sweep",
         "token_counts",
         "top_k",
+        "train",
         "unmerge",
+        "visualize",
         "with_merging",
     }
 )
@@ -82,16 +97,15 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _API)
 
 
-# Modules of vtm-jax 0.2 (and 0.1's ``reduction``) and where they live since 0.3: importing an
-# old name still works, with a DeprecationWarning, until vtm-jax 0.4 (docs/architecture.md).
+# Modules of vtm-jax 0.2 (and 0.1's ``reduction``) and where they live now: importing an old
+# name still works, with a DeprecationWarning, until vtm-jax 0.4 (docs/architecture.md). The
+# old modules named like a job (evaluate, train, bench's sweep, ...) are not here: those names
+# are the job functions of the API now (``vtm_jax.evaluate(...)``).
 _MOVED = {
     "attention": "models.attention",
     "benchmark": "jobs.bench",
     "checkpoint": "checkpoints.store",
     "config_blocks": "config.blocks",
-    "convert": "checkpoints.convert",
-    "demo": "jobs.demo",
-    "evaluate": "jobs.evaluation.evaluate",
     "evaluation": "jobs.evaluation",
     "extensions": "merging",
     "frames": "checkpoints.frame_count",
@@ -99,17 +113,13 @@ _MOVED = {
     "merge": "merging.matching",
     "metrics": "jobs.tensorboard",
     "paper": "config.paper",
-    "predict": "jobs.predict",
     "record": "checkpoints.record",
     "reduction": "merging",
     "run_eval": "jobs.evaluation.from_config",
     "schedule": "merging.schedule",
     "scenic_model": "scenic.model",
-    "sweep": "jobs.sweep",
     "tokens": "merging.tokens",
-    "train": "jobs.training.train",
     "training": "jobs.training",
-    "visualize": "jobs.visualize",
 }
 
 

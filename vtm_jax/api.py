@@ -10,7 +10,11 @@
     fast = vtm_jax.classify(model, params, clip, record=record, merging={"mode": "merge", "r": 64})
 
 Everything here is importable from the top-level package (``vtm_jax.load`` ...), lazily: the
-package itself imports nothing until a name is used, so ``import vtm_jax`` stays instant.
+package itself imports nothing until a name is used, so ``import vtm_jax`` stays instant. The
+supported names are listed in docs/api.md; modules below them may move without notice. The
+jobs are functions too, the same ones the command line calls: ``vtm_jax.evaluate``,
+``eval_config``, ``train``, ``bench``, ``sweep``, ``demo``, ``predict``, ``visualize``,
+``convert``, with ``load_config("vivit_tiny")``-style configs.
 Bad arguments raise :class:`vtm_jax.UserError`, a ``ValueError``.
 """
 
@@ -25,9 +29,22 @@ import flax.linen as nn
 import numpy as np
 
 from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.config.loading import load_config
+from vtm_jax.config.shipped import shipped_configs
+from vtm_jax.data.pipeline import eval_views
+from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
+from vtm_jax.jobs.bench import bench, bench_settings
+from vtm_jax.jobs.convert import convert
+from vtm_jax.jobs.demo import run_demo as demo
 from vtm_jax.jobs.demo import shipped_checkpoint as demo_checkpoint
-from vtm_jax.jobs.predict import check_logits, forward, load_clip, prepare_clip, top_k
+from vtm_jax.jobs.evaluation.evaluate import evaluate
+from vtm_jax.jobs.evaluation.from_config import eval_config
+from vtm_jax.jobs.evaluation.spec import EvalSpec
+from vtm_jax.jobs.predict import check_logits, forward, load_clip, predict, prepare_clip, top_k
+from vtm_jax.jobs.sweep import run_sweep as sweep
+from vtm_jax.jobs.training.train import train
+from vtm_jax.jobs.visualize import visualize
 from vtm_jax.merging import (
     RULES,
     MergingSettings,
@@ -49,31 +66,46 @@ from vtm_jax.merging.matching import (
 from vtm_jax.merging.schedule import register_schedule
 
 __all__ = [
-    "RULES",
+    "EvalSpec",
     "Match",
     "MergingSettings",
     "ModelRecord",
+    "Preprocessing",
+    "RULES",
     "Rule",
     "RuleOption",
     "Tokens",
     "UserError",
+    "bench",
+    "bench_settings",
     "bipartite_soft_matching",
     "classify",
+    "convert",
     "cosine_scores",
+    "demo",
     "demo_checkpoint",
     "drop",
+    "eval_config",
+    "eval_views",
+    "evaluate",
     "load",
     "load_clip",
+    "load_config",
     "merge_tokens",
     "merge_wavg",
+    "predict",
     "prepare_clip",
     "random_scores",
     "register_rule",
     "register_schedule",
     "settings",
+    "shipped_configs",
+    "sweep",
     "token_counts",
     "top_k",
+    "train",
     "unmerge",
+    "visualize",
     "with_merging",
 ]
 

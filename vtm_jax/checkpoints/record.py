@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from vtm_jax.checkpoints import integrity
+from vtm_jax.data.preprocessing import (
+    NORMALISATION_FIELDS,
+    PREPROCESSING_FIELDS,
+    REQUIRED_FIELDS,
+    Preprocessing,
+    check_names,
+    check_normalisation,
+)
 from vtm_jax.errors import UserError
 
 Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
@@ -25,20 +32,6 @@ Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated lo
 # The model.json format. 2: token_merging keeps a rule's options (hybrid's threshold) under
 # rule_options; version 1 records, with threshold at the top level, read the same.
 FORMAT_VERSION = 2
-
-PREPROCESSING_KEYS = (
-    "num_frames",
-    "stride",
-    "min_resize",
-    "crop_size",
-    "mean",
-    "std",
-    "sampling",
-    "protocol",
-    "paper_loader",
-    "is_test_split",
-)
-REQUIRED_PREPROCESSING = PREPROCESSING_KEYS[:7]
 
 # model.json's optional entries that are written even when empty (as `convert` and `train`
 # always wrote them); the other optional entries are left out when unset.
@@ -114,7 +107,7 @@ class ModelRecord:
             raise UserError(f"{where}: class_splits must be a list adding up to num_classes")
         if self.labels is not None and len(self.labels) != num_classes:
             raise UserError(f"{where}: {len(self.labels)} labels for {num_classes} classes")
-        for key in ("mean", "std"):
+        for key in NORMALISATION_FIELDS:
             value = (self.preprocessing or {}).get(key)
             if value is not None:
                 check_normalisation(key, value, where=f"{where}: preprocessing")
@@ -161,48 +154,25 @@ class ModelRecord:
             start += size
         return heads
 
-    def resolve_preprocessing(self, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def resolve_preprocessing(self, override: Mapping[str, Any] | None = None) -> Preprocessing:
         """The stored preprocessing, its gaps filled and ``override``'s entries replacing it.
 
         The frame count and crop default to the input size, ``sampling`` to ``stride`` and the
-        protocol to ``centred``. Every entry is checked here (unknown protocols and loaders
-        included), so a bad one fails before any video is read.
+        protocol to ``centred`` (:class:`Preprocessing`'s defaults). Every entry is checked
+        here (unknown protocols and loaders included), so a bad one fails before any video is
+        read. Stored entries that are no preprocessing entry are left out.
         """
-        prep = dict(self.preprocessing or {})
-        prep.setdefault("num_frames", self.num_frames)
-        prep.setdefault("crop_size", self.image_size)
-        prep.setdefault("sampling", "stride")  # frames `stride` apart; "segments" for SSv2
-        # The input protocol (vtm_jax.data.protocols); checkpoints written before protocols
-        # existed were measured with vtm-jax 0.1's own, `centred`.
-        prep.setdefault("protocol", "centred")
-        unknown = sorted(set(override or {}) - set(PREPROCESSING_KEYS))
-        if unknown:
-            raise UserError(
-                f"unknown preprocessing entries {', '.join(unknown)}; "
-                f"valid: {', '.join(PREPROCESSING_KEYS)}"
-            )
-        prep.update({k: v for k, v in (override or {}).items() if v is not None})
-        missing = [k for k in REQUIRED_PREPROCESSING if prep.get(k) is None]
+        check_names(override or {})
+        prep = {"num_frames": self.num_frames, "crop_size": self.image_size}
+        prep |= {k: v for k, v in (self.preprocessing or {}).items() if k in PREPROCESSING_FIELDS}
+        prep |= {k: v for k, v in (override or {}).items() if v is not None}
+        missing = [k for k in REQUIRED_FIELDS if prep.get(k) is None]
         if missing:
             raise UserError(
                 f"the checkpoint records no preprocessing {', '.join(missing)}; "
                 "give them explicitly"
             )
-        for key in ("mean", "std"):
-            check_normalisation(key, prep[key], where="preprocessing")
-        for key in ("num_frames", "stride", "min_resize", "crop_size"):
-            if not isinstance(prep[key], int) or prep[key] < 1:
-                raise UserError(
-                    f"preprocessing {key} must be a positive integer, not {prep[key]!r}"
-                )
-        from vtm_jax.data.protocols import ViewSpec
-
-        ViewSpec.from_preprocessing(prep)  # unknown protocols and loaders fail here
-        if prep["protocol"] != "paper":
-            prep.pop("paper_loader", None)
-        if prep["protocol"] != "scenic":
-            prep.pop("is_test_split", None)
-        return json.loads(json.dumps(prep, default=_number))
+        return Preprocessing.from_dict(prep)
 
     def to_json(self) -> dict[str, Any]:
         """The ``model.json`` object, in the order vtm-jax has always written it."""
@@ -268,17 +238,6 @@ def write_record(path: str, record: ModelRecord) -> None:
     write_json(path, record.to_json(), indent=2)
 
 
-def check_normalisation(key: str, values: Any, *, where: str) -> None:
-    """``mean`` or ``std`` must be 3 finite numbers, one per RGB channel (std > 0)."""
-    try:
-        ok = len(values) == 3 and all(math.isfinite(float(v)) for v in values)
-        ok = ok and (key != "std" or min(float(v) for v in values) > 0)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError(f"{where} {key} must be 3 finite numbers (std > 0), not {values!r}")
-
-
 def _lists(value: Any) -> Any:
     """``value`` with every tuple a list, as it reads back from JSON."""
     if isinstance(value, dict):
@@ -286,10 +245,3 @@ def _lists(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_lists(v) for v in value]
     return value
-
-
-def _number(value: Any) -> Any:
-    """A numpy scalar or array as plain numbers (``resolve_preprocessing``'s JSON form)."""
-    import numpy as np
-
-    return np.asarray(value).tolist()

@@ -13,7 +13,7 @@ imported here too, for config files that import them from this module.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -21,6 +21,7 @@ import ml_collections
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.config import scenic as scenic_config
 from vtm_jax.config.blocks import bench_config, evaluation_config, token_merging_config
+from vtm_jax.config.shipped import config_file
 from vtm_jax.errors import UserError, one_line
 
 __all__ = [
@@ -33,8 +34,20 @@ __all__ = [
 ]
 
 
-def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collections.ConfigDict:
-    """Parse ``--config=FILE`` and ``--config.x=y`` arguments into a ConfigDict.
+def load_config(
+    args: str | Sequence[str],
+    *,
+    command: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """Parse ``--config=NAME|FILE`` and ``--config.x=y`` arguments into a ConfigDict.
+
+    ``NAME`` is a shipped config (``vivit_tiny``; :mod:`vtm_jax.config.shipped`), a path wins;
+    a single string ``args`` is that name or path alone (``load_config("vivit_tiny")``).
+    Code that builds configs passes Python values rather than flag strings: ``defaults``
+    (``{"bench.batch_size": 4}``) are set on the file's config before the ``--config.x=y``
+    overrides, ``values`` after them; each must name an existing field and have its type.
 
     The file is loaded first; vtm-jax's fields it lacks are added (a ``token_merging`` block,
     and for Scenic ViViT configs the checkpoint, data and eval fields, see
@@ -54,6 +67,8 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
     from absl import flags
     from ml_collections import config_flags
 
+    if isinstance(args, str):
+        args = [f"--config={args}"]
     files = [a for a in args if a.startswith("--config=")]
     overrides = [a for a in args if not a.startswith("--config=")]
     if not files:
@@ -68,6 +83,7 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
         config.token_merging = token_merging_config()
     notes = scenic_config.add_defaults(config) if scenic_config.is_scenic_vivit(config) else ()
     config.lock()
+    set_values(config, defaults or {})
     for arg in overrides:
         _check_override_path(config, arg)
     override_flags = flags.FlagValues()
@@ -83,11 +99,12 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
         config = override_flags.config
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"bad config override: {_cause(e)}") from None
+    set_values(config, values or {})
     ignored = []
+    given = [*overrides, *(f"--config.{k}=" for k in [*(defaults or {}), *(values or {})])]
     with config.unlocked():
         if added_token_merging and not any(
-            arg.startswith(("--config.token_merging.", "--config.token_merging="))
-            for arg in overrides
+            arg.startswith(("--config.token_merging.", "--config.token_merging=")) for arg in given
         ):
             del config["token_merging"]
         if scenic_config.is_scenic_vivit(config):
@@ -97,18 +114,37 @@ def load_config(args: Sequence[str], *, command: str | None = None) -> ml_collec
     return config
 
 
+def set_values(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Set ``{"a.b": value}`` on a locked ``config``: the fields must exist, types must fit.
+
+    A JSON list given for a tuple field is read as the tuple (JSON has no tuples).
+    """
+    for dotted, value in values.items():
+        _check_override_path(config, f"--config.{dotted}={value}")
+        *parents, leaf = dotted.split(".")
+        node: Any = config
+        for part in parents:
+            node = node[part]
+        try:
+            if isinstance(value, list) and node.get_type(leaf) is tuple:
+                value = tuple(value)
+            node[leaf] = value
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"bad config value {dotted}={value!r}: {_cause(e)}") from None
+
+
 def _read_config_file(flag: str) -> Any:
     """What ``get_config()`` of the file ``--config=FILE[:ARG]`` returns, failures as one line."""
     from absl import flags
     from ml_collections import config_flags
 
     path = flag[len("--config=") :]
-    file_path = path.split(":", 1)[0]  # absl's FILE:ARG passes ARG to get_config
+    file_path, colon, argument = path.partition(":")  # absl's FILE:ARG passes ARG to get_config
     if "://" in file_path:
         # absl imports the file as a Python module, which only a local file can be.
         raise UserError(f"config file {file_path}: copy it to a local path (it is Python code)")
-    if not os.path.isfile(file_path):
-        raise UserError(f"no config file {file_path}")
+    file_path = config_file(file_path)  # a path, or a shipped config's name
+    flag = f"--config={file_path}{colon}{argument}"
     file_flags = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", flag_values=file_flags, lock_config=False, sys_argv=["vtm-jax", flag]
@@ -210,14 +246,13 @@ def record_from_config(config: ml_collections.ConfigDict) -> ModelRecord:
 
 
 def preprocessing_from_config(data: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A checkpoint record's ``preprocessing`` from a config's ``dataset_configs``."""
-    mean = data.get("mean", (0.5, 0.5, 0.5))
-    std = data.get("std", (0.5, 0.5, 0.5))
-    return {
-        "num_frames": int(data.num_frames),
-        "stride": int(data.get("stride", 1)),
-        "min_resize": int(data.get("min_resize", data.crop_size)),
-        "crop_size": int(data.crop_size),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-    }
+    """A checkpoint record's ``preprocessing`` from a config's ``dataset_configs``: the
+    entries a record must give (``Preprocessing``'s without a default)."""
+    from vtm_jax.data.preprocessing import INTEGER_FIELDS, REQUIRED_FIELDS
+
+    defaults = {"stride": 1, "min_resize": data.crop_size, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    prep: dict[str, Any] = {}
+    for name in REQUIRED_FIELDS:
+        value = data.get(name, defaults[name]) if name in defaults else data[name]
+        prep[name] = int(value) if name in INTEGER_FIELDS else [float(v) for v in value]
+    return prep

@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vtm_jax.config.blocks import bench_config, evaluation_config, token_merging_config
+from vtm_jax.data.protocols import PAPER_MODEL_INPUTS
 from vtm_jax.errors import UserError
 
 MODELS = ("vivit", "videomae", "timesformer", "motionformer")
@@ -26,20 +27,6 @@ CLASS_SPLITS = {"ek100": (97, 300)}  # verb, noun
 PAPER_R = {"vivit": 300, "videomae": 150, "timesformer": 18, "motionformer": 18}
 MAX_R = {"vivit": 1568, "videomae": 784, "timesformer": 98, "motionformer": 98}
 HYBRID_THRESHOLD = {"vivit": 0.4, "videomae": 0.8}
-
-# docs/method.md §3.8: frames per clip, sampling stride per dataset, mean / std on [0, 1] pixels.
-# TimeSformer's EPIC-KITCHENS stride is not recorded in the paper's configs; 8 as for SSv2.
-PROTOCOL = {
-    "vivit": (32, {"k400": 2, "ssv2": 1, "ek100": 2}, (0.45,) * 3, (0.225,) * 3),
-    "videomae": (
-        16,
-        {"k400": 1, "ssv2": 1, "ek100": 2},
-        (0.485, 0.456, 0.406),
-        (0.229, 0.224, 0.225),
-    ),
-    "timesformer": (8, {"k400": 32, "ssv2": 8, "ek100": 8}, (0.45,) * 3, (0.225,) * 3),
-    "motionformer": (16, {"k400": 4, "ssv2": 4, "ek100": 4}, (0.5,) * 3, (0.5,) * 3),
-}
 
 
 def _model(name: str) -> tuple[str, ml_collections.ConfigDict]:
@@ -68,7 +55,7 @@ def get_paper_config(model: str, dataset: str) -> ml_collections.ConfigDict:
             f"no paper config for ({model!r}, {dataset!r}); models: {', '.join(MODELS)}; "
             f"datasets: {', '.join(DATASETS)}"
         )
-    frames, strides, mean, std = PROTOCOL[model]
+    frames, strides, mean, std = PAPER_MODEL_INPUTS[model]
     config = ml_collections.ConfigDict()
     config.experiment_name = f"{model}_b_{dataset}_tome"
     config.model_name, config.model = _model(model)

@@ -31,6 +31,7 @@ from ml_collections import config_dict
 
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.config.blocks import bench_config, evaluation_config
+from vtm_jax.data.preprocessing import PREPROCESSING_FIELDS
 from vtm_jax.errors import UserError
 
 SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
@@ -77,16 +78,8 @@ _MODEL_USED = (
 _DATA_USED = (
     "num_classes",
     "class_splits",
-    "num_frames",
-    "stride",
-    "min_resize",
-    "crop_size",
+    *PREPROCESSING_FIELDS,
     "zero_centering",
-    "mean",
-    "std",
-    "sampling",
-    "protocol",
-    "paper_loader",
     "num_test_clips",
     "do_three_spatial_crops",
     "test_batch_size",

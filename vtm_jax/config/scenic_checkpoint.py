@@ -14,19 +14,7 @@ import ml_collections
 
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.config.scenic import is_scenic_vivit, vivit_record
-
-# The preprocessing fields a Scenic ViViT config's dataset_configs holds once read
-# (vtm_jax.config.scenic.add_defaults and finish fill in what the file leaves out).
-_PREPROCESSING_FIELDS = (
-    "num_frames",
-    "stride",
-    "min_resize",
-    "crop_size",
-    "mean",
-    "std",
-    "sampling",
-    "protocol",
-)
+from vtm_jax.data.preprocessing import PREPROCESSING_FIELDS
 
 
 def checkpoint_record(config: ml_collections.ConfigDict) -> ModelRecord | None:
@@ -69,7 +57,9 @@ def scenic_record(config: ml_collections.ConfigDict) -> ModelRecord:
             "layer_norm_eps": SCENIC_LAYER_NORM_EPS,
             "gelu_approximate": SCENIC_GELU_APPROXIMATE,
         },
-        preprocessing={key: data.get(key) for key in _PREPROCESSING_FIELDS},
+        # The preprocessing fields the config holds once read (vtm_jax.config.scenic's
+        # add_defaults and finish fill in what the file leaves out).
+        preprocessing={key: data.get(key) for key in PREPROCESSING_FIELDS if key in data},
         class_splits=list(splits) if splits else None,
         token_merging={"mode": "none"},
     )

@@ -13,13 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from vtm_jax.data.protocols import (
-    PREPROCESSING_KEYS,
-    ViewSpec,
-    clip_indices,
-    make_views,
-    segment_indices,
-)
+from vtm_jax.data.preprocessing import Preprocessing
+from vtm_jax.data.protocols import ViewSpec, clip_indices, make_views, segment_indices
 from vtm_jax.data.readers import CorruptVideo, VideoBytes, as_text, reader_for
 from vtm_jax.errors import UserError
 
@@ -43,15 +38,9 @@ def decode_bytes(data: np.ndarray | bytes, video_id: str = "?") -> np.ndarray:
     return reader.frames(range(reader.count))
 
 
-def check_preprocessing(preprocessing: Mapping[str, Any]) -> None:
-    missing = [k for k in PREPROCESSING_KEYS if k not in preprocessing]
-    if missing:
-        raise UserError(f"preprocessing lacks {', '.join(missing)}")
-
-
 def eval_views(
     example: Mapping[str, Any],
-    preprocessing: Mapping[str, Any],
+    preprocessing: Preprocessing,
     *,
     num_clips: int = 1,
     three_crops: bool = False,
@@ -60,10 +49,10 @@ def eval_views(
 
     ``example`` holds ``video`` (uint8 frames ``[T, H, W, 3]`` or encoded file bytes as a
     uint8 1-D array) or ``frame_paths`` (a frame folder); ``preprocessing`` is a checkpoint
-    record's (``num_frames``, ``stride``, ``min_resize``, ``crop_size``, per-channel ``mean``
-    and ``std`` on pixels scaled to [0, 1], and the ``protocol`` that picks the frames and
-    crops: ``vtm_jax.data.protocols``). Raises :class:`CorruptVideo` when the video cannot be
-    decoded.
+    record's (``ModelRecord.resolve_preprocessing``, or ``Preprocessing.from_dict``: frames,
+    stride, resize, crop, per-channel ``mean`` and ``std`` on pixels scaled to [0, 1], and the
+    ``protocol`` that picks the frames and crops: ``vtm_jax.data.protocols``). Raises
+    :class:`CorruptVideo` when the video cannot be decoded.
     """
     spec = ViewSpec.from_preprocessing(preprocessing, num_clips=num_clips, three_crops=three_crops)
     return make_views(reader_for(example), example, spec)

@@ -33,15 +33,27 @@ from typing import Any
 import numpy as np
 
 from vtm_jax.data import spatial
+from vtm_jax.data.preprocessing import PREPROCESSING_FIELDS, Preprocessing
 from vtm_jax.data.readers import ArrayFrames, CorruptVideo, FrameFolder, VideoBytes
 from vtm_jax.errors import UserError
 
-PROTOCOLS = ("paper", "scenic", "centred")
-PAPER_LOADERS = ("kinetics", "ssv2", "epic_kitchens")
-SAMPLINGS = ("stride", "segments")  # the centred protocol's temporal sampling
 TARGET_FPS = 30  # SlowFast's DATA.TARGET_FPS: clip spans are measured at this rate
 
 Reader = ArrayFrames | FrameFolder | VideoBytes
+
+# docs/method.md §3.8: frames per clip, sampling stride per dataset, mean / std on [0, 1] pixels.
+# TimeSformer's EPIC-KITCHENS stride is not recorded in the paper's configs; 8 as for SSv2.
+PAPER_MODEL_INPUTS = {
+    "vivit": (32, {"k400": 2, "ssv2": 1, "ek100": 2}, (0.45,) * 3, (0.225,) * 3),
+    "videomae": (
+        16,
+        {"k400": 1, "ssv2": 1, "ek100": 2},
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+    ),
+    "timesformer": (8, {"k400": 32, "ssv2": 8, "ek100": 8}, (0.45,) * 3, (0.225,) * 3),
+    "motionformer": (16, {"k400": 4, "ssv2": 4, "ek100": 4}, (0.5,) * 3, (0.5,) * 3),
+}
 
 
 def paper_loader_for(dataset: str) -> str:
@@ -54,61 +66,28 @@ def paper_loader_for(dataset: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViewSpec:
-    """What a protocol needs to know besides the video: the model's input and the views."""
+class ViewSpec(Preprocessing):
+    """What a protocol needs to know besides the video: the preprocessing (its ``paper_loader``
+    and ``is_test_split`` defaults filled in: ``kinetics``, and true, since Scenic's DMVR
+    multi-view pipeline runs on the test split only) and the views."""
 
-    protocol: str
-    num_frames: int
-    stride: int
-    min_resize: int
-    crop_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     num_clips: int = 1
     three_crops: bool = False
-    paper_loader: str = "kinetics"
-    sampling: str = "stride"
-    is_test_split: bool = True  # scenic: DMVR's multi-view pipeline runs on the test split only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "paper_loader", self.paper_loader or "kinetics")
+        if self.is_test_split is None:
+            object.__setattr__(self, "is_test_split", True)
+        if self.num_clips < 1:
+            raise UserError(f"num_clips must be positive, got {self.num_clips}")
 
     @classmethod
     def from_preprocessing(
-        cls, prep: Mapping[str, Any], *, num_clips: int = 1, three_crops: bool = False
+        cls, prep: Preprocessing, *, num_clips: int = 1, three_crops: bool = False
     ) -> ViewSpec:
-        missing = [k for k in PREPROCESSING_KEYS if k not in prep]
-        if missing:
-            raise UserError(f"preprocessing lacks {', '.join(missing)}")
-        spec = cls(
-            protocol=str(prep.get("protocol") or "centred"),
-            num_frames=int(prep["num_frames"]),
-            stride=int(prep["stride"]),
-            min_resize=int(prep["min_resize"]),
-            crop_size=int(prep["crop_size"]),
-            mean=tuple(float(v) for v in prep["mean"]),
-            std=tuple(float(v) for v in prep["std"]),
-            num_clips=int(num_clips),
-            three_crops=bool(three_crops),
-            paper_loader=str(prep.get("paper_loader") or "kinetics"),
-            sampling=str(prep.get("sampling") or "stride"),
-            is_test_split=bool(prep.get("is_test_split", True)),
-        )
-        spec.check()
-        return spec
-
-    def check(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise UserError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
-        if self.paper_loader not in PAPER_LOADERS:
-            raise UserError(
-                f"unknown paper_loader {self.paper_loader!r}; valid: {', '.join(PAPER_LOADERS)}"
-            )
-        if self.sampling not in SAMPLINGS:
-            raise UserError(f"unknown sampling {self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
-        for name in ("num_frames", "stride", "min_resize", "crop_size", "num_clips"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-PREPROCESSING_KEYS = ("num_frames", "stride", "min_resize", "crop_size", "mean", "std")
+        entries = {name: getattr(prep, name) for name in PREPROCESSING_FIELDS}
+        return cls(**entries, num_clips=int(num_clips), three_crops=bool(three_crops))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,15 +5,16 @@ tokens as ``merging`` (a :class:`~vtm_jax.merging.MergingSettings`) says. The re
 vtm_jax (evaluation, benchmarks, sweeps, pictures, conversion checks) reaches a backbone only
 through this contract and :mod:`vtm_jax.models.registry`, never by its architecture name.
 
-Shared here: the video shape check, the tubelet embedding and class token, the steps of an
-encoder (layer, r, PRNG key, whether the step only reduces), the pre-LN joint space-time
-encoder of ViViT, VideoMAE and the factorised encoder, pooling, the classifier head, sowing the
-source, and the multiply-add bookkeeping of ``analytic_macs``.
+Shared here: the video shape check, the tubelet embedding and class token, the base key of
+a call's random draws (:func:`merge_key`), running a batch a few clips at a time
+(:func:`apply_in_steps`), pooling and the classifier head. The merging encoder (its steps,
+the pre-LN joint space-time blocks, sowing the source) is :mod:`vtm_jax.models.encoder`; the
+multiply-add bookkeeping of ``analytic_macs`` is :mod:`vtm_jax.models.macs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import flax.linen as nn
@@ -21,20 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from vtm_jax.errors import UserError
-from vtm_jax.merging import (
-    MergingSettings,
-    Tokens,
-    initial_positions,
-    initial_source,
-    key_metric,
-    layer_key,
-    merge_tokens,
-    needs_positions,
-)
-from vtm_jax.merging.matching import clamp_r
-from vtm_jax.merging.schedule import LayerPlan, block_macs
-from vtm_jax.models.attention import AttentionFn, xla_attention
-from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention, size_bias
+from vtm_jax.merging import MergingSettings, Tokens
+from vtm_jax.merging.schedule import LayerPlan
+from vtm_jax.models.attention import AttentionFn
 
 CLASSIFIERS = ("token", "gap")
 
@@ -84,9 +74,10 @@ class Backbone(Protocol):
     * ``__call__(video, *, train=False, merge_rng=None)``: logits ``[B, classes]`` for a video
       ``[B, T, H, W, 3]``. It first resolves its base key with :func:`merge_key` (an explicit
       ``merge_rng``, else the ``'merge'`` RNG stream, else None: ``merging.seed``); each step's
-      random draws then use ``layer_key(merging, step, key)`` (:func:`encoder_steps`).
+      random draws then use ``layer_key(merging, step, key)``
+      (:func:`~vtm_jax.models.encoder.encoder_steps`).
       With ``merging.trace_source`` set, the final source is sown as ``intermediates/source``
-      (:func:`sow_source`), laid out as :meth:`source_layout` says.
+      (:func:`~vtm_jax.models.encoder.sow_source`), laid out as :meth:`source_layout` says.
     * ``token_plan(num_frames, image_size)``: the static token count entering and leaving each
       step (layer, or repeat of a duplicated layer), exactly what the forward pass produces.
     * ``analytic_macs(num_frames, image_size)``: ``{'embedding', 'layers', 'head', 'total'}``
@@ -162,7 +153,7 @@ def prepend_class_token(module: nn.Module, x: jax.Array, name: str = "cls") -> j
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoder steps
+# Random draws and stepping
 
 # The Flax RNG stream random modes draw from when no explicit key is given:
 # ``model.apply(variables, video, rngs={"merge": key})``, as a trainer passes ``"dropout"``.
@@ -173,7 +164,7 @@ def merge_key(module: nn.Module, merge_rng: jax.Array | None) -> jax.Array | Non
     """The base key of one call's random draws, in order of precedence: ``merge_rng`` when
     given (evaluation keys each video this way); else a key from the ``'merge'`` stream when
     the caller passes one, so a trainer's per-step ``rngs`` give a new draw each step; else
-    None, and each step draws from ``PRNGKey(merging.seed)`` (:func:`layer_key`).
+    None, and each step draws from ``PRNGKey(merging.seed)`` (:func:`~vtm_jax.merging.layer_key`).
 
     Call it once at the top of a backbone's ``__call__``, before any key is derived.
     """
@@ -225,173 +216,8 @@ def apply_in_steps(
     return logits.reshape((batch,) + logits.shape[2:])
 
 
-class Step(NamedTuple):
-    """One step of an encoder: which layer runs, its r, its PRNG key, and ``repeats``: the same
-    layer runs again next (a duplicated layer, docs/method.md §3.6)."""
-
-    layer: int
-    r: int
-    key: jax.Array
-    repeats: bool
-
-
-def encoder_steps(
-    merging: MergingSettings, num_layers: int, merge_rng: jax.Array | None
-) -> list[Step]:
-    """The steps of ``num_layers`` layers under ``merging``, in execution order.
-
-    Step ``i`` draws from ``layer_key(merging, i, merge_rng)``. What a repeat computes is the
-    backbone's choice (ViViT and VideoMAE reduce only; TimeSformer and Motionformer rerun the
-    whole block with tied weights).
-    """
-    steps = merging.layer_steps(num_layers)
-    return [
-        Step(
-            layer,
-            r,
-            layer_key(merging, i, merge_rng),
-            i + 1 < len(steps) and steps[i + 1][0] == layer,
-        )
-        for i, (layer, r) in enumerate(steps)
-    ]
-
-
-def encoder_blocks(make: Callable[..., nn.Module], num_layers: int) -> list[nn.Module]:
-    """``make(name="encoderblock_i")`` for each layer: Scenic's block names."""
-    return [make(name=f"encoderblock_{layer}") for layer in range(num_layers)]
-
-
-class EncoderBlock(nn.Module):
-    """Pre-LN block: attention, residual, reduction of ``r`` tokens, then MLP and residual."""
-
-    num_heads: int
-    mlp_dim: int
-    class_token: bool
-    merging: MergingSettings
-    layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = True
-    attention_fn: AttentionFn = xla_attention
-    key_bias: bool = True
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens: Tokens,
-        key: jax.Array | None,
-        *,
-        r: int,
-        reduce_only: bool = False,
-        grid: tuple[int, int, int] | None = None,
-    ) -> Tokens:
-        """``reduce_only``: a duplicated layer's extra step (docs/method.md §3.6): this layer's keys
-        choose the merge, applied to the block's input; no attention residual, no MLP.
-        ``grid``: the ``(t, h, w)`` patch grid, for rules that read token positions."""
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
-        attention = SelfAttention(
-            self.num_heads,
-            self.attention_fn,
-            key_bias=self.key_bias,
-            name="MultiHeadDotProductAttention_0",
-        )
-        if reduce_only:
-            keys = attention(y, keys_only=True)
-        else:
-            y, keys = attention(y, bias=size_bias(tokens.size, self.merging.prop_attn))
-            tokens = tokens._replace(x=tokens.x + y)
-        r = clamp_r(tokens.x.shape[1], r, class_token=self.class_token)
-        if r > 0:
-            metric = key_metric(keys, self.merging.head_aggregation)
-            tokens = merge_tokens(
-                tokens,
-                metric,
-                r,
-                settings=self.merging,
-                class_token=self.class_token,
-                key=key,
-                grid=grid,
-            )
-        if reduce_only:
-            return tokens
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(tokens.x)
-        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
-        return tokens._replace(x=tokens.x + y)
-
-
-class Encoder(nn.Module):
-    """Position embeddings, the joint space-time blocks, the final LayerNorm (Scenic's
-    ``Transformer``); shared by ViViT, VideoMAE and the factorised encoder.
-
-    ``learned_positions`` and ``final_norm`` can be turned off for backbones that add fixed
-    positions themselves or pool before normalising (VideoMAE). ``grid`` (the ``(t, h, w)``
-    patch grid of ``x`` in ``(t h w)`` order, after any class token) lets rules that need
-    positions (``Rule.needs_positions``) run; only then are positions tracked. A duplicated
-    layer's extra runs only reduce (the paper's copies for these models).
-    """
-
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    class_token: bool
-    merging: MergingSettings
-    layer_norm_eps: float = 1e-6
-    gelu_approximate: bool = True
-    attention_fn: AttentionFn = xla_attention
-    key_bias: bool = True
-    learned_positions: bool = True
-    final_norm: bool = True
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        merge_rng: jax.Array | None = None,
-        grid: tuple[int, int, int] | None = None,
-    ) -> Tokens:
-        if self.learned_positions:
-            x = AddPositionEmbs(name="posembed_input")(x)
-        source = initial_source(x.shape[0], x.shape[1], self.merging.trace_source)
-        pos = None
-        if needs_positions(self.merging):
-            if grid is None:
-                raise UserError(
-                    f"mode {self.merging.mode!r} needs token positions, which this backbone "
-                    "does not track (only global merging over a whole patch grid does: "
-                    "vivit, videomae)"
-                )
-            pos = initial_positions(x.shape[0], grid, class_token=self.class_token)
-        tokens = Tokens(x, None, source, pos)
-        blocks = encoder_blocks(
-            lambda name: EncoderBlock(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                class_token=self.class_token,
-                merging=self.merging,
-                layer_norm_eps=self.layer_norm_eps,
-                gelu_approximate=self.gelu_approximate,
-                attention_fn=self.attention_fn,
-                key_bias=self.key_bias,
-                name=name,
-            ),
-            self.num_layers,
-        )
-        for step in encoder_steps(self.merging, self.num_layers, merge_rng):
-            tokens = blocks[step.layer](
-                tokens, step.key, r=step.r, reduce_only=step.repeats, grid=grid
-            )
-        if not self.final_norm:
-            return tokens
-        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
-        return tokens._replace(x=x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def sow_source(module: nn.Module, tokens: Tokens) -> None:
-    """Sow the final source tracking as ``intermediates/source``, when it is tracked."""
-    if tokens.source is not None:
-        module.sow("intermediates", "source", tokens.source)
 
 
 def mean_pool(tokens: Tokens, *, weighted: bool) -> jax.Array:
@@ -422,47 +248,3 @@ def classifier_head(
         x = nn.tanh(nn.Dense(representation_size, name="pre_logits")(x))
     init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
     return nn.Dense(num_classes, kernel_init=init, name="output_projection")(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multiply-adds
-
-
-def step_macs(
-    plan: list[LayerPlan], steps: list[tuple[int, int]], *, hidden: int, mlp_dim: int
-) -> list[int]:
-    """Multiply-adds of each step of a pre-LN encoder that reduces between attention and MLP.
-
-    A full step is :func:`block_macs`; the extra runs of a duplicated layer (all but its last)
-    only project keys and reduce, so they cost ``N D^2``.
-    """
-    macs = []
-    for i, p in enumerate(plan):
-        if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
-            macs.append(p.tokens_in * hidden**2)
-        else:
-            macs.append(block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim))
-    return macs
-
-
-def embedding_macs(num_frames: int, image_size: int, patch_size: Sequence[int], hidden: int) -> int:
-    """The patch embedding: one ``t h w 3 x D`` product per patch (``(h, w)``: per frame)."""
-    t, h, w = (1, *patch_size) if len(patch_size) == 2 else tuple(patch_size)
-    patches = (num_frames // t) * (image_size // h) * (image_size // w)
-    return patches * t * h * w * 3 * hidden
-
-
-def head_macs(hidden: int, num_classes: int, representation_size: int | None = None) -> int:
-    """``pre_logits`` (when there is one) and ``output_projection``."""
-    rep = representation_size
-    return hidden * (rep or 0) + (rep or hidden) * num_classes
-
-
-def macs_total(embedding: int, layers: list[int], head: int) -> dict[str, Any]:
-    """``analytic_macs``' dict: the parts and their total."""
-    return {
-        "embedding": embedding,
-        "layers": layers,
-        "head": head,
-        "total": embedding + sum(layers) + head,
-    }

@@ -68,15 +68,11 @@ from vtm_jax.models.base import (
     check_video_shape,
     classifier_head,
     embed_tubelets,
-    embedding_macs,
-    encoder_blocks,
-    encoder_steps,
-    head_macs,
-    macs_total,
     merge_key,
-    sow_source,
 )
+from vtm_jax.models.encoder import encoder_blocks, encoder_steps, sow_source
 from vtm_jax.models.layers import MlpBlock
+from vtm_jax.models.macs import embedding_macs, head_macs, macs_total
 
 _XAVIER = nn.initializers.xavier_uniform()
 

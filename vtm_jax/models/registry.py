@@ -8,7 +8,7 @@ the package). Everything backbone-specific is asked of the backbone, never writt
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,6 @@ import numpy as np
 from flax import traverse_util
 
 from vtm_jax import plugins
-from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.attention import AttentionFn, get_attention
@@ -27,6 +26,9 @@ from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
+
+if TYPE_CHECKING:  # read by duck typing: models sit below checkpoints
+    from vtm_jax.checkpoints.record import ModelRecord
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit": ViViT,
@@ -89,7 +91,11 @@ def build_model(
     merging: MergingSettings | None = None,
     attention_fn: AttentionFn | None = None,
 ) -> nn.Module:
-    """The Flax module a record describes, with the given merging settings and attention."""
+    """The Flax module a record describes, with the given merging settings and attention.
+
+    ``record`` is a :class:`~vtm_jax.checkpoints.record.ModelRecord` or anything else with its
+    ``architecture`` and ``model_kwargs()``.
+    """
     name = record.architecture
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")

@@ -46,16 +46,12 @@ from vtm_jax.models.base import (
     check_video_shape,
     classifier_head,
     embed_tubelets,
-    embedding_macs,
-    encoder_blocks,
-    encoder_steps,
-    head_macs,
-    macs_total,
     merge_key,
     prepend_class_token,
-    sow_source,
 )
+from vtm_jax.models.encoder import encoder_blocks, encoder_steps, sow_source
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention
+from vtm_jax.models.macs import embedding_macs, head_macs, macs_total
 
 
 def spatial_size_bias(size: jax.Array | None, prop_attn: bool) -> jax.Array | None:

@@ -27,20 +27,16 @@ from vtm_jax.merging import MergingSettings
 from vtm_jax.merging.schedule import LayerPlan, plan_tokens
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
-    Encoder,
     SourceLayout,
     TemporalTable,
     check_video_shape,
     classifier_head,
     embed_tubelets,
-    embedding_macs,
-    head_macs,
-    macs_total,
     mean_pool,
     merge_key,
-    sow_source,
-    step_macs,
 )
+from vtm_jax.models.encoder import Encoder, sow_source
+from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,23 +17,18 @@ from vtm_jax.merging import MergingSettings
 from vtm_jax.merging.schedule import LayerPlan, plan_tokens
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
-    Encoder,
-    EncoderBlock,
     SourceLayout,
     TemporalTable,
     check_classifier,
     check_video_shape,
     classifier_head,
     embed_tubelets,
-    embedding_macs,
-    head_macs,
-    macs_total,
     merge_key,
     pool,
     prepend_class_token,
-    sow_source,
-    step_macs,
 )
+from vtm_jax.models.encoder import Encoder, EncoderBlock, sow_source
+from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 # The shared encoder is ViViT's (Scenic's Transformer); its block is named here for the tests
 # and tools that capture it.

@@ -20,22 +20,18 @@ from vtm_jax.merging import MergingSettings, Tokens
 from vtm_jax.merging.schedule import LayerPlan, plan_tokens
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
-    Encoder,
     SourceLayout,
     TemporalTable,
     check_classifier,
     check_video_shape,
     classifier_head,
     embed_tubelets,
-    embedding_macs,
-    head_macs,
-    macs_total,
     merge_key,
     pool,
     prepend_class_token,
-    sow_source,
-    step_macs,
 )
+from vtm_jax.models.encoder import Encoder, sow_source
+from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 
 class FactorisedEncoderViViT(nn.Module):

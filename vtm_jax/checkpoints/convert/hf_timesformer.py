@@ -14,6 +14,12 @@ from typing import Any
 import numpy as np
 from etils.epath import Path
 
+from vtm_jax.checkpoints.convert.checkpoint_files import (
+    hf_labels,
+    hf_num_classes,
+    read_hf_directory,
+    read_processor_config,
+)
 from vtm_jax.checkpoints.convert.common import (
     CONV2D,
     GELU_APPROXIMATE,
@@ -26,12 +32,8 @@ from vtm_jax.checkpoints.convert.common import (
     Target,
     check_keys,
     format_keys,
-    hf_labels,
-    hf_num_classes,
     map_tensors,
     model_shapes,
-    read_hf_directory,
-    read_processor_config,
 )
 from vtm_jax.errors import UserError
 

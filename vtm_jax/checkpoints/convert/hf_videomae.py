@@ -13,6 +13,11 @@ from typing import Any
 
 from etils.epath import Path
 
+from vtm_jax.checkpoints.convert.checkpoint_files import (
+    hf_labels,
+    hf_num_classes,
+    read_hf_directory,
+)
 from vtm_jax.checkpoints.convert.common import (
     CONV,
     IDENTITY,
@@ -24,11 +29,8 @@ from vtm_jax.checkpoints.convert.common import (
     Target,
     check_keys,
     format_keys,
-    hf_labels,
-    hf_num_classes,
     map_tensors,
     model_shapes,
-    read_hf_directory,
 )
 from vtm_jax.errors import UserError
 

@@ -13,6 +13,12 @@ from typing import Any
 import numpy as np
 from etils.epath import Path
 
+from vtm_jax.checkpoints.convert.checkpoint_files import (
+    hf_labels,
+    hf_num_classes,
+    read_hf_directory,
+    read_processor_config,
+)
 from vtm_jax.checkpoints.convert.common import (
     CONV,
     GELU_APPROXIMATE,
@@ -25,12 +31,8 @@ from vtm_jax.checkpoints.convert.common import (
     Target,
     check_keys,
     format_keys,
-    hf_labels,
-    hf_num_classes,
     map_tensors,
     model_shapes,
-    read_hf_directory,
-    read_processor_config,
 )
 from vtm_jax.checkpoints.convert.scenic import num_tokens, vivit_preprocessing
 from vtm_jax.errors import UserError

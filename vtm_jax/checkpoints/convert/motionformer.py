@@ -52,6 +52,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from etils.epath import Path
 
+from vtm_jax.checkpoints.convert.checkpoint_files import (
+    import_torch,
+    parse_cfg_yaml,
+    read_torch_checkpoint,
+)
 from vtm_jax.checkpoints.convert.common import (
     CONV,
     IDENTITY,
@@ -65,11 +70,8 @@ from vtm_jax.checkpoints.convert.common import (
     check_keys,
     concat_heads,
     format_keys,
-    import_torch,
     map_tensors,
     model_shapes,
-    parse_cfg_yaml,
-    read_torch_checkpoint,
 )
 from vtm_jax.errors import UserError
 

@@ -30,27 +30,30 @@ Frame count and crop size come from the command line, else the cfg's ``DATA.NUM_
 ``DATA.TRAIN_CROP_SIZE``, else the paper's; the head count (in no tensor shape) from the command
 line, else ViT's usual count for the width. The preprocessing record is the paper's test
 pipeline: ``DATA.SAMPLING_RATE``, ``DATA.MEAN`` / ``DATA.STD`` and ``DATA.TRAIN_JITTER_SCALES[0]``
-(short side) from the cfg where it has them, else :data:`vtm_jax.config.paper.PROTOCOL` for the model
-and the dataset its classes imply; Something-Something v2 (174 classes) samples segments.
+(short side) from the cfg where it has them, else :data:`vtm_jax.data.protocols.PAPER_MODEL_INPUTS` for the model
+and the dataset its classes imply; Something-Something v2 (174 classes) samples segments. The
+key tables and the helpers that read sizes off the tensors are in
+:mod:`vtm_jax.checkpoints.convert.slowfast_keys`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 from etils.epath import Path
 
-from vtm_jax.checkpoints.convert.common import (
-    KeyMap,
-    Params,
-    concat_heads,
-    default_num_heads,
-    format_keys,
-    parse_cfg_yaml,
-    read_torch_checkpoint,
+from vtm_jax.checkpoints.convert.checkpoint_files import parse_cfg_yaml, read_torch_checkpoint
+from vtm_jax.checkpoints.convert.common import Params, default_num_heads, format_keys
+from vtm_jax.checkpoints.convert.slowfast_keys import (
+    TIMESFORMER_KEYS,
+    VIDEOMAE_KEYS,
+    count_layers,
+    join_heads,
+    require_tensor,
+    split_qkv,
+    with_hf_errors,
 )
 from vtm_jax.errors import UserError
 
@@ -70,8 +73,6 @@ _EPS = 1e-6
 _SSV2_CLASSES = 174
 _EPIC_SPLITS = [97, 300]
 
-_LAYER = re.compile(r"(?:blocks|vivit\.encoder\.layer|vivit\.layers)\.(\d+)\.")
-
 
 # (params, model constructor arguments, input size, class splits)
 Converted = tuple[Params, dict[str, Any], dict[str, int], list[int] | None]
@@ -83,56 +84,6 @@ class Overrides(NamedTuple):
     num_frames: int | None = None
     image_size: int | None = None
     num_heads: int | None = None
-
-
-def _hf_layer(path: str) -> str:
-    return f"{path}.encoder.layer.{{n}}."
-
-
-_TS = _hf_layer("timesformer")
-TIMESFORMER_KEYS = KeyMap(
-    [
-        ("cls_token", "timesformer.embeddings.cls_token"),
-        ("pos_embed", "timesformer.embeddings.position_embeddings"),
-        ("time_embed", "timesformer.embeddings.time_embeddings"),
-        ("patch_embed.proj.", "timesformer.embeddings.patch_embeddings.projection."),
-        ("blocks.{n}.norm1.", f"{_TS}layernorm_before."),
-        ("blocks.{n}.attn.qkv.", f"{_TS}attention.attention.qkv."),
-        ("blocks.{n}.attn.proj.", f"{_TS}attention.output.dense."),
-        ("blocks.{n}.temporal_norm1.", f"{_TS}temporal_layernorm."),
-        ("blocks.{n}.temporal_attn.qkv.", f"{_TS}temporal_attention.attention.qkv."),
-        ("blocks.{n}.temporal_attn.proj.", f"{_TS}temporal_attention.output.dense."),
-        ("blocks.{n}.temporal_fc.", f"{_TS}temporal_dense."),
-        ("blocks.{n}.norm2.", f"{_TS}layernorm_after."),
-        ("blocks.{n}.mlp.fc1.", f"{_TS}intermediate.dense."),
-        ("blocks.{n}.mlp.fc2.", f"{_TS}output.dense."),
-        ("norm.", "timesformer.layernorm."),
-        ("head.", "classifier."),
-    ]
-)
-
-_MAE = _hf_layer("videomae")
-_QKV_PARTS = ("query", "key", "value")
-VIDEOMAE_KEYS = KeyMap(
-    [
-        ("patch_embed.proj.", "videomae.embeddings.patch_embeddings.projection."),
-        ("blocks.{n}.norm1.", f"{_MAE}layernorm_before."),
-        ("blocks.{n}.attn.q_bias", f"{_MAE}attention.attention.q_bias"),
-        ("blocks.{n}.attn.v_bias", f"{_MAE}attention.attention.v_bias"),
-        ("blocks.{n}.attn.proj.", f"{_MAE}attention.output.dense."),
-        ("blocks.{n}.norm2.", f"{_MAE}layernorm_after."),
-        ("blocks.{n}.mlp.fc1.", f"{_MAE}intermediate.dense."),
-        ("blocks.{n}.mlp.fc2.", f"{_MAE}output.dense."),
-        ("fc_norm.", "fc_norm."),
-        ("head.", "classifier."),
-    ],
-    # The fused qkv is split in three before renaming (see _split_qkv).
-    reverse_only=[
-        ("blocks.{n}.attn.qkv.weight", f"{_MAE}attention.attention.{part}.weight")
-        for part in _QKV_PARTS
-    ],
-)
-_FUSED_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.weight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,22 +117,6 @@ def detect_architecture(keys: Sequence[str]) -> str:
 # Shared helpers
 
 
-def _require(state: Mapping[str, np.ndarray], key: str, ndim: int, what: str) -> np.ndarray:
-    if key not in state:
-        raise UserError(f"{what} checkpoint keys do not match: missing {key}")
-    array = state[key]
-    if array.ndim != ndim:
-        raise UserError(f"{what} checkpoint has mis-shaped tensors: {key} {array.shape}")
-    return array
-
-
-def _num_layers(keys: Sequence[str], what: str) -> int:
-    found = [int(m.group(1)) for k in keys if (m := _LAYER.match(k))]
-    if not found:
-        raise UserError(f"{what} checkpoint has no transformer blocks")
-    return 1 + max(found)
-
-
 def _section(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     section = cfg.get(name)
     return section if isinstance(section, dict) else {}
@@ -201,23 +136,6 @@ def _input_size(cfg: Mapping[str, Any], over: Overrides, frames: int, size: int)
     return frames, size
 
 
-def _heads(
-    state: Mapping[str, np.ndarray], names: tuple[str, ...], target: str
-) -> tuple[dict[str, np.ndarray], list[int] | None]:
-    """Two-head (EPIC-KITCHENS) models as one ``target`` head; one-head models unchanged."""
-    if not any(k.startswith(tuple(f"{n}." for n in names)) for k in state):
-        return dict(state), None
-    return concat_heads(state, names, target)
-
-
-def _with_hf_errors(convert: Callable[[], Any], keys: KeyMap, what: str) -> Any:
-    """Run an HF converter; its errors name this file's keys."""
-    try:
-        return convert()
-    except UserError as error:
-        raise keys.explain(error, what) from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Per architecture: (params, model, input, class_splits)
 
@@ -225,8 +143,8 @@ def _with_hf_errors(convert: Callable[[], Any], keys: KeyMap, what: str) -> Any:
 def _vivit(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overrides) -> Converted:
     from vtm_jax.checkpoints.convert.hf_vivit import convert_vivit
 
-    state, splits = _heads(state, ("verb_classifier", "noun_classifier"), "classifier")
-    conv = _require(state, "vivit.embeddings.patch_embeddings.projection.weight", 5, "ViViT")
+    state, splits = join_heads(state, ("verb_classifier", "noun_classifier"), "classifier")
+    conv = require_tensor(state, "vivit.embeddings.patch_embeddings.projection.weight", 5, "ViViT")
     width = int(conv.shape[0])
     fc1 = [
         v for k, v in state.items() if k.endswith(("intermediate.dense.weight", "mlp.fc1.weight"))
@@ -239,7 +157,7 @@ def _vivit(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overrides
         "num_frames": frames,
         "tubelet_size": [int(s) for s in conv.shape[2:]],
         "hidden_size": width,
-        "num_hidden_layers": _num_layers(list(state), "ViViT"),
+        "num_hidden_layers": count_layers(list(state), "ViViT"),
         "num_attention_heads": over.num_heads or default_num_heads(width),
         "intermediate_size": int(fc1[0].shape[0]) if fc1 else 4 * width,
         "hidden_act": _VIVIT_HIDDEN_ACT,
@@ -262,10 +180,10 @@ def _timesformer(
             f"cfg TIMESFORMER.ATTENTION_TYPE={attention!r}: only divided_space_time "
             "TimeSformers are supported"
         )
-    state, splits = _heads(state, ("head0", "head1"), "head")
-    conv = _require(state, "patch_embed.proj.weight", 4, "TimeSformer")
-    pos = _require(state, "pos_embed", 3, "TimeSformer")
-    time = _require(state, "time_embed", 3, "TimeSformer")
+    state, splits = join_heads(state, ("head0", "head1"), "head")
+    conv = require_tensor(state, "patch_embed.proj.weight", 4, "TimeSformer")
+    pos = require_tensor(state, "pos_embed", 3, "TimeSformer")
+    time = require_tensor(state, "time_embed", 3, "TimeSformer")
     width, patch = int(conv.shape[0]), int(conv.shape[2])
     grid = round((pos.shape[1] - 1) ** 0.5)
     frames, size = _input_size(cfg, over, int(time.shape[1]), grid * patch)
@@ -276,7 +194,7 @@ def _timesformer(
         "patch_size": [int(conv.shape[2]), int(conv.shape[3])],
         "num_frames": frames,
         "hidden_size": width,
-        "num_hidden_layers": _num_layers(list(state), "TimeSformer"),
+        "num_hidden_layers": count_layers(list(state), "TimeSformer"),
         "num_attention_heads": over.num_heads or default_num_heads(width),
         "intermediate_size": int(fc1.shape[0]) if fc1 is not None else 4 * width,
         "hidden_act": "gelu",
@@ -284,40 +202,17 @@ def _timesformer(
         "qkv_bias": True,
     }
     hf_state = TIMESFORMER_KEYS.rename(state, "TimeSformer")
-    params, model, inputs = _with_hf_errors(
+    params, model, inputs = with_hf_errors(
         lambda: convert_timesformer(hf_state, hf_config), TIMESFORMER_KEYS, "TimeSformer"
     )
     return params, model, inputs, splits
 
 
-def _split_qkv(
-    state: Mapping[str, np.ndarray],
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """VideoMAE's fused ``attn.qkv.weight`` ``[3D, D]`` as HF's query, key and value weights.
-
-    Returns ``(HF-named q/k/v weights, every other key as it was)``.
-    """
-    split, rest = {}, {}
-    for key, value in state.items():
-        found = _FUSED_QKV.fullmatch(key)
-        if found is None:
-            rest[key] = value
-            continue
-        if value.ndim != 2 or value.shape[0] != 3 * value.shape[1]:
-            raise UserError(
-                f"VideoMAE checkpoint has mis-shaped tensors: {key} {value.shape} "
-                "(expected [3 D, D])"
-            )
-        for part, rows in zip(_QKV_PARTS, np.split(value, 3), strict=True):
-            split[f"{_MAE.format(n=found.group(1))}attention.attention.{part}.weight"] = rows
-    return split, rest
-
-
 def _videomae(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overrides) -> Converted:
     from vtm_jax.checkpoints.convert.hf_videomae import convert_videomae
 
-    state, splits = _heads(state, ("head0", "head1"), "head")
-    conv = _require(state, "patch_embed.proj.weight", 5, "VideoMAE")
+    state, splits = join_heads(state, ("head0", "head1"), "head")
+    conv = require_tensor(state, "patch_embed.proj.weight", 5, "VideoMAE")
     width, tubelet, patch = int(conv.shape[0]), int(conv.shape[2]), int(conv.shape[3])
     frames, size = _input_size(cfg, over, _DEFAULT_FRAMES["videomae"], _DEFAULT_SIZE)
     if frames % tubelet or size % patch:
@@ -333,7 +228,7 @@ def _videomae(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overri
         "num_frames": frames,
         "tubelet_size": tubelet,
         "hidden_size": width,
-        "num_hidden_layers": _num_layers(list(state), "VideoMAE"),
+        "num_hidden_layers": count_layers(list(state), "VideoMAE"),
         "num_attention_heads": over.num_heads or default_num_heads(width),
         "intermediate_size": int(fc1.shape[0]) if fc1 is not None else 4 * width,
         "hidden_act": "gelu",
@@ -341,9 +236,9 @@ def _videomae(state: dict[str, np.ndarray], cfg: Mapping[str, Any], over: Overri
         "qv_bias": any(k.endswith(".attn.q_bias") for k in state),
         "use_mean_pooling": True,
     }
-    split, rest = _split_qkv(state)
+    split, rest = split_qkv(state)
     hf_state = {**VIDEOMAE_KEYS.rename(rest, "VideoMAE"), **split}
-    params, model, inputs = _with_hf_errors(
+    params, model, inputs = with_hf_errors(
         lambda: convert_videomae(hf_state, hf_config), VIDEOMAE_KEYS, "VideoMAE"
     )
     model["fc_norm_eps"] = _EPS  # the original's fc_norm is eps 1e-6 (HF's port: 1e-5)
@@ -372,9 +267,9 @@ def paper_preprocessing(
     splits: list[int] | None,
 ) -> dict[str, Any]:
     """The paper's test pipeline for this model: the cfg's DATA values, else its protocol."""
-    from vtm_jax.config.paper import PROTOCOL
+    from vtm_jax.data.protocols import PAPER_MODEL_INPUTS
 
-    _, strides, mean, std = PROTOCOL[architecture]
+    _, strides, mean, std = PAPER_MODEL_INPUTS[architecture]
     data = _section(cfg, "DATA")
     crop = int(input_config["image_size"])
     scales = data.get("TRAIN_JITTER_SCALES")

@@ -3,10 +3,11 @@
 The loop follows Scenic's eval step. Each process takes its own contiguous shard of the
 examples (``shard_indices``) and reads it through grain (``evaluation.input``). Within a
 process, each host batch is padded to a full ``local_devices x batch_size`` with a
-``batch_mask`` (1 = real example) and reshaped to ``[local_devices, batch_size, ...]``.
-``jax.pmap`` runs the forward pass, and the metric sums are ``psum``-ed over the ``'batch'``
-axis, so every device returns the process's numbers for that step (``evaluation.loop``). The
-pmap spans only the local devices, so processes never wait on one another during the run.
+``batch_mask`` (1 = real example) and split over the ``batch`` axis of a mesh of the local
+devices (``vtm_jax.runtime.mesh``). One jitted step runs the forward pass on each device's
+share, and the metric sums are ``psum``-ed over the axis, so the step returns the process's
+numbers (``evaluation.loop``). The mesh spans only the local devices, so processes never wait
+on one another during the run.
 Their partial sums are combined once at the end (``multihost_utils.process_allgather``), and
 process 0 writes the final results.
 
@@ -44,23 +45,26 @@ import jax
 
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.checkpoints.store import load_checkpoint
+from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
 from vtm_jax.jobs.evaluation import input as eval_input
 from vtm_jax.jobs.evaluation import loop
 from vtm_jax.jobs.evaluation import results as store
 from vtm_jax.jobs.evaluation.input import NONFINITE_INPUT, PREFETCH_BATCHES
 from vtm_jax.jobs.evaluation.metrics import TOP_K, format_results, view_metrics
-from vtm_jax.jobs.evaluation.results import (
+from vtm_jax.jobs.evaluation.results import combine_scores, scores_path_for
+from vtm_jax.jobs.evaluation.spec import ENSEMBLES, EvalSpec
+from vtm_jax.jobs.evaluation.state import (
     NONFINITE_OUTPUT,
     RESULTS_FORMAT,
     RESULTS_VERSION,
-    combine_scores,
-    scores_path_for,
+    EvalState,
+    merge_states,
 )
-from vtm_jax.jobs.evaluation.spec import ENSEMBLES, EvalSpec
 from vtm_jax.merging import MergingSettings, is_random
 from vtm_jax.outputs import write_json
 from vtm_jax.paths import absolute
+from vtm_jax.runtime import mesh as device_mesh
 
 __all__ = [
     "ENSEMBLES",
@@ -84,7 +88,7 @@ def evaluate(
     source: Any,
     spec: EvalSpec | None = None,
     *,
-    on_batch: Callable[[dict[str, Any]], None] | None = None,
+    on_batch: Callable[[EvalState], None] | None = None,
     scenic_record: ModelRecord | None = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -121,10 +125,11 @@ def evaluate(
     shard = shard_indices(num_examples, process, processes)
     info = _run_info(run, record, spec)
     state_path = store.state_path_for(spec.results_path, process, processes)
-    state = store.start_state(run, info, heads, shard, process, processes)
+    state = EvalState.start(run, info, heads, shard, process, processes)
     state = _resumed(state, spec, state_path, process, processes)
 
-    step = _compiled_step(record, merging, params, heads, spec)
+    mesh = device_mesh.local_mesh()
+    step = _compiled_step(record, merging, params, heads, spec, mesh)
     view_shape = (spec.views, record.num_frames, record.image_size, record.image_size, 3)
     load = eval_input.ExampleLoader(
         source,
@@ -136,14 +141,15 @@ def evaluate(
     )
     scores_dir = None
     if spec.save_scores:
-        fresh = state["done"] == 0 and processes == 1
+        fresh = state.done == 0 and processes == 1
         scores_dir = store.prepare_scores_dir(spec.results_path, fresh)
     loop.run_shard(
         state,
         shard,
         load,
         step,
-        loop.replicate(params, jax.local_devices()),
+        device_mesh.replicate(params, mesh),
+        mesh=mesh,
         batch_size=spec.batch_size,
         heads=heads,
         state_path=state_path,
@@ -157,15 +163,28 @@ def evaluate(
 
 
 def _compiled_step(
-    record: ModelRecord, merging: MergingSettings, params: Any, heads: list, spec: EvalSpec
+    record: ModelRecord,
+    merging: MergingSettings,
+    params: Any,
+    heads: list,
+    spec: EvalSpec,
+    mesh: jax.sharding.Mesh,
 ) -> Any:
-    """The model with its merging, checked against the parameters, as a pmap-ed step."""
+    """The model with its merging, checked against the parameters, as a step over ``mesh``."""
     from vtm_jax.models.attention import get_attention
     from vtm_jax.models.registry import build_model, check_params_fit
 
     model = build_model(record, merging, get_attention(spec.attention))
     check_params_fit(model, params, record.input)
-    return loop.pmapped_step(model, heads, spec, merging.seed)
+    return loop.compiled_step(
+        model,
+        heads,
+        mesh,
+        softmax_views=spec.softmax_views,
+        ensemble=spec.ensemble,
+        seed=merging.seed,
+        clips_per_step=spec.clips_per_step,
+    )
 
 
 def _override(spec: EvalSpec) -> dict[str, Any] | None:
@@ -174,7 +193,7 @@ def _override(spec: EvalSpec) -> dict[str, Any] | None:
 
 def _load(
     checkpoint_dir: str, spec: EvalSpec, scenic_record: ModelRecord | None
-) -> tuple[Any, ModelRecord, MergingSettings, dict[str, Any], dict[str, Any] | None]:
+) -> tuple[Any, ModelRecord, MergingSettings, Preprocessing, dict[str, Any] | None]:
     """Parameters and record, at the frame count the preprocessing asks for; the merging,
     the preprocessing and, when it changes the frame count, how."""
     params, record = load_checkpoint(
@@ -184,16 +203,16 @@ def _load(
     if merging is None:
         merging = MergingSettings.from_dict(record.token_merging)
     prep = record.resolve_preprocessing(_override(spec))
-    if prep["num_frames"] == record.num_frames:
+    if prep.num_frames == record.num_frames:
         return params, record, merging, prep, None
     from vtm_jax.checkpoints.frame_count import change_frames
 
     frames = {
         "checkpoint": record.num_frames,
-        "evaluated": prep["num_frames"],
+        "evaluated": prep.num_frames,
         "position_embeddings": spec.position_embeddings,
     }
-    params, record = change_frames(params, record, prep["num_frames"], spec.position_embeddings)
+    params, record = change_frames(params, record, prep.num_frames, spec.position_embeddings)
     if spec.progress and jax.process_index() == 0:  # never silent: accuracy changes with it
         print(
             f"vtm-jax: evaluating a {frames['checkpoint']}-frame checkpoint on "
@@ -209,7 +228,7 @@ def _run_description(
     spec: EvalSpec,
     record: ModelRecord,
     merging: MergingSettings,
-    prep: dict[str, Any],
+    prep: Preprocessing,
     frames: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """What makes two runs the same run: a resume must match it entry for entry."""
@@ -221,7 +240,7 @@ def _run_description(
             "architecture": record.architecture,
             "dataset": spec.dataset or eval_input.dataset_name(source),
             "num_examples": None,  # the caller's, from the limit
-            "preprocessing": prep,
+            "preprocessing": prep.to_dict(),
             "num_clips": spec.num_clips,
             "three_crops": spec.three_crops,
             "view_average": "softmax" if spec.softmax_views else "logits",
@@ -267,8 +286,8 @@ def _run_info(run: dict[str, Any], record: ModelRecord, spec: EvalSpec) -> dict[
 
 
 def _resumed(
-    state: dict[str, Any], spec: EvalSpec, state_path: str | None, process: int, processes: int
-) -> dict[str, Any]:
+    state: EvalState, spec: EvalSpec, state_path: str | None, process: int, processes: int
+) -> EvalState:
     """The state to continue from; every process must agree before any of them starts,
     otherwise the others would wait forever for the final gather."""
     problem = None
@@ -284,7 +303,7 @@ def _resumed(
 
 
 def _finish(
-    state: dict[str, Any],
+    state: EvalState,
     run: dict[str, Any],
     info: dict[str, Any],
     source: Any,
@@ -293,8 +312,10 @@ def _finish(
     scores_dir: str | None,
 ) -> dict[str, Any]:
     """Every process's state merged; process 0 writes the results (and combined scores)."""
-    states = [state] if jax.process_count() == 1 else store.allgather_json(state)
-    results = store.merge_states(states, run, info)
+    states = [state]
+    if jax.process_count() > 1:
+        states = [EvalState.from_json(s) for s in store.allgather_json(state.to_json())]
+    results = merge_states(states, run, info)
     # Videos the annotations list but the dataset build did not find: not in the accuracy.
     results["missing"] = sorted(map(str, getattr(source, "missing", None) or []))
     if spec.results_path is not None and jax.process_index() == 0:

@@ -89,3 +89,57 @@ def _open_source(config: Any, sources: dict | None) -> Any:
     if key not in sources:
         sources[key] = open_split(config.dataset_name, split, **open_args)
     return sources[key]
+
+
+EVAL_RESULTS = "eval.json"
+
+
+def eval_to_files(config: Any, *, workdir: str | None = None, verify: bool = True) -> dict:
+    """``vtm-jax eval``: :func:`eval_config` with its files; returns the results.
+
+    With ``workdir``: ``eval.json``, ``eval.md`` (the table) and TensorBoard scalars there;
+    otherwise the table goes beside ``config.results_path`` when the config names one.
+    """
+    import jax
+
+    from vtm_jax import paths
+    from vtm_jax.jobs.evaluation.metrics import format_results
+    from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file
+
+    if workdir:
+        if config.get("results_path"):
+            raise UserError("give --workdir or --config.results_path, not both")
+        check_output_dir(workdir, what="--workdir")
+        paths.makedirs(workdir)
+        with config.unlocked():
+            config.results_path = paths.join(workdir, EVAL_RESULTS)
+    path = config.get("results_path")
+    table = None
+    if path:  # the table beside the JSON, as bench and demo write theirs
+        table = (path[: -len(".json")] if path.endswith(".json") else path) + ".md"
+        check_output_file(table, what="results_path's table")
+    results = eval_config(config, verify=verify)
+    lead = jax.process_index() == 0
+    if table and lead:
+        with atomic_file(table) as f:
+            f.write(format_results(results) + "\n")
+        print(f"table written to {table}")
+    if workdir:
+        _log_eval_scalars(config, results, workdir, lead=lead)
+    return results
+
+
+def _log_eval_scalars(config: Any, results: dict, workdir: str, *, lead: bool) -> None:
+    """The metrics as TensorBoard scalars in the workdir (clu.metric_writers, as Scenic's
+    evaluators), at the step the checkpoint was trained to (0 when it does not say)."""
+    from vtm_jax.checkpoints.store import load_record
+    from vtm_jax.config.scenic_checkpoint import checkpoint_record
+    from vtm_jax.jobs.tensorboard import metric_writer
+
+    record = load_record(config.checkpoint, scenic_record=checkpoint_record(config))
+    step = int((record.trained or {}).get("steps", 0))
+    scalars = {f"eval/{name}": value for name, value in results["metrics"].items()}
+    scalars["eval/clips_per_s"] = results["clips_per_s"]
+    writer = metric_writer(workdir, lead=lead)
+    writer.write_scalars(step, scalars)
+    writer.close()

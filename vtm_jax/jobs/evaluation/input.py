@@ -9,14 +9,15 @@ the reason, and is masked out of the batch; the results list it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from vtm_jax.checkpoints.record import Head, ModelRecord
+from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
-from vtm_jax.jobs.evaluation.results import Loaded
+from vtm_jax.jobs.evaluation.state import Loaded
 
 PREFETCH_BATCHES = 2
 NONFINITE_INPUT = "pixels are not finite after preprocessing"
@@ -28,7 +29,7 @@ class ExampleLoader:
     def __init__(
         self,
         source: Any,
-        preprocessing: Mapping[str, Any],
+        preprocessing: Preprocessing,
         heads: Sequence[Head],
         *,
         num_clips: int,
@@ -98,11 +99,6 @@ def host_batch(
         if item.views is not None:
             inputs[row], labels[row], mask[row] = item.views, item.labels, 1
     return {"inputs": inputs, "labels": labels, "batch_mask": mask, "example_index": example_index}
-
-
-def shard_batch(batch: dict[str, np.ndarray], devices: int) -> dict[str, np.ndarray]:
-    """Scenic's ``shard``: ``(host_batch, ...)`` to ``(devices, host_batch // devices, ...)``."""
-    return {k: v.reshape((devices, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
 def check_source_classes(source: Any, record: ModelRecord, heads: Sequence[Head]) -> None:

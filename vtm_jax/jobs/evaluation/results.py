@@ -1,7 +1,7 @@
 """The results file: the run it describes, progress state, resume, multi-host merge, scores.
 
-A run's state is a JSON dict (``format`` ``vtm-jax-eval``, ``version`` 1) rewritten after every
-batch. A rerun with the same path resumes it when the ``run`` entry (checkpoint, parameters
+A run's state (:class:`~.state.EvalState`) is written as a JSON object (``format``
+``vtm-jax-eval``, ``version`` 1) after every batch. A rerun with the same path resumes it when the ``run`` entry (checkpoint, parameters
 digest, merging, dataset, preprocessing, views, ...) is the same; each process of a multi-host
 run keeps its own ``<results>.process<i>`` file, and process 0 writes the merged results.
 Paths go through ``etils.epath``, so results may live in a bucket (``gs://...``).
@@ -9,73 +9,21 @@ Paths go through ``etils.epath``, so results may live in a bucket (``gs://...``)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from etils import epath
 
 from vtm_jax.checkpoints.record import Head
 from vtm_jax.errors import UserError
-from vtm_jax.jobs.evaluation.metrics import sum_names, with_metrics
+from vtm_jax.jobs.evaluation.state import RESULTS_FORMAT, RESULTS_VERSION, EvalState, Loaded
 from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import atomic_file
 from vtm_jax.paths import absolute
-
-RESULTS_FORMAT = "vtm-jax-eval"
-RESULTS_VERSION = 1
-NONFINITE_OUTPUT = "the model's output is not finite (overflow in the input or the parameters)"
-
-
-class Loaded(NamedTuple):
-    """One example read and preprocessed; ``views`` is None for a corrupt video."""
-
-    index: int
-    video_id: str
-    labels: list[int]
-    views: np.ndarray | None
-    reason: str | None
-
-
-def start_state(
-    run: dict,
-    info: dict,
-    heads: Sequence[Head],
-    shard: Sequence[int],
-    process: int,
-    processes: int,
-) -> dict[str, Any]:
-    """A fresh state for this process's ``shard``: nothing done, every count zero."""
-    state: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "complete": len(shard) == 0,
-        "run": run,
-        "info": info,
-        "done": 0,
-        "sums": {k: 0 for k in sum_names(heads)},
-        "skipped": [],
-        "video_ids": [],
-        "clips": 0,
-        "wall_s": 0.0,
-    }
-    if processes > 1:
-        state["shard"] = {
-            "process": process,
-            "processes": processes,
-            "examples": len(shard),
-            "first": shard[0] if shard else None,
-        }
-    if run["predictions"]:
-        state["predictions"] = []
-    if run["confusion_matrix"]:
-        state["confusion_matrix"] = {
-            name or "label": np.zeros((stop - start,) * 2, np.int64).tolist()
-            for name, start, stop in heads
-        }
-    return state
 
 
 def state_path_for(results_path: str | None, process: int, processes: int) -> str | None:
@@ -86,12 +34,12 @@ def state_path_for(results_path: str | None, process: int, processes: int) -> st
 
 
 def resume(
-    state: dict[str, Any],
+    state: EvalState,
     results_path: str | None,
     state_path: str | None,
     overwrite: bool,
     processes: int,
-) -> dict[str, Any]:
+) -> EvalState:
     """The saved state to continue from, or ``state`` itself when starting afresh."""
     if results_path is None or overwrite:
         return state
@@ -100,14 +48,14 @@ def resume(
         raise UserError(f"cannot write {results_path}: no directory {parent}")
     final = read_results(results_path)
     if final is not None:
-        check_same_run(final, state["run"], results_path)
+        check_same_run(final, state.run, results_path)
     if processes == 1:
         return _continue_from(final, state) if final is not None else state
     saved = read_results(state_path)
     if saved is None:
         return state
-    check_same_run(saved, state["run"], state_path)
-    if saved.get("shard") != state["shard"]:
+    check_same_run(saved, state.run, state_path)
+    if saved.get("shard") != state.shard:
         raise UserError(
             f"{state_path} was written by a run split over other processes "
             f"({saved.get('shard')}); rerun it the same way, choose another results path, "
@@ -116,14 +64,11 @@ def resume(
     return _continue_from(saved, state)
 
 
-def _continue_from(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
-    saved = dict(saved)
-    saved.pop("metrics", None)
-    saved.pop("clips_per_s", None)
-    saved["info"] = fresh["info"]  # this session's devices and batch size
-    if set(saved["sums"]) != set(fresh["sums"]):
+def _continue_from(saved: dict[str, Any], fresh: EvalState) -> EvalState:
+    if set(saved["sums"]) != set(fresh.sums):
         raise UserError("the saved results have other metrics than this run; pass overwrite=True")
-    return saved
+    # This session's devices and batch size, the saved progress.
+    return dataclasses.replace(EvalState.from_json(saved), info=fresh.info)
 
 
 def read_results(path: str | None) -> dict[str, Any] | None:
@@ -178,82 +123,6 @@ def _settings_dict(values: dict[str, Any], path: str) -> dict[str, Any]:
         return MergingSettings.from_dict(values).to_dict()
     except UserError as err:
         raise UserError(f"{path}: its token_merging is not valid ({err})") from None
-
-
-def update_state(
-    state: dict[str, Any],
-    loaded: Sequence[Loaded],
-    sums: dict[str, int],
-    top: list[np.ndarray],
-    heads: Sequence[Head],
-    finite: np.ndarray | None = None,
-) -> None:
-    """Add one batch: its counts, ids, skipped videos, predictions and confusion counts.
-
-    ``finite[row]`` False: the model's output for that video was not finite; it is skipped
-    like a corrupt video.
-    """
-    for key, value in sums.items():
-        state["sums"][key] += value
-    state["done"] += len(loaded)
-    names = [name or "label" for name, _, _ in heads]
-    for row, item in enumerate(loaded):
-        reason = item.reason
-        if item.views is not None and finite is not None and not finite[row]:
-            reason = NONFINITE_OUTPUT
-        if item.views is None or reason is not None:
-            state["skipped"].append(
-                {"index": item.index, "video_id": item.video_id, "reason": reason}
-            )
-            continue
-        state["video_ids"].append(item.video_id)
-        best = [top[h][row] for h in range(len(heads))]
-        if "confusion_matrix" in state:
-            for h, name in enumerate(names):
-                state["confusion_matrix"][name][item.labels[h]][int(best[h][0])] += 1
-        if "predictions" in state:
-            state["predictions"].append(_prediction(item, names, best))
-
-
-def _prediction(item: Loaded, names: list[str], best: list[np.ndarray]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"index": item.index, "video_id": item.video_id}
-    if len(names) == 1:
-        entry.update(label=item.labels[0], top5=best[0].tolist())
-    else:
-        entry.update(
-            label=dict(zip(names, item.labels, strict=True)),
-            top5=dict(zip(names, [b.tolist() for b in best], strict=True)),
-        )
-    return entry
-
-
-def merge_states(states: list[dict[str, Any]], run: dict, info: dict) -> dict[str, Any]:
-    """All processes' partial results combined, in process order, with the final metrics."""
-    merged: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "complete": all(s["complete"] for s in states),
-        "run": run,
-        "info": info,
-        "done": sum(s["done"] for s in states),
-        "sums": {k: sum(s["sums"][k] for s in states) for k in states[0]["sums"]},
-        "skipped": [item for s in states for item in s["skipped"]],
-        "video_ids": [v for s in states for v in s["video_ids"]],
-        "clips": sum(s["clips"] for s in states),
-        "wall_s": max(s["wall_s"] for s in states),  # the processes ran side by side
-    }
-    if "predictions" in states[0]:
-        merged["predictions"] = [p for s in states for p in s["predictions"]]
-    if "confusion_matrix" in states[0]:
-        merged["confusion_matrix"] = {
-            name: np.sum([np.asarray(s["confusion_matrix"][name]) for s in states], axis=0).tolist()
-            for name in states[0]["confusion_matrix"]
-        }
-    if len(states) > 1:
-        merged["per_process"] = [
-            {"done": s["done"], "wall_s": s["wall_s"], **s.get("shard", {})} for s in states
-        ]
-    return with_metrics(merged)
 
 
 def allgather_json(value: Any) -> list[Any]:

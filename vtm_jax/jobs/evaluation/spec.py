@@ -168,10 +168,10 @@ def config_preprocessing(
 ) -> dict:
     """The config's preprocessing entries, with what the protocol needs from the dataset: the
     paper's loader for its name, and whether the split is Scenic's multi-view ``test``."""
-    from vtm_jax.checkpoints.record import PREPROCESSING_KEYS
+    from vtm_jax.data.preprocessing import PREPROCESSING_FIELDS
     from vtm_jax.data.protocols import paper_loader_for
 
-    prep = {k: data[k] for k in keys or PREPROCESSING_KEYS if data.get(k) is not None}
+    prep = {k: data[k] for k in keys or PREPROCESSING_FIELDS if data.get(k) is not None}
     if prep.get("protocol") == "paper":
         prep.setdefault("paper_loader", paper_loader_for(dataset))
     if prep.get("protocol") == "scenic":

@@ -10,10 +10,12 @@ batches whatever the size of the split.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from vtm_jax.data.preprocessing import Preprocessing
 
 PREFETCH_BATCHES = 2
 
@@ -35,7 +37,7 @@ class TrainExamples:
     """``position -> example``: position ``step * batch_size + j`` is row ``j`` of step
     ``step``'s batch, decoded to one model-ready clip and its label."""
 
-    def __init__(self, source: Any, preprocessing: Mapping[str, Any], seed: int, batch_size: int):
+    def __init__(self, source: Any, preprocessing: Preprocessing, seed: int, batch_size: int):
         self.source, self.preprocessing = source, preprocessing
         self.seed, self.batch_size, self.num_examples = seed, batch_size, len(source)
         # One epoch's permutation at a time is kept: a lookup per example stays cheap.

@@ -1,4 +1,4 @@
-"""Pure steps over a train state: one optimiser step, and the evaluation counts of a batch.
+"""Pure steps over a train state: the initial state and one optimiser step.
 
 The train state is a dict ``{"params", "opt_state", "step"}`` (orbax saves and restores it as
 it is). The model, optimiser and settings are arguments: bind them with ``functools.partial``
@@ -13,9 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-
-from vtm_jax.checkpoints.record import Head
-from vtm_jax.jobs.evaluation.metrics import view_metrics
 
 TrainState = dict[str, Any]
 
@@ -62,19 +59,3 @@ def train_step(
     accuracy = (logits.argmax(-1) == labels).mean()
     new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, {"loss": loss, "accuracy": accuracy}
-
-
-def eval_step(
-    params: Any, batch: dict[str, jax.Array], *, model: Any, heads: Sequence[Head]
-) -> dict[str, jax.Array]:
-    """The evaluation counts (``count``, ``top1``, ``top5`` ...) of one padded batch.
-
-    ``batch`` is an evaluation host batch (``evaluation.input.host_batch``): ``inputs``
-    ``[B, V, T, S, S, 3]``, ``labels`` ``[B, heads]``, ``batch_mask`` ``[B]``; the counts are
-    ``evaluation.metrics.view_metrics``'s, so training's test accuracy is evaluation's.
-    """
-    videos = batch["inputs"]
-    b, v = videos.shape[:2]
-    logits = model.apply({"params": params}, videos.reshape((b * v,) + videos.shape[2:]))
-    sums, _, _ = view_metrics(logits.reshape(b, v, -1), batch["labels"], batch["batch_mask"], heads)
-    return sums

@@ -3,8 +3,8 @@
 ``train(config, workdir)`` reads a config in Scenic's schema (``optimizer``,
 ``optimizer_configs``, ``lr_configs``, ``batch_size``, ``num_training_epochs`` or
 ``num_training_steps``, ``max_grad_norm``, ``log_eval_steps``, ``checkpoint_steps``,
-``rng_seed``) and trains data-parallel over the local devices (the batch is sharded over a
-``data`` mesh axis, the parameters replicated). ``config.training.token_merging`` merges tokens
+``rng_seed``) and trains data-parallel over the local devices (the batch is sharded over the
+``batch`` axis of ``runtime.mesh``, the parameters replicated). ``config.training.token_merging`` merges tokens
 while training: gradients flow through the merged values, the merge indices are constants
 (they are computed under ``stop_gradient``), as in the paper's ``train_net`` path.
 
@@ -12,7 +12,7 @@ The examples stream through grain (``training.input``): nothing holds the split 
 order of the training examples is a pure function of ``(rng_seed, step)``, and the optimiser
 state is checkpointed with orbax's CheckpointManager every ``checkpoint_steps``, so a run that
 is killed resumes from its last checkpoint and ends with the same parameters as one that was
-never interrupted. The test accuracy is evaluation's top-1 (``training.steps.eval_step``).
+never interrupted. The test accuracy is evaluation's top-1 (``evaluation.loop.compiled_step``).
 Scalars go to ``train_log.jsonl`` and, through ``clu.metric_writers``, to TensorBoard event
 files in the workdir. When it ends, the parameters are exported as a vtm-jax checkpoint
 directory (``workdir/model``) whose record says how it was trained.
@@ -31,12 +31,12 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vtm_jax.checkpoints.record import ModelRecord
+from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
+from vtm_jax.jobs.evaluation.loop import compiled_step
 from vtm_jax.jobs.training.input import (
     TrainExamples,
     batch_indices,
@@ -49,10 +49,11 @@ from vtm_jax.jobs.training.optim import (
     learning_rate_schedule,
     make_optimizer,
 )
-from vtm_jax.jobs.training.steps import cross_entropy, eval_step, init_state, train_step
+from vtm_jax.jobs.training.steps import cross_entropy, init_state, train_step
 from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import atomic_file, write_json
 from vtm_jax.paths import absolute, join
+from vtm_jax.runtime import mesh as device_mesh
 
 __all__ = [
     "OPTIMIZERS",
@@ -95,7 +96,7 @@ class _Run:
     config: ml_collections.ConfigDict
     workdir: str
     record: ModelRecord
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     train_source: Any
     test_source: Any
     merging: MergingSettings
@@ -105,8 +106,7 @@ class _Run:
     train_step: Callable
     eval_step: Callable
     init: Callable
-    sharded: NamedSharding
-    replicated: NamedSharding
+    mesh: jax.sharding.Mesh
 
 
 def train(
@@ -140,12 +140,12 @@ def train(
         absolute(join(workdir, STATE_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
     )
-    state = jax.device_put(run.init(), run.replicated)
+    state = device_mesh.replicate(run.init(), run.mesh)
     start = 0
     if manager.latest_step() is not None:
         start = int(manager.latest_step())
         state = manager.restore(start, args=ocp.args.StandardRestore(state))
-        state = jax.device_put(state, run.replicated)
+        state = device_mesh.replicate(state, run.mesh)
         print(f"resuming from step {start} of {run.total_steps}")
     began = time.time()
     try:
@@ -192,16 +192,15 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, train_source, test_
     attention = get_attention(training.get("attention", "auto"))
     model = build_model(record, merging, attention)
     eval_model = build_model(record, MergingSettings(), attention)
-    devices = jax.local_devices()
+    mesh = device_mesh.local_mesh()
     batch_size = int(config.batch_size)
-    if batch_size % len(devices):
-        raise UserError(f"batch_size {batch_size} is not a multiple of the {len(devices)} devices")
+    if batch_size % mesh.size:
+        raise UserError(f"batch_size {batch_size} is not a multiple of the {mesh.size} devices")
     if batch_size > len(train_source):
         raise UserError(f"batch_size {batch_size} exceeds the {len(train_source)} train examples")
     total_steps = _steps(config, len(train_source), batch_size)
     optimizer = make_optimizer(config, total_steps)
     seed = int(config.get("rng_seed", 0))
-    mesh = Mesh(np.asarray(devices), ("data",))
     smoothing = float(config.get("label_smoothing", 0.0) or 0.0)
     clip_shape = (record.num_frames, record.image_size, record.image_size, 3)
     heads = ((None, 0, record.num_classes),)  # training fits the single ``label`` head
@@ -225,10 +224,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, train_source, test_
                 merge_seed=merging.seed,
             )
         ),
-        eval_step=jax.jit(functools.partial(eval_step, model=eval_model, heads=heads)),
+        eval_step=compiled_step(eval_model, heads, mesh),
         init=functools.partial(init_state, eval_model, optimizer, seed, clip_shape),
-        sharded=NamedSharding(mesh, PartitionSpec("data")),
-        replicated=NamedSharding(mesh, PartitionSpec()),
+        mesh=mesh,
     )
 
 
@@ -283,7 +281,7 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
     try:
         with epath.Path(log_path).open("a") as log:
             for done, batch in enumerate(batches, start + 1):
-                state, step_metrics = run.train_step(state, jax.device_put(batch, run.sharded))
+                state, step_metrics = run.train_step(state, device_mesh.put_batch(batch, run.mesh))
                 test_now = (eval_every and done % eval_every == 0) or done == run.total_steps
                 if done % LOG_EVERY == 0 or test_now:
                     entry = _log_entry(run, state, done, step_metrics, test_now, bar)
@@ -337,7 +335,7 @@ def _test_accuracy(run: _Run, params: Any) -> float:
     for loaded in eval_input.loaded_batches(load, indices, run.batch_size, run.workers):
         # A fixed shape (the last batch padded and masked): one compile for every batch.
         batch = eval_input.host_batch(loaded, run.batch_size, view_shape, len(heads))
-        sums = run.eval_step(params, jax.device_put(batch, run.sharded))
+        sums, _, _, _ = run.eval_step(params, device_mesh.put_batch(batch, run.mesh))
         for key in counts:
             counts[key] += int(sums[key])
     return counts["top1"] / counts["count"] if counts["count"] else 0.0

@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.token_merging = token_merging_config(mode="merge", r=64, threshold=None)
     config.demo = ml_collections.ConfigDict(
         {
-            # The paper's five modes, then tube merging (vtm_jax/extensions/tube.py).
+            # The paper's five modes, then tube merging (vtm_jax/merging/tube.py).
             "modes": ("random_drop", "drop", "random_merge", "merge", "hybrid", "tube_merge"),
             "hybrid_threshold": 0.5,
             "curve_r": (8, 16, 24, 32, 48),

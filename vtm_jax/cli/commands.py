@@ -1,0 +1,271 @@
+"""What each ``vtm-jax`` subcommand does with its parsed arguments: call its job function.
+
+The jobs themselves (:mod:`vtm_jax.jobs`) take plain values, as notebooks call them; here are
+only the translations from flags to those values and the lines a command prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from vtm_jax import paths
+from vtm_jax.errors import UserError
+from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file
+
+
+def convert_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -> None:
+    from vtm_jax.jobs.convert import convert
+
+    splits = None
+    if args.class_splits:
+        try:
+            splits = [int(v) for v in args.class_splits.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--class-splits must be integers like 97,300, not {args.class_splits!r}"
+            ) from None
+    record = convert(
+        args.source,
+        args.input,
+        args.output,
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        num_heads=args.num_heads,
+        class_splits=splits,
+    )
+    print(f"wrote {args.output} ({record.architecture})")
+
+
+def _merging_from_args(args: argparse.Namespace, stored: dict | None):
+    from vtm_jax.merging import MergingSettings
+
+    # The stored settings in today's form (a format-1 record keeps threshold beside the mode),
+    # so that the flags below replace its options rather than repeat them.
+    values = MergingSettings.from_dict(stored).to_dict() if stored else {}
+    if args.mode is not None:
+        values["mode"] = args.mode
+    if args.r is not None:
+        values["r"] = args.r
+        if values.get("mode", "none") == "none" and args.mode is None:
+            values["mode"] = "merge"  # --r alone asks for the paper's default mode
+    for name in ("schedule", "seed", "head_aggregation", "motionformer_concat_keys"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.prop_attn is not None:
+        values["prop_attn"] = args.prop_attn
+    options = _rule_options(args.rule_option or [])
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
+    values["rule_options"] = {**values.get("rule_options", {}), **options}
+    settings = MergingSettings.from_dict(values)
+    if args.threshold is not None and settings.mode != "hybrid":
+        raise UserError(f"--threshold is read only by mode hybrid, not {settings.mode!r}")
+    return settings
+
+
+def _rule_options(flags: Sequence[str]) -> dict[str, Any]:
+    """``--rule-option name=value`` flags; a value is read as JSON (0.4, 3, true) or a string."""
+    options = {}
+    for item in flags:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--rule-option takes NAME=VALUE, not {item!r}")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
+
+
+def logits_path(path: str) -> str:
+    """Where ``--save-logits`` writes: numpy's ``.npy`` is added to a name without it."""
+    check_output_file(path, what="--save-logits")  # a directory named X is not X.npy's place
+    return path if path.endswith(".npy") else path + ".npy"
+
+
+def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -> None:
+    import numpy as np
+
+    from vtm_jax.checkpoints.store import load_record
+    from vtm_jax.jobs.predict import predict, top_k
+
+    merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
+    logits, record = predict(
+        args.checkpoint, args.video, merging, args.attention, verify=args.verify
+    )
+    print(f"mode={merging.mode} r={merging.r} schedule={merging.schedule}")
+    for name, start, stop in record.heads():
+        labels = record.labels
+        if name:
+            print(f"{name}:")
+        for rank, (index, label, prob) in enumerate(
+            top_k(logits[start:stop], labels[start:stop] if labels else None), 1
+        ):
+            print(f"{rank}. {label} (class {index}): {prob:.4f}")
+    if args.save_logits:
+        path = logits_path(args.save_logits)
+        with atomic_file(path, "wb") as f:
+            np.save(f, logits)
+        print(f"logits written to {path}")
+
+
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Join the processes of a multi-host run before JAX touches a device."""
+    from vtm_jax.runtime.distributed import join_processes
+
+    join_processes(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+
+
+def bench_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    _init_distributed(args)
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.bench import bench
+
+    config = load_config(config_args, command="bench")
+    stem = _bench_stem(args)
+    if stem:  # named by the flag that gave it, before anything is timed
+        for suffix in (".json", ".md", ".png"):
+            check_output_file(stem + suffix, what="--workdir" if args.workdir else "--output")
+    bench(config, stem=stem)
+
+
+def _bench_stem(args: argparse.Namespace) -> str | None:
+    """Where bench's results go, without the suffix: ``WORKDIR/bench`` or ``--output``'s."""
+    if args.workdir:
+        if args.output:
+            raise UserError("give --workdir or --output, not both")
+        _make_workdir(args.workdir)
+        return paths.join(args.workdir, "bench")
+    if not args.output:
+        return None
+    check_output_file(args.output, what="--output")
+    return args.output[: -len(".json")] if args.output.endswith(".json") else args.output
+
+
+def _make_workdir(workdir: str) -> None:
+    """Check ``--workdir`` and create it, so the files in it can be checked before work."""
+    check_output_dir(workdir, what="--workdir")
+    paths.makedirs(workdir)
+
+
+def eval_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    _init_distributed(args)
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.evaluation.from_config import eval_to_files
+
+    eval_to_files(
+        load_config(config_args, command="eval"), workdir=args.workdir, verify=args.verify
+    )
+
+
+def train_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.training.train import train
+
+    config = load_config(config_args, command="train")
+    for field in ("dataset_name", "batch_size"):
+        if not config.get(field):
+            raise UserError(f"train needs config.{field}")
+    if not config.get("dataset_configs", {}).get("data_dir"):
+        raise UserError("train needs config.dataset_configs.data_dir")
+    train(config, args.workdir)
+
+
+def demo_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.config.loading import load_config
+    from vtm_jax.jobs.demo import demo_config, run_demo, shipped_checkpoint
+
+    checkpoint = args.checkpoint or shipped_checkpoint()
+    config = load_config(config_args, command="demo") if config_args else demo_config(checkpoint)
+    for block in ("dataset_configs", "token_merging", "demo"):
+        if not config.get(block):
+            raise UserError(f"demo needs config.{block}")
+    out = _workdir_or_out(args, "out/demo")
+    run_demo(config, checkpoint=checkpoint, out_dir=out)
+
+
+def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
+    """The output directory of demo and visualize: ``--workdir``, or ``--out`` as before;
+    checked, and named in messages by the flag that gave it."""
+    if args.workdir and args.out:
+        raise UserError("give --workdir or --out (the same setting), not both")
+    flag, path = ("--out", args.out) if args.out else ("--workdir", args.workdir or default)
+    return check_output_dir(path, what=flag)
+
+
+def visualize_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -> None:
+    from vtm_jax.jobs.visualize import visualize
+
+    if args.scale is not None and args.scale < 1:  # before the output directory or the model
+        raise UserError(f"--scale must be a positive integer, not {args.scale}")
+    out = _workdir_or_out(args, "out/visualize")
+    merging = None
+    if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
+        from vtm_jax.checkpoints.store import load_record
+
+        merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
+    written = visualize(
+        args.checkpoint,
+        args.video,
+        layers=args.layers,  # None: a third, two thirds and all of the way through
+        out_dir=out,
+        merging=merging,
+        attention=args.attention,
+        verify=args.verify,
+        scale=args.scale,  # None: enough for 128 px frames
+    )
+    for path in written:
+        print(f"wrote {path}")
+
+
+def configs_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -> None:
+    from vtm_jax.config.shipped import listing, shipped_dir
+
+    print(listing())
+    print(f"\n--config=NAME runs one; the files are in {shipped_dir()}")
+
+
+def sweep_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
+    from vtm_jax.jobs.sweep import run_sweep
+    from vtm_jax.jobs.sweep_families import describe_families, get_families
+
+    if args.list:
+        print(describe_families())
+        return
+    if any(a.startswith("--config=") for a in config_args):
+        raise UserError(
+            "sweep takes --config.field=value overrides for every run, not --config=FILE "
+            "(a pair's own config file goes in the runs file)"
+        )
+    get_families(args.families)  # an unknown name fails before anything is read
+    for name in ("runs", "workdir"):
+        if not getattr(args, name):
+            raise UserError(f"sweep needs --{name} (or --list)")
+    check_output_dir(args.workdir, what="--workdir")
+    run_sweep(
+        args.runs,
+        args.workdir,
+        args.families,
+        overrides=config_args,
+        curve_steps=args.curve_steps,
+    )
+
+
+# Each command's handler: handler(parsed arguments, --config arguments).
+HANDLERS = {
+    name: globals()[f"{name}_command"]
+    for name in (
+        "convert",
+        "predict",
+        "eval",
+        "train",
+        "demo",
+        "visualize",
+        "sweep",
+        "configs",
+        "bench",
+    )
+}
