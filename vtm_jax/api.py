@@ -20,7 +20,6 @@ Bad arguments raise :class:`vtm_jax.UserError`, a ``ValueError``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +63,7 @@ from vtm_jax.merging.matching import (
     unmerge,
 )
 from vtm_jax.merging.schedule import register_schedule
+from vtm_jax.merging.settings import changed
 
 __all__ = [
     "EvalSpec",
@@ -114,14 +114,22 @@ Merging = MergingSettings | Mapping[str, Any] | None
 
 def settings(merging: Merging = None, **fields: Any) -> MergingSettings:
     """Merging settings from a ``MergingSettings``, a dict (a config's ``token_merging``
-    block) or keywords: ``settings(mode="merge", r=64)``. ``None`` and no keywords: r=0."""
-    if isinstance(merging, MergingSettings):
-        return dataclasses.replace(merging, **fields) if fields else merging
-    if merging is not None and not isinstance(merging, Mapping):
+    block) or keywords: ``settings(mode="merge", r=64)``. ``None`` and no keywords: r=0.
+
+    Keywords change ``merging``'s fields. Asking for merging (r above 0, a schedule, layer
+    duplication) of settings whose mode is ``none`` without naming a mode gives mode ``merge``:
+    ``settings(r=64).mode == "merge"``; a rule option that way is an error naming its modes
+    (``vtm_jax.merging.settings.changed``).
+    """
+    if merging is not None and not isinstance(merging, (MergingSettings, Mapping)):
         raise UserError(
             f"merging must be MergingSettings, a dict or None, not {type(merging).__name__}"
         )
-    return MergingSettings.from_dict({**(merging or {}), **fields})
+    if isinstance(merging, Mapping) and "mode" not in merging:
+        merging, fields = None, {**merging, **fields}  # a dict without a mode: changes
+    if not isinstance(merging, MergingSettings):
+        merging = MergingSettings.from_dict(merging)
+    return changed(merging, fields) if fields else merging
 
 
 def load(
@@ -189,7 +197,8 @@ def with_merging(model: nn.Module, merging: Merging = None, **fields: Any) -> nn
     """``model`` with other merging settings (its parameters still fit: merging adds none).
 
     ``merging`` (settings or a dict) replaces the model's settings; keywords change fields of
-    them, or of the model's own when ``merging`` is None: ``with_merging(model, r=32)``. A
+    them, or of the model's own when ``merging`` is None: ``with_merging(model, r=32)``, which
+    on a model whose mode is ``none`` also sets mode ``merge`` (see :func:`settings`). A
     setting the architecture would ignore is a UserError, as when a record is built.
     """
     from vtm_jax.models.registry import ARCHITECTURES, check_settings_apply

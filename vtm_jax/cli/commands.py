@@ -40,30 +40,27 @@ def convert_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
 
 
 def _merging_from_args(args: argparse.Namespace, stored: dict | None):
+    """The stored settings changed by the merging flags, under the API's rule: ``--r`` alone on
+    settings whose mode is none asks for mode ``merge`` (``merging.settings.changed``)."""
     from vtm_jax.merging import MergingSettings
+    from vtm_jax.merging.settings import changed
 
-    # The stored settings in today's form (a format-1 record keeps threshold beside the mode),
-    # so that the flags below replace its options rather than repeat them.
-    values = MergingSettings.from_dict(stored).to_dict() if stored else {}
-    if args.mode is not None:
-        values["mode"] = args.mode
-    if args.r is not None:
-        values["r"] = args.r
-        if values.get("mode", "none") == "none" and args.mode is None:
-            values["mode"] = "merge"  # --r alone asks for the paper's default mode
-    for name in ("schedule", "seed", "head_aggregation", "motionformer_concat_keys"):
+    base = MergingSettings.from_dict(stored) if stored else MergingSettings()
+    mode = args.mode if args.mode is not None else base.mode
+    if args.threshold is not None and mode != "hybrid":
+        raise UserError(f"--threshold is read only by mode hybrid, not {mode!r}")
+    changes: dict[str, Any] = {}
+    for name in ("mode", "r", "schedule", "seed", "head_aggregation", "prop_attn"):
         if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    if args.prop_attn is not None:
-        values["prop_attn"] = args.prop_attn
+            changes[name] = getattr(args, name)
+    if args.motionformer_concat_keys is not None:
+        changes["motionformer_concat_keys"] = args.motionformer_concat_keys
     options = _rule_options(args.rule_option or [])
     if args.threshold is not None:
         options["threshold"] = args.threshold
-    values["rule_options"] = {**values.get("rule_options", {}), **options}
-    settings = MergingSettings.from_dict(values)
-    if args.threshold is not None and settings.mode != "hybrid":
-        raise UserError(f"--threshold is read only by mode hybrid, not {settings.mode!r}")
-    return settings
+    if options:
+        changes["rule_options"] = options
+    return changed(base, changes)
 
 
 def _rule_options(flags: Sequence[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from vtm_jax import plugins
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.config import scenic as scenic_config
 from vtm_jax.config.blocks import bench_config, evaluation_config, token_merging_config
@@ -109,9 +110,36 @@ def load_config(
             del config["token_merging"]
         if scenic_config.is_scenic_vivit(config):
             ignored = scenic_config.finish(config, notes, command=command)
+    _merge_when_asked(config, given)
     if ignored:
         print(f"vtm-jax: ignored Scenic fields: {', '.join(ignored)}", file=sys.stderr)
     return config
+
+
+def _merge_when_asked(config: ml_collections.ConfigDict, given: Sequence[str]) -> None:
+    """Overrides asking a ``token_merging`` block whose mode is none to merge (r above 0, a
+    schedule ...) without naming a mode switch it to ``merge``, said on stderr; the API and
+    the command line's flags follow the same rule (``merging.settings.changed``)."""
+    import sys
+
+    from vtm_jax.merging import MergingSettings
+    from vtm_jax.merging.settings import changed
+
+    block = config.get("token_merging")
+    prefix = "--config.token_merging."
+    touched = {a[len(prefix) :].split("=", 1)[0] for a in given if a.startswith(prefix)}
+    if not block or block.get("mode") != "none" or not touched or "mode" in touched:
+        return
+    settings = changed(MergingSettings(), {k: block.get(k) for k in touched if k in block})
+    if settings.mode != "none":
+        with config.unlocked():
+            config.token_merging.mode = settings.mode
+        fields = ", ".join(f"{k}={block.get(k)!r}" for k in sorted(touched))
+        print(
+            f"vtm-jax: token_merging.mode was none (nothing merges) and {fields} asks for "
+            f"merging: mode {settings.mode} (set token_merging.mode to choose another)",
+            file=sys.stderr,
+        )
 
 
 def set_values(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
@@ -173,6 +201,7 @@ def _read_config_file(flag: str) -> Any:
             f"cannot load config {file_path}: get_config() raised {type(e).__name__}: "
             f"{_cause(e)}{where}"
         ) from None
+    plugins.config_loaded(config, file_path)  # its module:attr names may sit beside the file
     return config
 
 

@@ -306,3 +306,54 @@ def _checked_value(option: RuleOption, value: Any) -> Any:
         what = _KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise UserError(f"{option.name} must be {what}, not {value!r}")
     return kind(value)
+
+
+# The mode that changing r (or another field only merging reads) switches settings that merge
+# nothing to, when no mode is named: the paper's similarity merging.
+DEFAULT_MODE = "merge"
+
+
+def asks_for_merging(changes: Mapping[str, Any]) -> bool:
+    """Whether ``changes`` set a field that only a merging mode reads to a value that matters:
+    r above 0, a schedule, another r schedule or layer duplication."""
+    r = changes.get("r", 0)
+    r_values = list(r) if isinstance(r, (list, tuple)) else [r]
+    if isinstance(r, tuple) and len(r) == 2 and not isinstance(r, PerLayerR):
+        r_values = [r[0]]  # the paper's (r, inflection)
+    return bool(
+        any(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in r_values)
+        or changes.get("schedule") not in (None, 0, 0.0)
+        or changes.get("r_schedule") not in (None, "paper")
+        or changes.get("duplicate") is not None
+    )
+
+
+def changed(base: MergingSettings, changes: Mapping[str, Any]) -> MergingSettings:
+    """``base`` with ``changes`` (settings fields; a rule option may sit at the top level).
+
+    Changes that only a merging mode reads (:func:`asks_for_merging`) made to settings whose
+    mode is ``none``, without naming a mode, switch the mode to :data:`DEFAULT_MODE`, and the
+    returned settings say so: ``changed(MergingSettings(), {"r": 8}).mode == "merge"``. A rule
+    option given that way is an error naming the modes that read it. Naming ``mode="none"``
+    keeps it. The API (``settings``, ``with_merging``), the command line's merging flags and
+    config overrides all follow this one rule.
+    """
+    values = base.to_dict()
+    changes = dict(changes)
+    known = _known_options(None)
+    given = {**dict(changes.pop("rule_options", None) or {})}
+    given |= {k: changes.pop(k) for k in list(changes) if k in known}
+    given = {k: v for k, v in given.items() if v is not None}
+    if base.mode == "none" and "mode" not in changes:
+        if given:
+            name = sorted(given)[0]
+            readers = [m for m, rule in RULES.items() if name in _declared_options(rule)]
+            raise UserError(
+                f"{name} is an option of mode {' or '.join(readers) or '?'}, and the mode is "
+                f"none (nothing merges): give the mode too, e.g. mode={readers[0]!r}"
+            )
+        if asks_for_merging(changes):
+            values["mode"] = DEFAULT_MODE
+    values.update(changes)
+    values["rule_options"] = {**values["rule_options"], **given}
+    return MergingSettings.from_dict(values)
