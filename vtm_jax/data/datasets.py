@@ -55,9 +55,7 @@ def register_dataset(
     Registering the same one twice is a no-op; another under a taken name needs
     ``replace=True``. Returns ``dataset``.
     """
-    from vtm_jax.data.frame_folders import FRAME_DATASETS
-
-    if name in FRAME_DATASETS:
+    if name in _built_in_readers():
         raise ValueError(f"dataset {name!r} is built in; choose another name")
     if isinstance(dataset, type) and issubclass(dataset, tfds.core.DatasetBuilder):
         taken = {**DATASETS, **READERS}
@@ -91,18 +89,22 @@ def _load_path(name: str) -> None:
         )
 
 
+def _built_in_readers() -> dict[str, Callable[..., Any]]:
+    """The datasets vtm-jax reads in place: the frame folders and ``video_folder``."""
+    from vtm_jax.data.frame_folders import FRAME_DATASETS
+    from vtm_jax.data.video_folder import NAME, open_video_folder
+
+    return {**FRAME_DATASETS, NAME: open_video_folder}
+
+
 def reads_in_place(name: str) -> bool:
     """Whether dataset ``name`` is read from ``manual_dir`` as it is (no ``data_dir``)."""
-    from vtm_jax.data.frame_folders import FRAME_DATASETS
-
     _load_path(name)
-    return name in FRAME_DATASETS or name in READERS
+    return name in _built_in_readers() or name in READERS
 
 
 def dataset_names() -> list[str]:
-    from vtm_jax.data.frame_folders import FRAME_DATASETS
-
-    return [*DATASETS, *FRAME_DATASETS, *READERS]
+    return [*DATASETS, *_built_in_readers(), *READERS]
 
 
 class VideoSource:
@@ -261,7 +263,8 @@ def open_split(
 
     ``name`` is one of ``synthetic``, ``kinetics400``, ``ssv2``, ``epic_kitchens``, or a
     frame-folder dataset read in place from ``manual_dir`` (``ssv2_frames``,
-    ``epic_kitchens_frames``: ``vtm_jax.data.frame_folders``). The other real datasets are
+    ``epic_kitchens_frames``: ``vtm_jax.data.frame_folders``) or a folder of your own videos
+    (``video_folder``: ``vtm_jax.data.video_folder``). The other real datasets are
     built from the files in ``manual_dir`` (see each builder's docstring); once built,
     ``manual_dir`` is no longer needed. ``split`` may carry a TFDS slice, e.g.
     ``validation[:100]``; ``val`` means ``validation``. With ``build=False`` a dataset that is
@@ -271,6 +274,8 @@ def open_split(
 
     if name in FRAME_DATASETS:
         return open_frame_split(name, split, manual_dir, config)
+    if name in _built_in_readers():  # video_folder: manual_dir may be a list file
+        return _built_in_readers()[name](split, manual_dir, **dict(config or {}))
     _load_path(name)
     if name in READERS:
         if not manual_dir or not paths.is_dir(manual_dir):

@@ -219,8 +219,10 @@ def _runs(positions: list[int], gap: int) -> list[list[int]]:
 
 def reader_for(example: dict[str, Any]) -> ArrayFrames | FrameFolder | VideoBytes:
     """The reader of a dataset example: ``frame_paths`` or ``frame_template`` (a frame
-    folder), or ``video`` (encoded bytes or decoded frames)."""
+    folder), ``video_path`` (a video file) or ``video`` (encoded bytes or decoded frames)."""
     video_id = as_text(example.get("video_id", "?"))
+    if "video_path" in example:
+        return VideoBytes(_file_bytes(as_text(example["video_path"]), video_id), video_id)
     if "frame_paths" in example:
         return FrameFolder(list(example["frame_paths"]), example.get("fps"), video_id)
     if "frame_template" in example:
@@ -236,6 +238,16 @@ def reader_for(example: dict[str, Any]) -> ArrayFrames | FrameFolder | VideoByte
         f"video {video_id}: expected frames [T, H, W, 3] or encoded bytes, "
         f"got {video.dtype} {video.shape}"
     )
+
+
+def _file_bytes(path: str, video_id: str) -> bytes:
+    """A video file's bytes; one that cannot be read is skipped like a corrupt one."""
+    from vtm_jax import paths
+
+    try:
+        return paths.read_bytes(path)
+    except OSError as e:
+        raise CorruptVideo(video_id, f"cannot read {path}: {_failure(e)}") from None
 
 
 def as_text(value: Any) -> str:

@@ -102,8 +102,13 @@ def host_batch(
 
 
 def check_source_classes(source: Any, record: ModelRecord, heads: Sequence[Head]) -> None:
-    """A source that says its class count must agree with the checkpoint's classifier."""
+    """A source that says its class count must agree with the checkpoint's classifier.
+
+    A source whose label ids depend on the checkpoint (``video_folder``: its class names
+    matched to the checkpoint's by name) gets the checkpoint's names and head sizes first."""
     ours = [stop - start for _, start, stop in heads]
+    if callable(bind := getattr(source, "use_checkpoint_classes", None)):
+        bind(record.labels, ours)
     theirs = getattr(source, "class_splits", None)
     if theirs is None:
         theirs = getattr(source, "num_classes", None)
