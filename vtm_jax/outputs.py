@@ -15,19 +15,34 @@ reuses).
 
 Remote locations (``gs://bucket/...``, :mod:`vtm_jax.paths`) get the same checks of kind and
 existence through epath; whether the bucket lets this account write is only known when it does.
+
+:func:`claim_outputs` is the one rule about what a command may replace, applied to every file
+it will write before any work: an output that does not exist is written; one the command
+recognises as its own (a rerun, a resume) is rewritten as before; anything else (a user's file,
+another command's output) is refused in one line naming it, unless ``overwrite`` (``--overwrite``);
+and an output that is one of the command's inputs is refused even then. Outputs recognise
+themselves: a JSON result by its ``format`` marker (:func:`results_owner`), a file derived from
+it (a table, a plot, scores) by the JSON beside it (:func:`beside_owner`), a picture by the
+marker in its metadata (``jobs.pictures``), a checkpoint by its ``model.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import IO, Any
 
 from vtm_jax import paths
 from vtm_jax.errors import UserError
 
 TMP_SUFFIX = ".tmp"
+OVERWRITE_HINT = "pass --overwrite to replace it"
+
+Owner = Callable[[str], "str | None"]
+"""Says of an existing output path whether it is the command's own: None, or what it is instead
+(``'exists and is not bench results'``), which the refusal names."""
 
 
 def _writable(directory: str) -> bool:
@@ -171,7 +186,126 @@ def _remote_atomic_file(path: str, tmp: str, mode: str) -> Iterator[IO]:
 
 def write_json(path: str | os.PathLike, data: Any, *, indent: int = 1, **kwargs: Any) -> None:
     """Write ``data`` as JSON atomically (:func:`atomic_file`)."""
-    import json
-
     with atomic_file(path) as f:
         json.dump(data, f, indent=indent, **kwargs)
+
+
+# ----------------------------------------------------------------- what may be replaced
+
+
+def claim_outputs(
+    targets: Mapping[str, Owner],
+    *,
+    what: str,
+    overwrite: bool = False,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+) -> None:
+    """Refuse, before any work, outputs that would replace what is not the command's own.
+
+    ``targets``: each path the command will write (file or directory), with the :data:`Owner`
+    that recognises an existing one as the command's own output. ``inputs``: what the command
+    reads, named for the message (``{"--video": path}``); an output that is one of them is
+    refused even with ``overwrite``. ``what`` names the setting in the messages.
+    """
+    check_not_inputs(targets, what=what, inputs=inputs)
+    if overwrite:
+        return
+    for path, owner in targets.items():
+        if paths.exists(path):
+            found = owner(path)
+            if found is not None:
+                raise UserError(f"{what} {path} {found}; {OVERWRITE_HINT}")
+
+
+def check_not_inputs(
+    targets: Collection[str],
+    *,
+    what: str,
+    inputs: Mapping[str, str | os.PathLike | None] | None,
+) -> None:
+    """No output in ``targets`` is one of ``inputs`` (named paths the command reads), whatever
+    ``overwrite`` says: a command never writes onto its own input."""
+    for path in targets:
+        for name, source in (inputs or {}).items():
+            if source is not None and same_path(path, os.fspath(source)):
+                raise UserError(
+                    f"{what} {path} is {name}, an input of this command; a command never "
+                    f"writes onto its own input: choose another {what}"
+                )
+
+
+def same_path(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file or directory (links followed where they exist)."""
+    if paths.is_remote(a) or paths.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def read_json_object(path: str) -> dict[str, Any] | None:
+    """The JSON object in file ``path``; None when it holds anything else (or cannot be read)."""
+    try:
+        with paths.open_file(path, "rb") as f:
+            if f.read(4096).lstrip()[:1] != b"{":  # not JSON: a big binary file is not read
+                return None
+            f.seek(0)
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):  # a directory, unreadable, not UTF-8, not JSON
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def results_owner(marker: str, label: str, *, legacy: Collection[str] = ()) -> Owner:
+    """The owner of a JSON result whose ``format`` is ``marker``; ``label`` names it in the
+    messages (``'bench results'``). ``legacy``: the keys a result written before it carried
+    the marker has (all of them, and no ``format``), so an earlier version's file is one too."""
+
+    def owner(path: str) -> str | None:
+        data = read_json_object(path)
+        if data is not None and data.get("format") == marker:
+            return None
+        if data is not None and legacy and "format" not in data and set(legacy) <= set(data):
+            return None
+        found = data.get("format") if data is not None else None
+        if isinstance(found, str) and found.startswith("vtm-jax"):
+            return f"holds another vtm-jax output (format {found!r}), not {label}"
+        return f"exists and is not {label}"
+
+    return owner
+
+
+def beside_owner(results: str, marker: str, label: str, *, legacy: Collection[str] = ()) -> Owner:
+    """The owner of a file derived from the JSON result ``results`` (its table, plot or
+    scores): the command's own when that JSON is (:func:`results_owner`)."""
+    own = results_owner(marker, label, legacy=legacy)
+
+    def owner(path: str) -> str | None:
+        if not paths.exists(results):
+            return f"exists and is not part of {label} (there is no {results} beside it)"
+        if own(results) is not None:
+            return f"exists and is not part of {label} ({results} beside it is not)"
+        return None
+
+    return owner
+
+
+def results_targets(
+    results: str,
+    derived: Collection[str],
+    marker: str,
+    label: str,
+    *,
+    legacy: Collection[str] = (),
+) -> dict[str, Owner]:
+    """:func:`claim_outputs` targets of a JSON result and the files derived from it."""
+    targets = {results: results_owner(marker, label, legacy=legacy)}
+    for path in derived:
+        targets[path] = beside_owner(results, marker, label, legacy=legacy)
+    return targets
+
+
+def not_ours(label: str) -> Owner:
+    """The owner of an output nothing marks: whatever exists there is refused."""
+    return lambda path: f"exists and is not {label}"

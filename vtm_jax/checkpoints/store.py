@@ -27,41 +27,83 @@ RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
 
 
-def save_checkpoint(directory: str, params: Any, record: ModelRecord) -> None:
+def save_checkpoint(
+    directory: str, params: Any, record: ModelRecord, *, overwrite: bool = False
+) -> None:
     """Write ``params`` and ``record`` to a new checkpoint directory.
 
     The record gets the parameters' content digest (``params_digest``) and a SHA-256 per file
     of ``params/`` (``params_files``), which :func:`load_checkpoint` verifies. Parameters
     holding NaN or infinities are refused: such a checkpoint could only predict NaN.
+    ``overwrite`` replaces a checkpoint already there: the new parameters are written beside
+    the old ones and swapped in when complete, then the record is replaced.
     """
     import orbax.checkpoint as ocp
 
     directory = paths.absolute(directory)
     params_dir = paths.join(directory, PARAMS_DIR)
-    check_new_checkpoint(directory, what="checkpoint directory")
+    check_new_checkpoint(directory, what="checkpoint directory", overwrite=overwrite)
     params = _to_numpy(params)
     integrity.check_finite_params(params, where=f"parameters for {directory}")
     digest = integrity.params_digest(params)
     paths.makedirs(directory)
+    # Orbax writes a directory under a temporary name and renames it when complete; an old
+    # checkpoint's parameters stay in place until the new ones are.
+    staging = params_dir + ".new" if paths.exists(params_dir) else params_dir
+    _remove(staging)  # a killed replacement's leftover
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, params)
+    checkpointer.save(staging, params)
     checkpointer.wait_until_finished()
     record = dataclasses.replace(
         record,
         format_version=FORMAT_VERSION,
         params_digest=digest,
-        params_files=integrity.file_digests(params_dir),
+        params_files=integrity.file_digests(staging),
     )
+    if staging != params_dir:
+        _remove(params_dir + ".old")
+        paths.as_path(params_dir).rename(params_dir + ".old")
+        paths.as_path(staging).rename(params_dir)
+        _remove(params_dir + ".old")
     write_record(paths.join(directory, RECORD_FILE), record)
 
 
-def check_new_checkpoint(directory: str, *, what: str) -> None:
-    """``directory`` can take a new checkpoint: writable, and not holding one already."""
-    from vtm_jax.outputs import check_output_dir
+def _remove(path: str) -> None:
+    """Remove a file or a directory tree, if there is one."""
+    target = paths.as_path(path)
+    if target.is_dir():
+        target.rmtree()
+    elif target.exists():
+        target.unlink()
+
+
+def check_new_checkpoint(directory: str, *, what: str, overwrite: bool = False) -> None:
+    """``directory`` can take a new checkpoint: writable, and not holding one already (nor a
+    ``model.json`` or ``params``), unless ``overwrite``."""
+    from vtm_jax.outputs import check_output_dir, claim_outputs
 
     check_output_dir(directory, what=what)
-    if paths.exists(paths.join(directory, PARAMS_DIR)):
-        raise UserError(f"{directory} already holds a checkpoint; choose a new {what}")
+
+    def owner(path: str) -> str | None:  # a checkpoint is never rewritten but on request
+        if paths.exists(paths.join(path, PARAMS_DIR)):
+            return "already holds a checkpoint"
+        if paths.exists(paths.join(path, RECORD_FILE)):
+            return f"holds a {RECORD_FILE} without a checkpoint's {PARAMS_DIR}"
+        return None  # nothing there a checkpoint would replace
+
+    claim_outputs({directory: owner}, what=what, overwrite=overwrite)
+
+
+def checkpoint_inputs(directory: str | None) -> dict[str, str | None]:
+    """A checkpoint a command reads, as the named inputs no output may be
+    (``vtm_jax.outputs.claim_outputs``): the directory, its record and its parameters."""
+    if not directory:
+        return {}
+    return {
+        "the checkpoint": directory,
+        f"the checkpoint's {RECORD_FILE}": paths.join(directory, RECORD_FILE),
+        f"the checkpoint's {PARAMS_DIR}": paths.join(directory, PARAMS_DIR),
+    }
 
 
 def load_record(directory: str, *, scenic_record: ModelRecord | None = None) -> ModelRecord:

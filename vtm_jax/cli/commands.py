@@ -35,6 +35,7 @@ def convert_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
         image_size=args.image_size,
         num_heads=args.num_heads,
         class_splits=splits,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.output} ({record.architecture})")
 
@@ -87,9 +88,15 @@ def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
     import numpy as np
 
     from vtm_jax.checkpoints.store import load_record
-    from vtm_jax.jobs.predict import predict, top_k
+    from vtm_jax.jobs.predict import check_logits_output, predict, top_k
 
-    merging = _merging_from_args(args, load_record(args.checkpoint).token_merging)
+    stored = load_record(args.checkpoint)
+    merging = _merging_from_args(args, stored.token_merging)
+    path = logits_path(args.save_logits) if args.save_logits else None
+    if path:  # before the model runs: never onto the clip, nor a file predict did not write
+        check_logits_output(
+            path, stored, video=args.video, checkpoint=args.checkpoint, overwrite=args.overwrite
+        )
     logits, record = predict(
         args.checkpoint, args.video, merging, args.attention, verify=args.verify
     )
@@ -102,8 +109,7 @@ def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
             top_k(logits[start:stop], labels[start:stop] if labels else None), 1
         ):
             print(f"{rank}. {label} (class {index}): {prob:.4f}")
-    if args.save_logits:
-        path = logits_path(args.save_logits)
+    if path:
         with atomic_file(path, "wb") as f:
             np.save(f, logits)
         print(f"logits written to {path}")
@@ -119,14 +125,36 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def bench_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     _init_distributed(args)
     from vtm_jax.config.loading import load_config
-    from vtm_jax.jobs.bench import bench
+    from vtm_jax.jobs.bench import bench, check_bench_outputs
 
     config = load_config(config_args, command="bench")
     stem = _bench_stem(args)
+    overwrite = args.overwrite or bool((config.get("bench") or {}).get("overwrite", False))
     if stem:  # named by the flag that gave it, before anything is timed
-        for suffix in (".json", ".md", ".png"):
-            check_output_file(stem + suffix, what="--workdir" if args.workdir else "--output")
-    bench(config, stem=stem)
+        what = "--workdir" if args.workdir else "--output"
+        inputs = _config_file(config_args)
+        check_bench_outputs(stem, what=what, overwrite=overwrite, inputs=inputs)
+    bench(config, stem=stem, overwrite=overwrite)
+
+
+def _config_file(config_args: Sequence[str]) -> dict[str, str]:
+    """The config file a command reads (``--config=FILE``), as an input no output may be."""
+    import os
+
+    for arg in config_args:
+        if arg.startswith("--config="):
+            path = arg[len("--config=") :]
+            if os.path.isfile(path):
+                return {"--config": path}
+    return {}
+
+
+def _overwrite_in(config: Any, block: str) -> None:
+    """``--overwrite`` as the config's ``<block>.overwrite``."""
+    with config.unlocked():
+        if config.get(block) is None:
+            config[block] = {}
+        config[block].overwrite = True
 
 
 def _bench_stem(args: argparse.Namespace) -> str | None:
@@ -153,9 +181,10 @@ def eval_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     from vtm_jax.config.loading import load_config
     from vtm_jax.jobs.evaluation.from_config import eval_to_files
 
-    eval_to_files(
-        load_config(config_args, command="eval"), workdir=args.workdir, verify=args.verify
-    )
+    config = load_config(config_args, command="eval")
+    if args.overwrite:
+        _overwrite_in(config, "eval")
+    eval_to_files(config, workdir=args.workdir, verify=args.verify)
 
 
 def train_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
@@ -168,12 +197,12 @@ def train_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
             raise UserError(f"train needs config.{field}")
     if not config.get("dataset_configs", {}).get("data_dir"):
         raise UserError("train needs config.dataset_configs.data_dir")
-    train(config, args.workdir)
+    train(config, args.workdir, overwrite=args.overwrite)
 
 
 def demo_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     from vtm_jax.config.loading import load_config
-    from vtm_jax.jobs.demo import demo_config, run_demo, shipped_checkpoint
+    from vtm_jax.jobs.demo import check_demo_outputs, demo_config, run_demo, shipped_checkpoint
 
     checkpoint = args.checkpoint or shipped_checkpoint()
     config = load_config(config_args, command="demo") if config_args else demo_config(checkpoint)
@@ -181,7 +210,9 @@ def demo_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         if not config.get(block):
             raise UserError(f"demo needs config.{block}")
     out = _workdir_or_out(args, "out/demo")
-    run_demo(config, checkpoint=checkpoint, out_dir=out)
+    # Named by the flag that gave the directory, before anything is evaluated.
+    check_demo_outputs(config, checkpoint, out, what=_out_flag(args), overwrite=args.overwrite)
+    run_demo(config, checkpoint=checkpoint, out_dir=out, overwrite=args.overwrite)
 
 
 def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
@@ -189,16 +220,27 @@ def _workdir_or_out(args: argparse.Namespace, default: str) -> str:
     checked, and named in messages by the flag that gave it."""
     if args.workdir and args.out:
         raise UserError("give --workdir or --out (the same setting), not both")
-    flag, path = ("--out", args.out) if args.out else ("--workdir", args.workdir or default)
-    return check_output_dir(path, what=flag)
+    return check_output_dir(args.out or args.workdir or default, what=_out_flag(args))
+
+
+def _out_flag(args: argparse.Namespace) -> str:
+    return "--out" if args.out else "--workdir"
 
 
 def visualize_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -> None:
-    from vtm_jax.jobs.visualize import visualize
+    from vtm_jax.jobs.visualize import check_picture_outputs, visualize
 
     if args.scale is not None and args.scale < 1:  # before the output directory or the model
         raise UserError(f"--scale must be a positive integer, not {args.scale}")
     out = _workdir_or_out(args, "out/visualize")
+    check_picture_outputs(
+        args.checkpoint,
+        args.video,
+        args.layers,
+        out,
+        what=_out_flag(args),
+        overwrite=args.overwrite,
+    )
     merging = None
     if any(getattr(args, name) is not None for name in ("mode", "r", "threshold")):
         from vtm_jax.checkpoints.store import load_record
@@ -213,6 +255,7 @@ def visualize_command(args: argparse.Namespace, config_args: Sequence[str] = ())
         attention=args.attention,
         verify=args.verify,
         scale=args.scale,  # None: enough for 128 px frames
+        overwrite=args.overwrite,
     )
     for path in written:
         print(f"wrote {path}")
@@ -248,6 +291,7 @@ def sweep_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
         args.families,
         overrides=config_args,
         curve_steps=args.curve_steps,
+        overwrite=args.overwrite,
     )
 
 

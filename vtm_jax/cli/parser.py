@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_sweep(sub)
     sub.add_parser("configs", help="list the shipped configs (--config=NAME runs one)")
+    for name, writes in sub.choices.items():  # every command that writes a result
+        if name != "configs":
+            writes.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace an existing output that is not this command's own (a user's file, "
+                "another command's); never one of its inputs",
+            )
     for loads_checkpoint in (pred, evaluate, vis):
         loads_checkpoint.add_argument(
             "--no-verify",

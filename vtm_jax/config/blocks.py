@@ -93,8 +93,9 @@ def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
 
 def bench_config(**values: Any) -> ml_collections.ConfigDict:
     """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, clips
-    run at a time within a batch (None: all), and sweeps over modes, r values and schedules
-    (None: just the token_merging block)."""
+    run at a time within a batch (None: all), whether to replace a results file that is not
+    bench's own, and sweeps over modes, r values and schedules (None: just the token_merging
+    block)."""
     block = ml_collections.ConfigDict(
         {
             "batch_size": 1,
@@ -102,6 +103,8 @@ def bench_config(**values: Any) -> ml_collections.ConfigDict:
             "iterations": 3,
             "attention": "auto",
             "clips_per_step": config_dict.placeholder(int),
+            # Replace an existing results file that is not bench's own (as --overwrite).
+            "overwrite": False,
         }
     )
     for name in ("modes", "r_values", "schedules"):

@@ -26,6 +26,11 @@ from vtm_jax.models.base import apply_in_steps
 from vtm_jax.models.registry import build_model
 from vtm_jax.runtime import mesh as device_mesh
 
+BENCH_FORMAT = "vtm-jax-bench"  # the "format" of bench's JSON results
+# The keys of the results written before they carried the format: still bench's own.
+BENCH_LEGACY_KEYS = ("config", "run", "results")
+BENCH_SUFFIXES = (".json", ".md", ".png")
+
 
 def sweep(
     base: MergingSettings,
@@ -296,27 +301,51 @@ def plot_speed(results: Sequence[dict[str, Any]], path: str, title: str) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from vtm_jax.paths import open_file
+    from vtm_jax.outputs import atomic_file
 
-    with open_file(path, "wb") as f:  # local or remote (gs://)
+    with atomic_file(path, "wb") as f:  # local or remote (gs://); never half a picture
         fig.savefig(f, format="png")
     plt.close(fig)
 
 
-def bench(config: Any, *, stem: str | None = None) -> list[dict[str, Any]]:
+def check_bench_outputs(
+    stem: str, *, what: str, overwrite: bool = False, inputs: dict | None = None
+) -> None:
+    """``stem.json``, ``.md`` and ``.png`` can be written, and replace nothing but an earlier
+    bench's results (``vtm_jax.outputs.claim_outputs``) unless ``overwrite``."""
+    from vtm_jax.outputs import check_output_file, claim_outputs, results_targets
+
+    for suffix in BENCH_SUFFIXES:
+        check_output_file(stem + suffix, what=what)
+    targets = results_targets(
+        stem + ".json",
+        [stem + ".md", stem + ".png"],
+        BENCH_FORMAT,
+        "bench results",
+        legacy=BENCH_LEGACY_KEYS,
+    )
+    claim_outputs(targets, what=what, overwrite=overwrite, inputs=inputs)
+
+
+def bench(
+    config: Any, *, stem: str | None = None, overwrite: bool | None = None
+) -> list[dict[str, Any]]:
     """``vtm-jax bench`` on a loaded config: time r=0 and the config's merging settings.
 
     ``stem``: write ``stem.json`` (config, machine, results), ``stem.md`` (the table) and
-    ``stem.png`` (the plot); checked before anything is timed. Process 0 prints and writes.
+    ``stem.png`` (the plot); checked before anything is timed. Existing files there are
+    replaced only when they are an earlier bench's results, or with ``overwrite`` (default:
+    the config's ``bench.overwrite``). Process 0 prints and writes.
     """
     from vtm_jax.config.loading import record_from_config
-    from vtm_jax.outputs import atomic_file, check_output_file, write_json
+    from vtm_jax.outputs import atomic_file, write_json
 
-    if stem:  # every file the results go to, before anything is timed
-        for suffix in (".json", ".md", ".png"):
-            check_output_file(stem + suffix, what="--output")
-    record = record_from_config(config)
     options = config.get("bench", {})
+    if overwrite is None:
+        overwrite = bool(options.get("overwrite", False))
+    if stem:  # every file the results go to, before anything is timed
+        check_bench_outputs(stem, what="--output", overwrite=overwrite)
+    record = record_from_config(config)
     settings = sweep(
         MergingSettings.from_dict(config.get("token_merging")),
         modes=options.get("modes"),
@@ -355,7 +384,12 @@ def bench(config: Any, *, stem: str | None = None) -> list[dict[str, Any]]:
     table = format_table(results)
     say("\n" + table)
     if stem and lead:
-        document = {"config": config.to_dict(), "run": info, "results": results}
+        document = {
+            "format": BENCH_FORMAT,
+            "config": config.to_dict(),
+            "run": info,
+            "results": results,
+        }
         write_json(stem + ".json", document, indent=2, default=str)
         with atomic_file(stem + ".md") as f:
             f.write(table + "\n")

@@ -19,17 +19,25 @@ def convert(
     image_size: int | None = None,
     num_heads: int | None = None,
     class_splits: Sequence[int] | None = None,
+    overwrite: bool = False,
 ) -> ModelRecord:
     """Convert ``input_path`` (a ``source`` format: ``hf``, ``scenic``, ``motionformer``,
     ``slowfast``) into the new checkpoint directory ``output``; returns its record.
+
+    A checkpoint already in ``output`` is refused unless ``overwrite`` (then replaced);
+    ``output`` (or its ``model.json`` or ``params``) being ``input_path`` is refused always.
 
     ``class_splits``: the sizes of the heads in one concatenated classifier (EPIC-KITCHENS'
     ``[97, 300]``); they must add up to the classifier's classes.
     """
     from vtm_jax.checkpoints.convert.sources import load_source
-    from vtm_jax.checkpoints.store import check_new_checkpoint, save_checkpoint
+    from vtm_jax.checkpoints.store import check_new_checkpoint, checkpoint_inputs, save_checkpoint
+    from vtm_jax.outputs import check_not_inputs
 
-    check_new_checkpoint(output, what="--output")  # before the weights are read
+    # Before the weights are read.
+    written = [v for v in checkpoint_inputs(output).values() if v]
+    check_not_inputs(written, what="--output", inputs={"--input": input_path})
+    check_new_checkpoint(output, what="--output", overwrite=overwrite)
     params, record = load_source(
         source, input_path, num_frames=num_frames, image_size=image_size, num_heads=num_heads
     )
@@ -51,5 +59,5 @@ def convert(
             "path": cached_snapshot(input_path),
         }
     record = dataclasses.replace(record, class_splits=splits, converted_from=converted_from)
-    save_checkpoint(output, params, record)
+    save_checkpoint(output, params, record, overwrite=overwrite)
     return record

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +22,10 @@ from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
 
 DEMO_CHECKPOINT = "demo_vivit"
+DEMO_FORMAT = "vtm-jax-demo"  # the "format" of demo.json; demo.md, .png and the clip go beside
+# The keys of a demo.json written before it carried the format: still the demo's own.
+DEMO_LEGACY_KEYS = ("checkpoint", "dataset", "table", "curve", "pictures")
+DEMO_VIDEO = "demo_video.npy"
 
 
 def shipped_checkpoint() -> str:
@@ -63,6 +66,37 @@ def curve_settings(config: ml_collections.ConfigDict) -> list[MergingSettings]:
     ]
 
 
+def _picture_layers(config: ml_collections.ConfigDict) -> list[int]:
+    return list(config.demo.get("visualize_layers", (2, 4, 6)))
+
+
+def check_demo_outputs(
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    out_dir: str,
+    *,
+    what: str = "out_dir",
+    overwrite: bool = False,
+) -> list[str]:
+    """Before any work: the demo's files replace only an earlier demo's (and pictures vtm-jax
+    drew), unless ``overwrite`` (``vtm_jax.outputs.claim_outputs``); returns the pictures'
+    paths."""
+    from vtm_jax.checkpoints.store import checkpoint_inputs
+    from vtm_jax.jobs.pictures import picture_owner
+    from vtm_jax.jobs.visualize import picture_paths
+    from vtm_jax.outputs import claim_outputs, results_targets
+
+    stem, video = paths.join(out_dir, "demo"), paths.join(out_dir, DEMO_VIDEO)
+    derived = [stem + ".md", stem + ".png", video]
+    targets = results_targets(
+        stem + ".json", derived, DEMO_FORMAT, "demo results", legacy=DEMO_LEGACY_KEYS
+    )
+    pictures = picture_paths(checkpoint, video, _picture_layers(config), out_dir)
+    targets.update({picture: picture_owner for picture in pictures})
+    claim_outputs(targets, what=what, overwrite=overwrite, inputs=checkpoint_inputs(checkpoint))
+    return pictures
+
+
 def run_demo(
     config: ml_collections.ConfigDict,
     *,
@@ -70,16 +104,20 @@ def run_demo(
     out_dir: str,
     progress: bool = True,
     say=print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy and speed of every setting, the table, the plot and the visualisation."""
+    """Accuracy and speed of every setting, the table, the plot and the visualisation.
+
+    Files in ``out_dir`` that are not an earlier demo's are refused before any work, unless
+    ``overwrite`` (:func:`check_demo_outputs`)."""
     import jax
 
     from vtm_jax.checkpoints.store import load_checkpoint
     from vtm_jax.data.datasets import open_split
     from vtm_jax.jobs.bench import bench_settings
-    from vtm_jax.jobs.evaluation.evaluate import evaluate
 
     began = time.perf_counter()
+    pictures = check_demo_outputs(config, checkpoint, out_dir, overwrite=overwrite)
     paths.makedirs(out_dir)
     data = config.dataset_configs
     say(f"synthetic test set in {data.data_dir} (built on first use)")
@@ -97,18 +135,7 @@ def run_demo(
     batch = max(1, int(data.get("test_batch_size", devices)) // devices)
     attention = config.demo.get("attention", "auto")
 
-    accuracy = []
-    for i, merging in enumerate(everything, 1):
-        say(f"[{i}/{len(everything)}] accuracy, {_describe(merging)}")
-        results = evaluate(
-            checkpoint,
-            source,
-            merging=merging,
-            batch_size=batch,
-            attention=attention,
-            progress=progress,
-        )
-        accuracy.append(results["metrics"]["top1"])
+    accuracy = _accuracy(checkpoint, source, everything, batch, attention, progress, say)
     say("timing every setting (random input, warm-up, then timed forward passes)")
     bench = config.get("bench", {})
     speed = bench_settings(
@@ -126,8 +153,6 @@ def run_demo(
     table = format_demo_table(table_rows, record.architecture)
     say("\n" + table)
     stem = paths.join(out_dir, "demo")
-    plot_accuracy_speed(rows, stem + ".png", title=f"{record.architecture} on synthetic")
-    pictures = _visualise(checkpoint, source, config, out_dir)
     summary = {
         "checkpoint": paths.absolute(checkpoint),
         "dataset": f"{config.dataset_name}/{source.split}",
@@ -139,9 +164,42 @@ def run_demo(
         "seconds": round(time.perf_counter() - began, 1),
         "pictures": pictures,
     }
+    # demo.json first: the files beside it are the demo's because it is (a rerun after an
+    # interruption recognises them).
+    _write_summary(stem, summary, table)
+    plot_accuracy_speed(rows, stem + ".png", title=f"{record.architecture} on synthetic")
+    _visualise(checkpoint, source, config, out_dir)
+    summary["seconds"] = round(time.perf_counter() - began, 1)
     _write_summary(stem, summary, table)
     say(f"\nwritten: {stem}.json, {stem}.md, {stem}.png and {len(pictures)} pictures in {out_dir}")
     return summary
+
+
+def _accuracy(
+    checkpoint: str,
+    source: Any,
+    settings: Sequence[MergingSettings],
+    batch: int,
+    attention: str,
+    progress: bool,
+    say,
+) -> list[float]:
+    """Top-1 of every setting, evaluated in turn."""
+    from vtm_jax.jobs.evaluation.evaluate import evaluate
+
+    accuracy = []
+    for i, merging in enumerate(settings, 1):
+        say(f"[{i}/{len(settings)}] accuracy, {_describe(merging)}")
+        results = evaluate(
+            checkpoint,
+            source,
+            merging=merging,
+            batch_size=batch,
+            attention=attention,
+            progress=progress,
+        )
+        accuracy.append(results["metrics"]["top1"])
+    return accuracy
 
 
 def _rows(
@@ -167,10 +225,11 @@ def _rows(
 
 
 def _write_summary(stem: str, summary: dict[str, Any], table: str) -> None:
-    """``<stem>.json`` and ``<stem>.md`` (local or remote, gs://)."""
-    with paths.open_file(stem + ".json", "w") as f:
-        json.dump(summary, f, indent=2)
-    with paths.open_file(stem + ".md", "w") as f:
+    """``<stem>.json`` and ``<stem>.md`` (local or remote, gs://), each written whole."""
+    from vtm_jax.outputs import atomic_file, write_json
+
+    write_json(stem + ".json", {"format": DEMO_FORMAT, **summary}, indent=2)
+    with atomic_file(stem + ".md") as f:
         f.write(table + "\n")
 
 
@@ -225,7 +284,9 @@ def plot_accuracy_speed(rows: Sequence[dict[str, Any]], path: str, *, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with paths.open_file(path, "wb") as f:  # local or remote (gs://)
+    from vtm_jax.outputs import atomic_file
+
+    with atomic_file(path, "wb") as f:  # local or remote (gs://); never half a picture
         fig.savefig(f, format="png")
     plt.close(fig)
 
@@ -235,14 +296,22 @@ def _visualise(
 ) -> list[str]:
     """Which tokens merged in the first test video, at a few depths."""
     from vtm_jax.jobs.visualize import visualize
+    from vtm_jax.outputs import atomic_file
 
     video = np.asarray(source[0]["video"])
-    path = paths.join(out_dir, "demo_video.npy")
-    with paths.open_file(path, "wb") as f:
+    path = paths.join(out_dir, DEMO_VIDEO)
+    with atomic_file(path, "wb") as f:
         np.save(f, video)
-    layers = list(config.demo.get("visualize_layers", (2, 4, 6)))
     merging = MergingSettings.from_dict(config.token_merging)
-    return visualize(checkpoint, path, layers=layers, out_dir=out_dir, merging=merging)
+    # Checked with the demo's files before any work (check_demo_outputs).
+    return visualize(
+        checkpoint,
+        path,
+        layers=_picture_layers(config),
+        out_dir=out_dir,
+        merging=merging,
+        overwrite=True,
+    )
 
 
 def _describe(merging: MergingSettings) -> str:

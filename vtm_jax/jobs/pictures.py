@@ -25,6 +25,9 @@ LEGEND_FONT_SIZE = 13
 LEGEND_PAD = 4
 LEGEND_INK = (0, 0, 0)
 BACKGROUND = 255
+# Written into every picture's metadata (a PNG's "Software" text, a GIF's comment): a rerun
+# recognises the pictures as its own and rewrites them, and refuses any other file there.
+PICTURE_MARKER = "vtm-jax merge pictures"
 
 Patch = tuple[int, int, int]
 Grid = tuple[int, int, int]
@@ -268,14 +271,34 @@ def frame_grid(frames: np.ndarray, ncols: int, *, gap: int = 2, fill: int = 255)
 
 
 def write_png(path: str, image: np.ndarray) -> str:
-    """Save one uint8 image ``[H, W, 3]`` as PNG; returns ``path``."""
-    from PIL import Image
+    """Save one uint8 image ``[H, W, 3]`` as PNG (with :data:`PICTURE_MARKER`); returns
+    ``path``."""
+    from PIL import Image, PngImagePlugin
+
+    from vtm_jax.outputs import atomic_file
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PICTURE_MARKER)
+    with atomic_file(path, "wb") as f:  # local or remote (gs://); never half a picture
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG", pnginfo=info)
+    return path
+
+
+def picture_owner(path: str) -> str | None:
+    """Whether ``path`` is a picture :func:`write_png` or :func:`write_gif` wrote (None), or
+    what it is instead (``vtm_jax.outputs.claim_outputs``)."""
+    from PIL import Image, UnidentifiedImageError
 
     from vtm_jax.paths import open_file
 
-    with open_file(path, "wb") as f:  # local or remote (gs://)
-        Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG")
-    return path
+    try:
+        with open_file(path, "rb") as f, Image.open(f) as image:
+            marker = image.info.get("Software") or image.info.get("comment")
+    except (OSError, UnidentifiedImageError, ValueError):  # a directory, not a picture ...
+        marker = None
+    if isinstance(marker, bytes):
+        marker = marker.decode("utf-8", "replace")
+    return None if marker == PICTURE_MARKER else "exists and is not a picture vtm-jax drew"
 
 
 def write_comparison_png(
@@ -311,7 +334,7 @@ def write_gif(
     """
     from PIL import Image
 
-    from vtm_jax.paths import open_file
+    from vtm_jax.outputs import atomic_file
 
     frames, merged = _check_frames(frames), _check_frames(merged)
     if frames.shape != merged.shape:
@@ -321,7 +344,7 @@ def write_gif(
     if legend:
         pairs = _legend_per_frame(pairs, legend)
     images = [Image.fromarray(p) for p in pairs]
-    with open_file(path, "wb") as f:  # local or remote (gs://)
+    with atomic_file(path, "wb") as f:  # local or remote (gs://); never half a picture
         images[0].save(
             f,
             format="GIF",
@@ -329,6 +352,7 @@ def write_gif(
             append_images=images[1:],
             duration=max(1, round(1000 / fps)),
             loop=0,
+            comment=PICTURE_MARKER.encode(),
         )
     return path
 

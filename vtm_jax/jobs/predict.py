@@ -15,7 +15,7 @@ import numpy as np
 from vtm_jax import paths
 from vtm_jax.checkpoints.integrity import check_finite
 from vtm_jax.checkpoints.record import ModelRecord
-from vtm_jax.checkpoints.store import load_checkpoint
+from vtm_jax.checkpoints.store import checkpoint_inputs, load_checkpoint
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.registry import build_model
@@ -168,3 +168,42 @@ def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tupl
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
     best = np.argsort(-probs, kind="stable")[:k]
     return [(int(i), labels[i] if labels else str(i), float(probs[i])) for i in best]
+
+
+def _holds_logits(path: str, num_classes: int) -> bool:
+    """Whether ``path`` is a ``.npy`` of ``num_classes`` floats, as ``--save-logits`` writes."""
+    try:
+        with paths.open_file(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except (OSError, ValueError):  # a directory, not an .npy file ...
+        return False
+    return tuple(shape) == (num_classes,) and dtype.kind == "f"
+
+
+def check_logits_output(
+    path: str,
+    record: ModelRecord,
+    *,
+    video: str | os.PathLike,
+    checkpoint: str,
+    what: str = "--save-logits",
+    overwrite: bool = False,
+) -> None:
+    """Before the model runs: ``path`` may take the logits (``vtm_jax.outputs.claim_outputs``).
+
+    An existing file is replaced when it holds what predict writes there (a ``.npy`` vector of
+    the checkpoint's class count: an ``.npy`` carries no other mark), or with ``overwrite``;
+    the clip or the checkpoint being read is refused always."""
+    from vtm_jax.outputs import claim_outputs
+
+    def owner(existing: str) -> str | None:
+        if _holds_logits(existing, record.num_classes):
+            return None
+        return f"exists and is not logits of this checkpoint's {record.num_classes} classes"
+
+    inputs = {"--video": os.fspath(video), **checkpoint_inputs(checkpoint)}
+    claim_outputs({path: owner}, what=what, overwrite=overwrite, inputs=inputs)

@@ -38,6 +38,9 @@ from vtm_jax.jobs.sweep_tables import (
 
 TIME_DEFAULTS = {"bench.batch_size": 4, "bench.warmup": 5, "bench.iterations": 100}
 TIME_FORMAT = "vtm-jax-sweep-time"
+TABLE_FORMAT = "vtm-jax-sweep-table"  # a family's <family>.json; its .md and .png go beside
+# The keys of a table written before tables carried the format: still the sweep's own.
+TABLE_LEGACY_KEYS = ("family", "paper", "title", "kind", "columns", "rows")
 
 
 # ------------------------------------------------------------------------------ run
@@ -62,6 +65,7 @@ class Runner:
         self.params: dict = {}  # random weights per model, shared by its time runs
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.planned: dict[Run, tuple[str, Any]] = {}  # each run's file and config, once
 
     def load_config(self, pair: Pair, values: Mapping[str, Any] | None = None):
         """The pair's config: its file, the paper's speed protocol, your overrides, the
@@ -93,14 +97,37 @@ class Runner:
 
     def path(self, run: Run) -> tuple[str, Any]:
         """The run's results file (its settings and a hash of its whole config) and config."""
+        if run in self.planned:
+            return self.planned[run]
         config = self.load_config(run.pair, run.values())
         # Only what the run reads: new timing settings do not redo the accuracy runs.
         unread = ("bench",) if run.kind == "accuracy" else ("eval", "results_path")
         identity = {k: v for k, v in config.to_dict().items() if k not in unread}
+        if isinstance(identity.get("bench"), dict):  # where results go, not what is timed
+            identity["bench"] = {k: v for k, v in identity["bench"].items() if k != "overwrite"}
         blob = json.dumps(identity, sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         folder = storage.join(self.workdir, "runs", run.pair.model, run.pair.dataset)
-        return storage.join(folder, f"{run.slug()}-{digest}.json"), config
+        self.planned[run] = storage.join(folder, f"{run.slug()}-{digest}.json"), config
+        return self.planned[run]
+
+    def claim(self, runs: Sequence[Run], overwrite: bool) -> None:
+        """Before any run: each run's file is absent, a run's own results or ``overwrite``d.
+
+        With ``overwrite``, a run whose file is something else starts afresh over it."""
+        from vtm_jax.jobs.evaluation.state import RESULTS_FORMAT
+        from vtm_jax.outputs import claim_outputs, results_owner
+
+        for run in runs:
+            path, config = self.path(run)
+            marker = RESULTS_FORMAT if run.kind == "accuracy" else TIME_FORMAT
+            owner = results_owner(marker, f"a sweep {run.kind} run")
+            claim_outputs({path: owner}, what="sweep run file", overwrite=overwrite)
+            if overwrite and run.kind == "accuracy" and storage.exists(path) and owner(path):
+                with config.unlocked():  # eval replaces it instead of refusing it
+                    if config.get("eval") is None:
+                        config.eval = {}
+                    config.eval.overwrite = True
 
     def execute(self, run: Run, index: int, total: int) -> str:
         """Run ``run`` unless its results file is complete; returns that file."""
@@ -163,11 +190,13 @@ class Runner:
 
 
 def _complete(path: str) -> bool:
-    try:
-        with storage.open_file(path) as f:
-            return bool(json.load(f).get("complete"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    """A finished run's file: eval's results or a time run's, marked complete."""
+    from vtm_jax.jobs.evaluation.state import RESULTS_FORMAT
+    from vtm_jax.outputs import read_json_object
+
+    data = read_json_object(path) if storage.exists(path) else None
+    ours = data is not None and data.get("format") in (RESULTS_FORMAT, TIME_FORMAT)
+    return bool(ours and data.get("complete"))
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -188,8 +217,13 @@ def run_sweep(
     curve_steps: int = CURVE_STEPS,
     say: Callable[[str], None] = print,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the named families over the runs file's pairs; write their tables into ``workdir``.
+
+    Before any run, every file it will write is checked: a table or run file there that is not
+    the sweep's own is refused unless ``overwrite`` (the sweep's own are rewritten, its
+    finished runs skipped, its interrupted ones resumed).
 
     Returns ``{"families": {name: table}, "ran": [...], "skipped": [...]}``.
     """
@@ -213,6 +247,9 @@ def run_sweep(
             runs.setdefault(run)
     order = {(p.model, p.dataset): i for i, p in enumerate(pairs)}
     todo = sorted(runs, key=lambda r: (order[(r.pair.model, r.pair.dataset)], r.kind))
+    tables = [(f.name, f.plot) for f in chosen] + ([("table", False)] if headline else [])
+    _claim_tables(workdir, tables, overwrite=overwrite, runs_file=runs_file)
+    runner.claim(todo, overwrite)
     storage.makedirs(workdir)
     say(f"{len(chosen)} famil{'y' if len(chosen) == 1 else 'ies'}, {len(todo)} runs in {workdir}")
     paths = {run: runner.execute(run, i, len(todo)) for i, run in enumerate(todo, 1)}
@@ -236,9 +273,30 @@ def run_sweep(
     return {"families": written, "ran": runner.ran, "skipped": runner.skipped}
 
 
+def _claim_tables(
+    workdir: str, tables: Sequence[tuple[str, bool]], *, overwrite: bool, runs_file: str
+) -> None:
+    """Each table's ``.json``, ``.md`` (and ``.png``) replace only an earlier sweep's."""
+    from vtm_jax.outputs import check_output_file, claim_outputs, results_targets
+
+    for name, plot in tables:
+        stem = storage.join(workdir, name)
+        derived = [stem + ".md"] + ([stem + ".png"] if plot else [])
+        for path in [stem + ".json", *derived]:
+            if storage.exists(workdir):  # a new workdir is checked as a whole
+                check_output_file(path, what="sweep table")
+        targets = results_targets(
+            stem + ".json", derived, TABLE_FORMAT, "a sweep table", legacy=TABLE_LEGACY_KEYS
+        )
+        inputs = {"the --runs file": runs_file}
+        claim_outputs(targets, what="sweep table", overwrite=overwrite, inputs=inputs)
+
+
 def _write_table(table: dict[str, Any], stem: str, *, plot: bool) -> None:
-    _write_json(stem + ".json", table)
-    with storage.open_file(stem + ".md", "w") as f:
+    from vtm_jax.outputs import atomic_file
+
+    _write_json(stem + ".json", {"format": TABLE_FORMAT, **table})
+    with atomic_file(stem + ".md") as f:
         f.write(format_markdown(table))
     if plot:
         plot_family(table, stem + ".png")

@@ -175,7 +175,9 @@ def plot_family(table: dict[str, Any], path: str) -> None:
     if series:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with storage.open_file(path, "wb") as f:  # local or remote (gs://)
+    from vtm_jax.outputs import atomic_file
+
+    with atomic_file(path, "wb") as f:  # local or remote (gs://); never half a picture
         fig.savefig(f, format="png")
     plt.close(fig)
 

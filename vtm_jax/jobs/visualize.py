@@ -45,6 +45,7 @@ from vtm_jax.jobs.pictures import (
     frame_grid,
     frame_group_labels,
     global_group_labels,
+    picture_owner,
     render_groups,
     upscale,
     with_legend,
@@ -231,6 +232,47 @@ def gif_legend(trace: GroupTrace, layer: int) -> list[str]:
     ]
 
 
+def picture_paths(
+    checkpoint_dir: str,
+    video_path: str,
+    layers: int | Sequence[int] | None,
+    out_dir: str,
+) -> list[str]:
+    """The files :func:`visualize` writes for these arguments, known before the model runs
+    (``layers`` None: :func:`default_layers` of the checkpoint's model)."""
+    from vtm_jax.paths import join
+
+    if layers is None:
+        from vtm_jax.checkpoints.store import load_record
+        from vtm_jax.models.registry import build_model
+
+        layers = default_layers(build_model(load_record(checkpoint_dir), None).merging_layers())
+    stem = os.path.splitext(os.path.basename(video_path))[0]
+    files = [join(out_dir, f"{stem}_input.png")]
+    for layer in _check_layers(layers, 0):
+        files += [join(out_dir, f"{stem}_layer{layer}{suffix}") for suffix in (".png", ".gif")]
+    return files
+
+
+def check_picture_outputs(
+    checkpoint_dir: str,
+    video_path: str,
+    layers: int | Sequence[int] | None,
+    out_dir: str,
+    *,
+    what: str = "output directory",
+    overwrite: bool = False,
+) -> None:
+    """Before the model runs: every picture goes where nothing is, or where an earlier run's
+    picture is (``vtm_jax.outputs.claim_outputs``); ``overwrite`` replaces other files."""
+    from vtm_jax.checkpoints.store import checkpoint_inputs
+    from vtm_jax.outputs import claim_outputs
+
+    targets = {p: picture_owner for p in picture_paths(checkpoint_dir, video_path, layers, out_dir)}
+    inputs = {"--video": video_path, **checkpoint_inputs(checkpoint_dir)}
+    claim_outputs(targets, what=what, overwrite=overwrite, inputs=inputs)
+
+
 def visualize(
     checkpoint_dir: str,
     video_path: str,
@@ -243,6 +285,7 @@ def visualize(
     fps: float = 4.0,
     verify: bool = True,
     scale: int | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Write the merge pictures of one clip after each layer; returns the paths written.
 
@@ -252,12 +295,15 @@ def visualize(
     ``min(8, frames)``, as the paper's grids; ``layers`` are 1-based (the paper's intro figure:
     4, 8, 12; None: :func:`default_layers`). ``scale`` enlarges every frame by nearest
     neighbour before the grids are laid out; None: :func:`auto_scale` (4x for 32x32 frames).
+    A file of one of those names that is not a picture vtm-jax drew is refused before the
+    model runs, unless ``overwrite`` (:func:`check_picture_outputs`).
     """
     from vtm_jax.outputs import check_output_dir
     from vtm_jax.paths import join, makedirs
 
     scale = check_scale(scale)  # before the model runs
     check_output_dir(out_dir, what="output directory")
+    check_picture_outputs(checkpoint_dir, video_path, layers, out_dir, overwrite=overwrite)
     trace = trace_groups(
         checkpoint_dir,
         video_path,

@@ -44,7 +44,7 @@ from typing import Any
 import jax
 
 from vtm_jax.checkpoints.record import ModelRecord
-from vtm_jax.checkpoints.store import load_checkpoint
+from vtm_jax.checkpoints.store import checkpoint_inputs, load_checkpoint
 from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError
 from vtm_jax.jobs.evaluation import input as eval_input
@@ -111,7 +111,7 @@ def evaluate(
         spec = EvalSpec(**options)
     elif options:
         spec = dataclasses.replace(spec, **options)
-    spec.check_outputs()  # before anything is loaded or compiled
+    spec.check_outputs(checkpoint_inputs(checkpoint_dir))  # before anything is loaded
     started = time.perf_counter()
     params, record, merging, prep, frames = _load(checkpoint_dir, spec, scenic_record)
     heads = record.heads()

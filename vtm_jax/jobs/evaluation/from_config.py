@@ -44,7 +44,7 @@ def eval_config(
     data = config.get("dataset_configs", {})
     if not data.get("data_dir") and not reads_in_place(config.dataset_name):
         raise UserError("eval needs config.dataset_configs.data_dir")
-    from vtm_jax.checkpoints.store import load_record
+    from vtm_jax.checkpoints.store import checkpoint_inputs, load_record
     from vtm_jax.config.scenic_checkpoint import checkpoint_record
 
     scenic_record = checkpoint_record(config)  # a bare Scenic checkpoint: the config describes it
@@ -52,7 +52,7 @@ def eval_config(
     spec = EvalSpec.from_config(
         config, devices=jax.device_count(), progress=progress, verify=verify
     )
-    spec.check_outputs()
+    spec.check_outputs(checkpoint_inputs(config.checkpoint))
     source = _open_source(config, sources)
     spec = dataclasses.replace(spec, dataset=f"{config.dataset_name}/{source.split}")
     results = evaluate(config.checkpoint, source, spec, scenic_record=scenic_record)
@@ -98,13 +98,21 @@ def eval_to_files(config: Any, *, workdir: str | None = None, verify: bool = Tru
     """``vtm-jax eval``: :func:`eval_config` with its files; returns the results.
 
     With ``workdir``: ``eval.json``, ``eval.md`` (the table) and TensorBoard scalars there;
-    otherwise the table goes beside ``config.results_path`` when the config names one.
+    otherwise the table goes beside ``config.results_path`` when the config names one. The
+    table replaces only one beside eval's own results, unless ``config.eval.overwrite``.
     """
     import jax
 
     from vtm_jax import paths
     from vtm_jax.jobs.evaluation.metrics import format_results
-    from vtm_jax.outputs import atomic_file, check_output_dir, check_output_file
+    from vtm_jax.jobs.evaluation.state import RESULTS_FORMAT
+    from vtm_jax.outputs import (
+        atomic_file,
+        beside_owner,
+        check_output_dir,
+        check_output_file,
+        claim_outputs,
+    )
 
     if workdir:
         if config.get("results_path"):
@@ -118,6 +126,9 @@ def eval_to_files(config: Any, *, workdir: str | None = None, verify: bool = Tru
     if path:  # the table beside the JSON, as bench and demo write theirs
         table = (path[: -len(".json")] if path.endswith(".json") else path) + ".md"
         check_output_file(table, what="results_path's table")
+        owner = beside_owner(path, RESULTS_FORMAT, "a vtm-jax results file")
+        overwrite = bool((config.get("eval") or {}).get("overwrite", False))
+        claim_outputs({table: owner}, what="results_path's table", overwrite=overwrite)
     results = eval_config(config, verify=verify)
     lead = jax.process_index() == 0
     if table and lead:

@@ -13,7 +13,7 @@ from typing import Any
 
 from vtm_jax.errors import UserError
 from vtm_jax.merging import MergingSettings
-from vtm_jax.outputs import check_output_file
+from vtm_jax.outputs import check_output_file, claim_outputs, results_targets
 
 ENSEMBLES = ("sum", "max")
 
@@ -28,7 +28,8 @@ class EvalSpec:
       batch_size: videos per device per step (each with all its views).
       num_clips, three_crops: views per video (temporal clips x 1 or 3 spatial crops).
       results_path: JSON results, rewritten after every batch; an existing file of the same run
-        is resumed, and a file of a different run is an error unless ``overwrite``.
+        is resumed, and a file of a different run, or any other file, is an error unless
+        ``overwrite`` (which starts afresh over it).
       attention: attention backend (``vtm_jax.models.attention.get_attention``).
       progress: show a progress bar (process 0 only).
       limit: evaluate only the first ``limit`` examples of the source.
@@ -97,14 +98,25 @@ class EvalSpec:
         """Views per video: temporal clips x spatial crops."""
         return self.num_clips * (3 if self.three_crops else 1)
 
-    def check_outputs(self) -> None:
-        """The results file (and scores file) can be written: checked before any work."""
+    def check_outputs(self, inputs: Mapping[str, str | None] | None = None) -> None:
+        """The results file (and scores file) can be written, and replace nothing but results
+        of eval (``vtm_jax.outputs.claim_outputs``) nor any of ``inputs`` (named paths the run
+        reads): checked before any work."""
         from vtm_jax.jobs.evaluation.results import scores_path_for
+        from vtm_jax.jobs.evaluation.state import RESULTS_FORMAT
 
-        if self.results_path is not None:
-            check_output_file(self.results_path, what="results_path")
-            if self.save_scores:
-                check_output_file(scores_path_for(self.results_path), what="scores file")
+        if self.results_path is None:
+            return
+        check_output_file(self.results_path, what="results_path")
+        derived = []
+        if self.save_scores:
+            scores = scores_path_for(self.results_path)
+            check_output_file(scores, what="scores file")
+            derived = [scores, scores + ".parts"]
+        targets = results_targets(
+            self.results_path, derived, RESULTS_FORMAT, "a vtm-jax results file"
+        )
+        claim_outputs(targets, what="results_path", overwrite=self.overwrite, inputs=inputs)
 
     @classmethod
     def from_config(

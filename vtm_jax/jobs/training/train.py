@@ -50,8 +50,16 @@ from vtm_jax.jobs.training.optim import (
     make_optimizer,
 )
 from vtm_jax.jobs.training.steps import cross_entropy, init_state, train_step
+from vtm_jax.jobs.training.workdir import (
+    LOG_FILE,
+    MODEL_DIR,
+    STATE_DIR,
+    check_same_config,
+    claim_workdir,
+    clear_run,
+)
 from vtm_jax.merging import MergingSettings
-from vtm_jax.outputs import atomic_file, write_json
+from vtm_jax.outputs import atomic_file
 from vtm_jax.paths import absolute, join
 from vtm_jax.runtime import mesh as device_mesh
 
@@ -65,9 +73,6 @@ __all__ = [
     "train",
 ]
 
-STATE_DIR = "checkpoints"
-MODEL_DIR = "model"
-LOG_FILE = "train_log.jsonl"
 LOG_EVERY = 10  # steps between log lines (reading metrics back from the device costs a sync)
 
 
@@ -117,25 +122,35 @@ def train(
     test_source: Any = None,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train the model a config describes on its dataset's train split; returns the summary.
 
     ``train_source`` / ``test_source``: random-access splits to use instead of the ones the
     config names (``data.datasets.open_split``). ``on_step(step)`` is called after every step
-    (tests use it to interrupt a run).
+    (tests use it to interrupt a run). A workdir holding another run's files (or files no
+    run's ``config.json`` vouches for) is refused unless ``overwrite``, which removes them and
+    starts afresh (``training.workdir``).
     """
     import orbax.checkpoint as ocp
 
     from vtm_jax.checkpoints.store import save_checkpoint
     from vtm_jax.outputs import check_output_dir
 
-    # Before the data is built or decoded: the workdir must take checkpoints and the model.
+    # Before the data is built or decoded: the workdir must take checkpoints and the model,
+    # and hold nothing but this run's (or be overwritten).
     check_output_dir(workdir, what="--workdir")
+    data_dir = (config.get("dataset_configs") or {}).get("data_dir")
+    replace = claim_workdir(
+        workdir, config, overwrite=overwrite, inputs={"the dataset's data_dir": data_dir}
+    )
     _positive_int(config.get("batch_size"), "batch_size")
     _steps(config, num_examples=1, batch_size=1)  # the run's length checked before any data
     run = _set_up(config, workdir, train_source, test_source)
+    if replace:
+        clear_run(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    _check_same_config(workdir, config)
+    check_same_config(workdir, config)
     manager = ocp.CheckpointManager(
         absolute(join(workdir, STATE_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
@@ -355,22 +370,6 @@ def _export_record(
         token_merging=eval_merging.to_dict(),
         trained={"config": json.loads(config.to_json_best_effort()), **summary},
     )
-
-
-def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A workdir holds one run: resuming with another config would mix two trainings."""
-    path = join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    if epath.Path(path).exists():
-        saved = json.loads(epath.Path(path).read_text())
-        if saved != current:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise UserError(
-                f"{workdir} holds a run with another config (differs in {', '.join(changed)}); "
-                "use a new --workdir"
-            )
-        return
-    write_json(path, current, indent=2)
 
 
 def _trim_log(path: str, step: int) -> None:
