@@ -59,7 +59,7 @@ def test_the_command_line_prints_what_runs(tmp_path, capsys):
     assert main([*args, "--mode", "none"]) == 0
     assert "mode=none" in capsys.readouterr().out
     assert main([*args, "--mode", "none", "--r", "4"]) == 0  # named: kept
-    assert "mode=none r=4" in capsys.readouterr().out
+    assert "mode=none r=0 " in capsys.readouterr().out  # what runs: mode none removes nothing
 
 
 def test_a_config_override_asks_a_none_block_to_merge(tmp_path, capsys):

@@ -11,14 +11,19 @@ vtm-jax and keeps its traceback, so that it can be reported.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
+import os
 import re
+from collections.abc import Iterator
 
 # Failures of the file system that a user's paths or disks cause, not vtm-jax.
 _ENVIRONMENT_ERRNOS = frozenset(
     {
         errno.EACCES,
         errno.EPERM,
+        errno.EIO,
         errno.EEXIST,
         errno.EISDIR,
         errno.ENOTDIR,
@@ -96,3 +101,62 @@ def os_error_message(error: OSError) -> str:
     if getattr(error, "filename2", None) is not None and error.errno == errno.EEXIST:
         path = error.filename2  # os.replace / os.rename: the target is what exists
     return f"{path}: {error.strerror or type(error).__name__}"
+
+
+# A write that failed for lack of space or a failing disk. A write() on an open file names no
+# file; tensorstore (orbax) and TensorFlow say it in their message only.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS})
+_STORAGE_TEXT = (
+    ("No space left on device", errno.ENOSPC),
+    ("os_error_code='28'", errno.ENOSPC),
+    ("Disk quota exceeded", errno.EDQUOT),
+    ("File too large", errno.EFBIG),
+    ("Input/output error", errno.EIO),
+    ("Read-only file system", errno.EROFS),
+)
+
+
+def storage_failure(error: BaseException, path: str) -> OSError | None:
+    """A write to ``path`` that failed for lack of space or a failing disk, as the ``OSError``
+    naming ``path`` (so it ends in one line, ``PATH: No space left on device``); None for any
+    other error, and for one that names its file already."""
+    if isinstance(error, OSError) and error.errno is not None:
+        if error.errno in _STORAGE_ERRNOS and getattr(error, "filename", None) is None:
+            return OSError(error.errno, os.strerror(error.errno), path)
+        return None
+    text = str(error)
+    for words, code in _STORAGE_TEXT:
+        if words in text:
+            return OSError(code, os.strerror(code), path)
+    if "RESOURCE_EXHAUSTED" in text:  # tensorstore's status for a full disk or quota
+        return OSError(errno.ENOSPC, "out of storage space (RESOURCE_EXHAUSTED)", path)
+    return None
+
+
+class _DropStorageFailures(logging.Filter):
+    """Orbax's threads log each failed write with its traceback before it is raised: those
+    records are dropped (the raised error is told in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f" {record.exc_info[1]}"
+        return storage_failure(RuntimeError(text), "") is None
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """A block that writes ``path``: out of space and I/O errors become the ``OSError`` naming
+    ``path`` (:func:`storage_failure`), without orbax's logged tracebacks."""
+    quiet = _DropStorageFailures()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    except Exception as e:
+        failure = storage_failure(e, os.fspath(path))
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        logger.removeFilter(quiet)

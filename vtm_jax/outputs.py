@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import IO, Any
 
 from vtm_jax import paths
-from vtm_jax.errors import UserError
+from vtm_jax.errors import UserError, storage_failure
 
 TMP_SUFFIX = ".tmp"
 OVERWRITE_HINT = "pass --overwrite to replace it"
@@ -159,9 +159,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        failure = storage_failure(e, path)  # a full disk: one line naming the file
+        if failure is not None:
+            raise failure from None
         raise
 
 

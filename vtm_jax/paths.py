@@ -13,12 +13,16 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import IO, Any
 
 from etils import epath
 
+from vtm_jax.errors import UserError
+
 PathLike = str | os.PathLike
+_PLAIN = re.compile(r"[A-Za-z0-9._-]+")
 
 # epath's backends re-raise tf.io.gfile's failures as these, with a message and no errno
 # (tf's NotFoundError on a missing object has an empty one); some pass tf.errors through.
@@ -56,6 +60,18 @@ def join(base: PathLike, *names: str) -> str:
     # posixpath for remote paths: `os.path` would use backslashes on Windows.
     base = os.fspath(base)
     return posixpath.join(base, *names) if is_remote(base) else os.path.join(base, *names)
+
+
+def plain_name(name: Any, what: str) -> str:
+    """``name`` if it is a plain name that can be one part of a path (letters, digits and
+    ``._-``, not ``.`` or ``..``); else a one-line UserError naming ``what``. A name taken from
+    data (a runs file's keys) that becomes a file or folder never leads outside its folder."""
+    if not isinstance(name, str) or not _PLAIN.fullmatch(name) or name in (".", ".."):
+        raise UserError(
+            f"{what}: {name!r} is not a plain name (letters, digits and ._- only, not . or ..): "
+            "it becomes part of an output path"
+        )
+    return name
 
 
 def parent(path: PathLike) -> str:

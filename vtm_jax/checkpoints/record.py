@@ -26,6 +26,7 @@ from vtm_jax.data.preprocessing import (
     check_normalisation,
 )
 from vtm_jax.errors import UserError
+from vtm_jax.merging.settings import check_data_names
 
 Head = tuple[str | None, int, int]  # (name, start, stop) in the concatenated logits
 
@@ -207,6 +208,8 @@ class ModelRecord:
         for key in ("num_frames", "image_size"):
             if not isinstance(size.get(key), int):
                 raise UserError(f"{where}: input.{key} must be an integer")
+        # A data file: its merging settings may name registered modes only, never code.
+        check_data_names(data.get("token_merging"), where)
         names = {f.name for f in dataclasses.fields(cls)} - {"num_frames", "image_size", "extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names and k != "input"}

@@ -11,6 +11,7 @@ record go through epath (:mod:`vtm_jax.paths`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -21,10 +22,11 @@ import numpy as np
 from vtm_jax import paths
 from vtm_jax.checkpoints import integrity
 from vtm_jax.checkpoints.record import FORMAT_VERSION, ModelRecord, read_record, write_record
-from vtm_jax.errors import UserError, one_line
+from vtm_jax.errors import UserError, one_line, writing
 
 RECORD_FILE = "model.json"
 PARAMS_DIR = "params"
+STAGING_SUFFIX = ".tmp"  # a checkpoint being written, beside its directory
 
 
 def save_checkpoint(
@@ -35,37 +37,75 @@ def save_checkpoint(
     The record gets the parameters' content digest (``params_digest``) and a SHA-256 per file
     of ``params/`` (``params_files``), which :func:`load_checkpoint` verifies. Parameters
     holding NaN or infinities are refused: such a checkpoint could only predict NaN.
-    ``overwrite`` replaces a checkpoint already there: the new parameters are written beside
-    the old ones and swapped in when complete, then the record is replaced.
-    """
-    import orbax.checkpoint as ocp
+    ``overwrite`` replaces a checkpoint already there.
 
-    directory = paths.absolute(directory)
-    params_dir = paths.join(directory, PARAMS_DIR)
+    The whole checkpoint is written beside ``directory`` as ``<directory>.tmp``, read back and
+    verified, then moved into place: a write that fails (a full disk: one line naming the
+    directory) or is killed leaves ``directory`` as it was, never parameters without their
+    ``model.json``; the next write removes a killed one's ``.tmp``.
+    """
+    directory = paths.absolute(directory).rstrip("/")
     check_new_checkpoint(directory, what="checkpoint directory", overwrite=overwrite)
     params = _to_numpy(params)
     integrity.check_finite_params(params, where=f"parameters for {directory}")
+    staging = directory + STAGING_SUFFIX
+    try:
+        with writing(directory):
+            _remove(staging)  # a killed write's leftover
+            _write_staged(staging, params, record)
+    except BaseException as e:
+        _quiet_closed_event_loop()  # orbax's writes still in flight report a closed loop
+        with contextlib.suppress(Exception):  # the first failure is the one to tell
+            _remove(staging)
+        if isinstance(e, OSError) and str(e.filename or "").startswith(staging):
+            raise OSError(e.errno, e.strerror, directory + e.filename[len(staging) :]) from None
+        raise
+    _move_into_place(staging, directory)
+
+
+def _write_staged(staging: str, params: Any, record: ModelRecord) -> None:
+    """The checkpoint of ``params`` and ``record`` in ``staging``, read back and verified."""
+    import orbax.checkpoint as ocp
+
     digest = integrity.params_digest(params)
-    paths.makedirs(directory)
-    # Orbax writes a directory under a temporary name and renames it when complete; an old
-    # checkpoint's parameters stay in place until the new ones are.
-    staging = params_dir + ".new" if paths.exists(params_dir) else params_dir
-    _remove(staging)  # a killed replacement's leftover
+    paths.makedirs(staging)
+    params_dir = paths.join(staging, PARAMS_DIR)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(staging, params)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(params_dir, params)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
     record = dataclasses.replace(
         record,
         format_version=FORMAT_VERSION,
         params_digest=digest,
-        params_files=integrity.file_digests(staging),
+        params_files=integrity.file_digests(params_dir),
     )
-    if staging != params_dir:
-        _remove(params_dir + ".old")
-        paths.as_path(params_dir).rename(params_dir + ".old")
-        paths.as_path(staging).rename(params_dir)
-        _remove(params_dir + ".old")
-    write_record(paths.join(directory, RECORD_FILE), record)
+    write_record(paths.join(staging, RECORD_FILE), record)
+    load_checkpoint(staging)  # what was written loads, and its digests match
+
+
+def _move_into_place(staging: str, directory: str) -> None:
+    """Rename the verified checkpoint in ``staging`` to ``directory``.
+
+    A new directory is one rename. Into an existing one (a checkpoint replaced, or a folder
+    that holds other files), the old ``model.json`` goes first and the new one comes last: a
+    kill in between leaves ``params/`` without ``model.json`` and the ``.tmp`` beside it,
+    which loading calls an unfinished write and the next write replaces.
+    """
+    if not paths.exists(directory):
+        paths.as_path(staging).rename(directory)
+        return
+    old_params = paths.join(directory, PARAMS_DIR + ".old")
+    _remove(paths.join(directory, RECORD_FILE))
+    _remove(old_params)
+    if paths.exists(paths.join(directory, PARAMS_DIR)):
+        paths.as_path(paths.join(directory, PARAMS_DIR)).rename(old_params)
+    paths.as_path(paths.join(staging, PARAMS_DIR)).rename(paths.join(directory, PARAMS_DIR))
+    paths.as_path(paths.join(staging, RECORD_FILE)).rename(paths.join(directory, RECORD_FILE))
+    _remove(old_params)
+    _remove(staging)
 
 
 def _remove(path: str) -> None:
@@ -86,7 +126,11 @@ def check_new_checkpoint(directory: str, *, what: str, overwrite: bool = False) 
 
     def owner(path: str) -> str | None:  # a checkpoint is never rewritten but on request
         if paths.exists(paths.join(path, PARAMS_DIR)):
-            return "already holds a checkpoint"
+            if paths.exists(paths.join(path, RECORD_FILE)):
+                return "already holds a checkpoint"
+            if paths.exists(path.rstrip("/") + STAGING_SUFFIX):
+                return None  # a write killed while moving into place: this one finishes it
+            return f"holds the {PARAMS_DIR}/ of an unfinished conversion or export"
         if paths.exists(paths.join(path, RECORD_FILE)):
             return f"holds a {RECORD_FILE} without a checkpoint's {PARAMS_DIR}"
         return None  # nothing there a checkpoint would replace
@@ -106,6 +150,17 @@ def checkpoint_inputs(directory: str | None) -> dict[str, str | None]:
     }
 
 
+def checkpoint_loads(directory: str) -> bool:
+    """Whether ``directory`` holds a checkpoint that loads and verifies."""
+    if not paths.exists(directory):
+        return False
+    try:
+        load_checkpoint(directory)
+    except UserError:
+        return False
+    return True
+
+
 def load_record(directory: str, *, scenic_record: ModelRecord | None = None) -> ModelRecord:
     """The record of a checkpoint directory.
 
@@ -116,6 +171,11 @@ def load_record(directory: str, *, scenic_record: ModelRecord | None = None) -> 
     if scenic_record is not None:
         return dataclasses.replace(scenic_record, scenic_checkpoint=directory)
     path = paths.join(directory, RECORD_FILE)
+    if not paths.is_file(path) and paths.is_dir(paths.join(directory, PARAMS_DIR)):
+        raise UserError(
+            f"{directory} holds {PARAMS_DIR}/ but no {RECORD_FILE}: an unfinished conversion "
+            "or export; rerun the command that wrote it"
+        )
     if not paths.is_file(path):
         raise UserError(
             f"{directory} is not a vtm-jax checkpoint (no {RECORD_FILE}); a Scenic msgpack "

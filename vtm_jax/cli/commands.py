@@ -88,7 +88,7 @@ def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
     import numpy as np
 
     from vtm_jax.checkpoints.store import load_record
-    from vtm_jax.jobs.predict import check_logits_output, predict, top_k
+    from vtm_jax.jobs.predict import check_logits_output, merging_line, predict, top_k
 
     stored = load_record(args.checkpoint)
     merging = _merging_from_args(args, stored.token_merging)
@@ -100,7 +100,7 @@ def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
     logits, record = predict(
         args.checkpoint, args.video, merging, args.attention, verify=args.verify
     )
-    print(f"mode={merging.mode} r={merging.r} schedule={merging.schedule}")
+    print(merging_line(record, merging))  # the r the model applies, after its clamp
     for name, start, stop in record.heads():
         labels = record.labels
         if name:

@@ -163,6 +163,22 @@ def predict(
     return check_logits(logits[0], what=what), record
 
 
+def merging_line(record: ModelRecord, merging: MergingSettings) -> str:
+    """``mode=... r=... schedule=...`` as the model runs it on the record's clip: the r each
+    step removes after the model's per-layer clamp (one number when all are equal), and the r
+    asked for where the clamp lowered it."""
+    model = build_model(record, merging)
+    applied = [step.r for step in model.token_plan(record.num_frames, record.image_size)]
+    shown = str(applied[0]) if len(set(applied)) == 1 else ",".join(map(str, applied))
+    line = f"mode={merging.mode} r={shown} schedule={merging.schedule}"
+    asked = [r for _, r in merging.layer_steps(model.merging_layers())]
+    if any(done < r for done, r in zip(applied, asked, strict=False)):
+        r = merging.r
+        given = ",".join(map(str, r)) if isinstance(r, list | tuple) else str(r)
+        line += f" (asked r={given}: a layer removes at most what its tokens allow)"
+    return line
+
+
 def top_k(logits: np.ndarray, labels: list[str] | None, k: int = 5) -> list[tuple[int, str, float]]:
     """The k best classes as ``(index, label, probability)``."""
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits)))

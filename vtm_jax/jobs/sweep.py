@@ -35,9 +35,11 @@ from vtm_jax.jobs.sweep_tables import (
     headline_table,
     plot_family,
 )
+from vtm_jax.runtime.lock import hold
 
 TIME_DEFAULTS = {"bench.batch_size": 4, "bench.warmup": 5, "bench.iterations": 100}
 TIME_FORMAT = "vtm-jax-sweep-time"
+LOCK_FILE = "vtm-jax.lock"
 TABLE_FORMAT = "vtm-jax-sweep-table"  # a family's <family>.json; its .md and .png go beside
 # The keys of a table written before tables carried the format: still the sweep's own.
 TABLE_LEGACY_KEYS = ("family", "paper", "title", "kind", "columns", "rows")
@@ -107,7 +109,8 @@ class Runner:
             identity["bench"] = {k: v for k, v in identity["bench"].items() if k != "overwrite"}
         blob = json.dumps(identity, sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
-        folder = storage.join(self.workdir, "runs", run.pair.model, run.pair.dataset)
+        names = [storage.plain_name(n, "sweep run") for n in (run.pair.model, run.pair.dataset)]
+        folder = storage.join(self.workdir, "runs", *names)
         self.planned[run] = storage.join(folder, f"{run.slug()}-{digest}.json"), config
         return self.planned[run]
 
@@ -251,26 +254,30 @@ def run_sweep(
     _claim_tables(workdir, tables, overwrite=overwrite, runs_file=runs_file)
     runner.claim(todo, overwrite)
     storage.makedirs(workdir)
-    say(f"{len(chosen)} famil{'y' if len(chosen) == 1 else 'ies'}, {len(todo)} runs in {workdir}")
-    paths = {run: runner.execute(run, i, len(todo)) for i, run in enumerate(todo, 1)}
+    # One sweep per workdir at a time (a second one names the holder and stops).
+    with hold(storage.join(workdir, LOCK_FILE), f"--workdir {workdir}"):
+        say(
+            f"{len(chosen)} famil{'y' if len(chosen) == 1 else 'ies'}, {len(todo)} runs in {workdir}"
+        )
+        paths = {run: runner.execute(run, i, len(todo)) for i, run in enumerate(todo, 1)}
 
-    written = {}
-    for family in chosen:
-        if not planned[family.name]:
-            say(f"{family.name}: the runs file has no pair this family covers")
-        table = family_table(family, planned[family.name], paths, runner.workdir)
-        written[family.name] = table
-        _write_table(table, storage.join(workdir, family.name), plot=family.plot)
-    if headline:
-        table = headline_table(headline[0], headline[1], paths, runner.workdir)
-        written["table"] = table
-        _write_table(table, storage.join(workdir, "table"), plot=False)
-        say("\n" + format_markdown(table))
-    say(
-        f"wrote {len(written)} table(s) to {workdir}: {', '.join(written)} "
-        f"({len(runner.ran)} runs run, {len(runner.skipped)} done before)"
-    )
-    return {"families": written, "ran": runner.ran, "skipped": runner.skipped}
+        written = {}
+        for family in chosen:
+            if not planned[family.name]:
+                say(f"{family.name}: the runs file has no pair this family covers")
+            table = family_table(family, planned[family.name], paths, runner.workdir)
+            written[family.name] = table
+            _write_table(table, storage.join(workdir, family.name), plot=family.plot)
+        if headline:
+            table = headline_table(headline[0], headline[1], paths, runner.workdir)
+            written["table"] = table
+            _write_table(table, storage.join(workdir, "table"), plot=False)
+            say("\n" + format_markdown(table))
+        say(
+            f"wrote {len(written)} table(s) to {workdir}: {', '.join(written)} "
+            f"({len(runner.ran)} runs run, {len(runner.skipped)} done before)"
+        )
+        return {"families": written, "ran": runner.ran, "skipped": runner.skipped}
 
 
 def _claim_tables(

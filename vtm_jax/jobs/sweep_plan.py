@@ -27,6 +27,7 @@ from vtm_jax.jobs.sweep_families import (
     num_layers,
     r_values,
 )
+from vtm_jax.merging.settings import refuse_data_path
 
 RUN_FIELDS = {"checkpoint", "data_dir", "manual_dir", "config", "overrides"}
 
@@ -76,6 +77,8 @@ def read_runs(path: str) -> list[Pair]:
         if not isinstance(datasets, dict) or not datasets:
             raise UserError(f"runs file: {model} must map datasets to their paths")
         for dataset, entry in datasets.items():
+            # Both become folders under the workdir: a plain name never leads outside it.
+            storage.plain_name(dataset, f"runs file {path}: dataset of {model}")
             where = f"runs file: {model}/{dataset}"
             if not isinstance(entry, dict):
                 raise UserError(f"{where} must be an object with checkpoint and data_dir")
@@ -111,7 +114,7 @@ def read_runs(path: str) -> list[Pair]:
                     data_dir=place(entry["data_dir"]),
                     manual_dir=place(entry["manual_dir"]) if entry.get("manual_dir") else None,
                     config=config,
-                    **_overrides(entry.get("overrides"), where),
+                    **_overrides(entry.get("overrides"), f"runs file {path}: {model}/{dataset}"),
                 )
             )
     return pairs
@@ -122,15 +125,39 @@ def _overrides(overrides: Any, where: str) -> dict[str, tuple]:
     if overrides is None:
         return {}
     if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _check_code_names(str(key), value, where)
         # Hashable, as runs are; a JSON list sets a tuple, as (a, b) does on a command line.
         return {"values": tuple((k, _frozen(v)) for k, v in overrides.items())}
     if isinstance(overrides, list) and all(
         isinstance(a, str) and a.startswith("--config.") for a in overrides
     ):
+        for argument in overrides:
+            key, _, value = argument[len("--config.") :].partition("=")
+            _check_code_names(key, value, where)
         return {"arguments": tuple(overrides)}
     raise UserError(
         f"{where}: overrides must be an object {{field: value}} or a list of --config.x=y"
     )
+
+
+# Config fields naming code (a module:attribute path imports it), and the blocks holding them.
+CODE_FIELDS = {"mode", "modes", "r_schedule", "dataset_name"}
+CODE_BLOCKS = {"token_merging", "bench", "training"}
+
+
+def _check_code_names(key: str, value: Any, where: str) -> None:
+    """Refuse an override setting a mode, schedule or dataset to a ``module:attribute`` path:
+    a runs file is data, and may name registered ones only (configs and command lines may)."""
+    name = key.rsplit(".", 1)[-1]
+    if isinstance(value, Mapping):
+        for inner, item in value.items():
+            _check_code_names(f"{key}.{inner}", item, where)
+    elif name in CODE_FIELDS | CODE_BLOCKS:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, str) and ":" in item:
+                refuse_data_path(f"{where}: overrides", key, item)
 
 
 def _frozen(value: Any) -> Any:

@@ -15,7 +15,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from vtm_jax.errors import writing
+
 INSTALL_HINT = "pip install 'vtm-jax[tensorboard]'"
+EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event files
 
 
 class Writer(Protocol):
@@ -83,4 +86,26 @@ def metric_writer(logdir: str, *, lead: bool = True) -> Writer:
             _warned = True
         return NoWriter()
     # Synchronous: a run that stops (or is killed) after a step has that step's scalars on disk.
-    return metric_writers.create_default_writer(logdir, asynchronous=False)
+    with writing(logdir):
+        return NamedWriter(metric_writers.create_default_writer(logdir, asynchronous=False), logdir)
+
+
+class NamedWriter:
+    """A writer whose out of space and I/O errors are one line naming its event files' folder
+    (``vtm_jax.errors.writing``), not TensorFlow's traceback."""
+
+    def __init__(self, writer: Writer, logdir: str) -> None:
+        self._writer = writer
+        self._where = f"{logdir}/{EVENTS_PREFIX}*"
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        with writing(self._where):
+            self._writer.write_scalars(step, scalars)
+
+    def flush(self) -> None:
+        with writing(self._where):
+            self._writer.flush()
+
+    def close(self) -> None:
+        with writing(self._where):
+            self._writer.close()

@@ -104,6 +104,9 @@ RULES: dict[str, Rule | None] = {
                 "threshold",
                 required=True,
                 hint="the paper uses 0.4 for ViViT, 0.8 for VideoMAE",
+                # A cosine similarity: outside [-1, 1] hybrid would merge or drop only.
+                minimum=-1.0,
+                maximum=1.0,
             ),
         ),
     ),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from vtm_jax import plugins
 from vtm_jax.errors import UserError
 from vtm_jax.merging.rules import RULES, get_rule
 from vtm_jax.merging.schedule import apply_schedule, get_schedule, parse_r
@@ -241,6 +242,14 @@ class MergingSettings:
             )
         return cls(**values, rule_options={k: v for k, v in given.items() if v is not None})
 
+    @classmethod
+    def from_data(cls, values: Mapping[str, Any] | None, where: str) -> MergingSettings:
+        """:meth:`from_dict` for settings a data file holds (``where`` names it): a
+        ``module:attribute`` mode or r_schedule is refused before anything is imported
+        (:func:`check_data_names`)."""
+        check_data_names(values, where)
+        return cls.from_dict(values)
+
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["rule_options"] = dict(self.rule_options)
@@ -249,6 +258,34 @@ class MergingSettings:
         if self.duplicate is not None:
             values["duplicate"] = list(self.duplicate)
         return values
+
+
+# The settings fields that name code: a registered name, or a module:attribute path.
+NAMED_FIELDS = ("mode", "r_schedule")
+
+
+def check_data_names(values: Any, where: str, *, prefix: str = "token_merging.") -> None:
+    """Refuse a ``module:attribute`` mode or r_schedule in settings read from a data file.
+
+    Importing a module runs its code: configs and command lines are code by design and may
+    name a path, while a data file (a ``model.json``, a results file, a runs file) may name
+    registered modes and schedules only. ``where`` names the file in the one-line message.
+    """
+    if not isinstance(values, Mapping):
+        return
+    for name in NAMED_FIELDS:
+        value = values.get(name)
+        if isinstance(value, str) and plugins.is_path(value):
+            refuse_data_path(where, f"{prefix}{name}", value)
+
+
+def refuse_data_path(where: str, field: str, value: str) -> None:
+    """The one-line error for a ``module:attribute`` path a data file names."""
+    raise UserError(
+        f"{where}: {field} is {value!r}, a module:attribute path; data files may name "
+        "registered modes, schedules and datasets only (name a path in a config or on the "
+        "command line, which are code)"
+    )
 
 
 def _declared_options(rule: Rule | None) -> dict[str, RuleOption]:
@@ -305,6 +342,11 @@ def _checked_value(option: RuleOption, value: Any) -> Any:
     if not ok:
         what = _KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise UserError(f"{option.name} must be {what}, not {value!r}")
+    low, high = option.minimum, option.maximum
+    if (low is not None and value < low) or (high is not None and value > high):
+        low_text = "-inf" if low is None else f"{low:g}"
+        high_text = "inf" if high is None else f"{high:g}"
+        raise UserError(f"{option.name} must be in [{low_text}, {high_text}], not {value!r}")
     return kind(value)
 
 

@@ -52,13 +52,17 @@ class RuleOption(NamedTuple):
 
     ``required``: the rule cannot run without it, and ``hint`` says what to give (shown when it
     is missing). An option that is not required and not given is absent from
-    ``ctx.settings.rule_options``; the rule then uses its own default.
+    ``ctx.settings.rule_options``; the rule then uses its own default. ``minimum`` and
+    ``maximum`` (inclusive, None: unbounded) are the range of a number the rule can use;
+    settings outside it are refused.
     """
 
     name: str
     kind: type = float
     required: bool = False
     hint: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 class Rule(NamedTuple):

@@ -27,6 +27,8 @@ continue from the file. An interrupted run therefore ends with the same numbers 
 uninterrupted one. With several processes, each process keeps its own progress file,
 ``results_path + '.process<i>'``, and only process 0 writes ``results_path``
 (``evaluation.results``).
+While a run writes ``results_path``, process 0 holds ``<results_path>.lock``
+(:mod:`vtm_jax.runtime.lock`): a second run on the same path is refused, not interleaved.
 
 Random merging modes draw their scores per forward pass. Their numbers depend on the batch
 size per device, but not on the number of devices or processes.
@@ -64,6 +66,7 @@ from vtm_jax.jobs.evaluation.state import (
 from vtm_jax.merging import MergingSettings, is_random
 from vtm_jax.outputs import write_json
 from vtm_jax.paths import absolute
+from vtm_jax.runtime import lock
 from vtm_jax.runtime import mesh as device_mesh
 
 __all__ = [
@@ -112,6 +115,25 @@ def evaluate(
     elif options:
         spec = dataclasses.replace(spec, **options)
     spec.check_outputs(checkpoint_inputs(checkpoint_dir))  # before anything is loaded
+    with lock.hold(results_lock(spec.results_path), f"results_path {spec.results_path}"):
+        return _evaluate(checkpoint_dir, source, spec, on_batch, scenic_record)
+
+
+def results_lock(results_path: str | None) -> str | None:
+    """The lock file of a results path (taken by process 0 only): ``<results>.lock``."""
+    if results_path is None or jax.process_index() != 0:
+        return None
+    return results_path + ".lock"
+
+
+def _evaluate(
+    checkpoint_dir: str,
+    source: Any,
+    spec: EvalSpec,
+    on_batch: Callable[[EvalState], None] | None,
+    scenic_record: ModelRecord | None,
+) -> dict[str, Any]:
+    """:func:`evaluate` with its spec, holding the results path's lock."""
     started = time.perf_counter()
     params, record, merging, prep, frames = _load(checkpoint_dir, spec, scenic_record)
     heads = record.heads()
@@ -126,7 +148,7 @@ def evaluate(
     info = _run_info(run, record, spec)
     state_path = store.state_path_for(spec.results_path, process, processes)
     state = EvalState.start(run, info, heads, shard, process, processes)
-    state = _resumed(state, spec, state_path, process, processes)
+    state = _resumed(state, spec, state_path, shard, processes)
 
     mesh = device_mesh.local_mesh()
     step = _compiled_step(record, merging, params, heads, spec, mesh)
@@ -286,13 +308,16 @@ def _run_info(run: dict[str, Any], record: ModelRecord, spec: EvalSpec) -> dict[
 
 
 def _resumed(
-    state: EvalState, spec: EvalSpec, state_path: str | None, process: int, processes: int
+    state: EvalState, spec: EvalSpec, state_path: str | None, shard: range, processes: int
 ) -> EvalState:
     """The state to continue from; every process must agree before any of them starts,
-    otherwise the others would wait forever for the final gather."""
-    problem = None
+    otherwise the others would wait forever for the final gather. With ``save_scores``, the
+    scores of every video it counts must still be there."""
+    problem, process = None, jax.process_index()
     try:
         state = store.resume(state, spec.results_path, state_path, spec.overwrite, processes)
+        if spec.save_scores:
+            store.check_score_parts(state, shard, spec.results_path)
     except UserError as e:
         problem = str(e)
     problems = [problem] if processes == 1 else store.allgather_json(problem)
@@ -321,8 +346,11 @@ def _finish(
     if spec.results_path is not None and jax.process_index() == 0:
         if scores_dir is not None:
             # With several hosts, every process's parts must be in this directory by now
-            # (a shared file system).
-            combine_scores(scores_dir, scores_path_for(spec.results_path), heads)
+            # (a shared file system). Every process has finished its shard: the videos
+            # evaluated are all but the skipped ones.
+            skipped = {item["index"] for item in results["skipped"]}
+            evaluated = [i for i in range(run["num_examples"]) if i not in skipped]
+            store.finish_scores(scores_dir, scores_path_for(spec.results_path), heads, evaluated)
             results["scores_path"] = scores_path_for(spec.results_path)
         write_json(spec.results_path, results)
     if results["sums"]["count"] == 0:

@@ -53,9 +53,14 @@ def eval_config(
         config, devices=jax.device_count(), progress=progress, verify=verify
     )
     spec.check_outputs(checkpoint_inputs(config.checkpoint))
-    source = _open_source(config, sources)
-    spec = dataclasses.replace(spec, dataset=f"{config.dataset_name}/{source.split}")
-    results = evaluate(config.checkpoint, source, spec, scenic_record=scenic_record)
+    from vtm_jax.jobs.evaluation.evaluate import results_lock
+    from vtm_jax.runtime import lock
+
+    # Before the dataset is opened (or built): one run per results path.
+    with lock.hold(results_lock(spec.results_path), f"results_path {spec.results_path}"):
+        source = _open_source(config, sources)
+        spec = dataclasses.replace(spec, dataset=f"{config.dataset_name}/{source.split}")
+        results = evaluate(config.checkpoint, source, spec, scenic_record=scenic_record)
     if jax.process_index() == 0 and report:
         print(format_results(results))
         if config.get("results_path"):

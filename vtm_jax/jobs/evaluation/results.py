@@ -119,6 +119,8 @@ def check_same_run(saved: dict[str, Any], run: dict[str, Any], path: str) -> Non
 
 
 def _settings_dict(values: dict[str, Any], path: str) -> dict[str, Any]:
+    if any(isinstance(values.get(k), str) and ":" in values[k] for k in ("mode", "r_schedule")):
+        return values  # a module:attribute a data file names is compared, never imported
     try:
         return MergingSettings.from_dict(values).to_dict()
     except UserError as err:
@@ -155,22 +157,24 @@ def save_score_chunk(
         )
 
 
-def combine_scores(directory: str, path: str, heads: Sequence[Head]) -> None:
+def combine_scores(
+    directory: str, path: str, heads: Sequence[Head], expected: Sequence[int] | None = None
+) -> None:
     """The per-batch score files of ``directory`` as one ``.npz`` in dataset order:
     ``index``, ``video_id``, ``labels`` ``[N, heads]``, ``scores`` ``[N, classes]`` (each
-    head's views combined as the metrics saw them), ``head_names`` and ``head_bounds``."""
-    files = sorted(
-        (p for p in epath.Path(directory).iterdir() if p.name.endswith(".npz")),  # not a .tmp
-        key=lambda p: p.name,
-    )
-    parts = []
-    for file in files:
-        with file.open("rb") as f:
-            parts.append(dict(np.load(f)))
-    parts = [p for p in parts if p["index"].size]
+    head's views combined as the metrics saw them), ``head_names`` and ``head_bounds``.
+
+    ``expected``: the indices of the videos the results count; only their rows are kept
+    (once each), and the file written is read back and must hold exactly them."""
+    parts = [p for p in _read_parts(directory) if p["index"].size]
     keys = ("index", "video_id", "labels", "scores")
     merged = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in keys}
     order = np.argsort(merged["index"], kind="stable")
+    if expected is not None:
+        wanted = np.isin(merged["index"][order], np.asarray(list(expected), np.int64))
+        order = order[wanted]
+        _, first = np.unique(merged["index"][order], return_index=True)
+        order = order[first]  # a batch written twice (a resumed run redid it) counts once
     with atomic_file(path, "wb") as f:
         np.savez(
             f,
@@ -178,6 +182,80 @@ def combine_scores(directory: str, path: str, heads: Sequence[Head]) -> None:
             head_names=np.array([name or "label" for name, _, _ in heads], dtype=str),
             head_bounds=np.array([[start, stop] for _, start, stop in heads], np.int64),
         )
+    if expected is not None and _file_indices(path) != set(expected):
+        raise UserError(
+            f"{path}: the scores written are not those of the {len(set(expected))} videos "
+            "the results count; rerun with --overwrite (overwrite=True) to start afresh"
+        )
+
+
+def finish_scores(
+    directory: str, path: str, heads: Sequence[Head], expected: Sequence[int]
+) -> None:
+    """The scores file of a finished run, then its parts removed. From the parts when they
+    hold every video the results count; a complete scores file already there (the parts
+    gone) is kept; anything else is an error naming what is missing."""
+    wanted = set(expected)
+    missing = wanted - _part_indices(directory)
+    if not missing:
+        combine_scores(directory, path, heads, expected=sorted(wanted))
+    elif _file_indices(path) != wanted:
+        raise UserError(_missing_scores(path, directory, missing, len(wanted)))
+    if epath.Path(directory).exists():
+        epath.Path(directory).rmtree()  # scratch: the scores file is complete
+
+
+def check_score_parts(state: EvalState, shard: Sequence[int], results_path: str) -> None:
+    """Before a resumed run goes on: every video its saved state counts has its scores in
+    the parts (or, for a finished run, in the scores file), else one line saying so."""
+    skipped = {item["index"] for item in state.skipped}
+    counted = {int(i) for i in shard[: state.done]} - skipped
+    if not counted:
+        return
+    path = scores_path_for(results_path)
+    missing = counted - _part_indices(path + ".parts")
+    if missing and not (state.complete and missing <= _file_indices(path)):
+        raise UserError(_missing_scores(path, path + ".parts", missing, len(counted)))
+
+
+def _missing_scores(path: str, directory: str, missing: set[int], counted: int) -> str:
+    first = ", ".join(str(i) for i in sorted(missing)[:3])
+    return (
+        f"{path} would be incomplete: the scores of {len(missing)} of the {counted} videos "
+        f"the results count (dataset indices {first}{', ...' if len(missing) > 3 else ''}) "
+        f"are neither in {directory} nor in {path} (the parts were deleted or lost); "
+        "rerun with --overwrite (overwrite=True) to start afresh"
+    )
+
+
+def _read_parts(directory: str) -> list[dict[str, np.ndarray]]:
+    """The readable per-batch score files of ``directory`` in name order (none: empty)."""
+    root = epath.Path(directory)
+    if not root.is_dir():
+        return []
+    parts = []
+    for file in sorted(root.iterdir(), key=lambda p: p.name):
+        if not file.name.endswith(".npz"):  # not a .tmp
+            continue
+        try:
+            with file.open("rb") as f:
+                parts.append(dict(np.load(f, allow_pickle=False)))
+        except (OSError, ValueError, EOFError):
+            continue  # damaged: its videos count as missing
+    return parts
+
+
+def _part_indices(directory: str) -> set[int]:
+    return {int(i) for part in _read_parts(directory) for i in part["index"].tolist()}
+
+
+def _file_indices(path: str) -> set[int]:
+    """The video indices of a scores file; empty when there is none or it is unreadable."""
+    try:
+        with epath.Path(path).open("rb") as f:
+            return {int(i) for i in np.load(f, allow_pickle=False)["index"].tolist()}
+    except (OSError, ValueError, EOFError, KeyError):
+        return set()
 
 
 def scores_path_for(results_path: str) -> str:

@@ -35,7 +35,7 @@ from etils import epath
 
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.data.preprocessing import Preprocessing
-from vtm_jax.errors import UserError
+from vtm_jax.errors import UserError, writing
 from vtm_jax.jobs.evaluation.loop import compiled_step
 from vtm_jax.jobs.training.input import (
     TrainExamples,
@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 LOG_EVERY = 10  # steps between log lines (reading metrics back from the device costs a sync)
+LOCK_FILE = "vtm-jax.lock"  # held in the workdir while a run writes it
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -130,12 +131,11 @@ def train(
     config names (``data.datasets.open_split``). ``on_step(step)`` is called after every step
     (tests use it to interrupt a run). A workdir holding another run's files (or files no
     run's ``config.json`` vouches for) is refused unless ``overwrite``, which removes them and
-    starts afresh (``training.workdir``).
+    starts afresh (``training.workdir``). One run at a time: the workdir's lock
+    (``vtm-jax.lock``, :mod:`vtm_jax.runtime.lock`) is held until it ends.
     """
-    import orbax.checkpoint as ocp
-
-    from vtm_jax.checkpoints.store import save_checkpoint
     from vtm_jax.outputs import check_output_dir
+    from vtm_jax.runtime import lock
 
     # Before the data is built or decoded: the workdir must take checkpoints and the model,
     # and hold nothing but this run's (or be overwritten).
@@ -146,6 +146,30 @@ def train(
     )
     _positive_int(config.get("batch_size"), "batch_size")
     _steps(config, num_examples=1, batch_size=1)  # the run's length checked before any data
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with lock.hold(workdir_lock(workdir), f"--workdir {workdir}"):
+        return _train(config, workdir, replace, train_source, test_source, on_step, progress)
+
+
+def workdir_lock(workdir: str) -> str | None:
+    """The lock file a training run holds in its workdir (process 0 only)."""
+    return join(workdir, LOCK_FILE) if jax.process_index() == 0 else None
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    replace: bool,
+    train_source: Any,
+    test_source: Any,
+    on_step: Callable[[int], None] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """:func:`train` once the workdir is claimed and locked."""
+    import orbax.checkpoint as ocp
+
+    from vtm_jax.checkpoints.store import checkpoint_loads, save_checkpoint
+
     run = _set_up(config, workdir, train_source, test_source)
     if replace:
         clear_run(workdir)
@@ -177,11 +201,10 @@ def train(
         "seconds_this_run": round(time.time() - began, 1),
     }
     export = join(workdir, MODEL_DIR)
-    if not (epath.Path(export) / "params").exists():
+    if not checkpoint_loads(export):  # missing, unfinished or damaged: exported again
         params = jax.device_get(state["params"])
-        save_checkpoint(
-            export, params, _export_record(config, run.record, run.train_source, summary)
-        )
+        record = _export_record(config, run.record, run.train_source, summary)
+        save_checkpoint(export, params, record, overwrite=True)
     print(f"test accuracy {accuracy:.4f} on {len(run.test_source)} examples; model in {export}")
     return summary
 
@@ -269,7 +292,6 @@ def _sources(config: ml_collections.ConfigDict, train_source, test_source) -> tu
 
 def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progress: bool) -> Any:
     """Steps ``start`` to the end, streaming batches; logs, tests and checkpoints on the way."""
-    import orbax.checkpoint as ocp
     from tqdm import tqdm
 
     from vtm_jax.jobs.tensorboard import metric_writer
@@ -300,13 +322,13 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
                 test_now = (eval_every and done % eval_every == 0) or done == run.total_steps
                 if done % LOG_EVERY == 0 or test_now:
                     entry = _log_entry(run, state, done, step_metrics, test_now, bar)
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
+                    with writing(log_path):  # a full disk: one line naming the file
+                        log.write(json.dumps(entry) + "\n")
+                        log.flush()
                     writer.write_scalars(done, {k: v for k, v in entry.items() if k != "step"})
                     writer.flush()
                 if done % save_every == 0 or done == run.total_steps:
-                    manager.save(done, args=ocp.args.StandardSave(state))
-                    manager.wait_until_finished()
+                    _save_state(manager, done, state, join(run.workdir, STATE_DIR))
                 bar.update(1)
                 if on_step is not None:
                     on_step(done)
@@ -315,6 +337,21 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
         bar.close()
         writer.close()
     return state
+
+
+def _save_state(manager: Any, step: int, state: Any, state_dir: str) -> None:
+    """Checkpoint ``state`` at ``step``; a failed save (a full disk) is one line naming the
+    directory, and leaves the earlier checkpoints and no orbax temporary folder."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with writing(state_dir):
+            manager.save(step, args=ocp.args.StandardSave(state))
+            manager.wait_until_finished()
+    except BaseException:
+        for path in epath.Path(state_dir).glob("*.orbax-checkpoint-tmp*"):
+            path.rmtree() if path.is_dir() else path.unlink()
+        raise
 
 
 def _log_entry(run: _Run, state: Any, done: int, step_metrics: dict, test_now: bool, bar) -> dict:
@@ -378,6 +415,14 @@ def _trim_log(path: str, step: int) -> None:
         return
     text = epath.Path(path).read_text()
     lines = [line + "\n" for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if json.loads(line)["step"] <= step]
+    lines = [line for line in lines if _logged_step(line) <= step]
     with atomic_file(path) as f:
         f.writelines(lines)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short (a disk that filled up) is past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
