@@ -25,9 +25,17 @@ def tiny_checkpoint(tmp_path_factory):
     made: dict[tuple, str] = {}
 
     def make(
-        architecture: str = "vivit", *, frames: int = 16, size: int = 32, num_classes: int = 8
+        architecture: str = "vivit",
+        *,
+        frames: int = 16,
+        size: int = 32,
+        num_classes: int = 8,
+        labels: tuple[str, ...] | None = None,
     ):
-        key = (architecture, frames, size, num_classes)
+        """``labels``: class names for the record (then ``num_classes`` is their count)."""
+        if labels is not None:
+            num_classes = len(labels)
+        key = (architecture, frames, size, num_classes, labels)
         if key in made:
             return made[key]
         import jax
@@ -55,7 +63,7 @@ def tiny_checkpoint(tmp_path_factory):
                 "mean": [0.5] * 3,
                 "std": [0.5] * 3,
             },
-            "labels": None,
+            "labels": None if labels is None else list(labels),
             "token_merging": {"mode": "none"},
         }
         path = str(tmp_path_factory.mktemp(f"{architecture}_{frames}f") / "ckpt")

@@ -11,24 +11,19 @@ import sys
 import textwrap
 
 import av
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from vtm_jax import plugins
-from vtm_jax.checkpoints.record import ModelRecord
-from vtm_jax.checkpoints.store import save_checkpoint
 from vtm_jax.cli import main
 from vtm_jax.config.loading import load_config
 from vtm_jax.data.datasets import dataset_names, open_split, reads_in_place, register_dataset
 from vtm_jax.errors import UserError
 from vtm_jax.jobs.evaluation.evaluate import evaluate
-from vtm_jax.models.vivit import ViViT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMES, SIZE = 8, 32
-TINY = dict(hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=(2, 8, 8))
 # The checkpoint's classes: the folders' names sit at other ids than their sorted order.
 LABELS = ["zumba", "bowling", "archery", "air drumming"]
 
@@ -63,32 +58,9 @@ def class_folders(root, classes=("archery", "bowling")):
 
 
 @pytest.fixture(scope="module")
-def labelled_checkpoint(tmp_path_factory):
+def labelled_checkpoint(tiny_checkpoint):
     """A tiny ViViT whose record names its classes (LABELS)."""
-    kwargs = {**TINY, "num_classes": len(LABELS)}
-    video = np.zeros((1, FRAMES, SIZE, SIZE, 3), np.float32)
-    params = ViViT(**kwargs).init(jax.random.PRNGKey(0), video)["params"]
-    params = jax.tree.map(
-        lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params
-    )
-    record = {
-        "architecture": "vivit",
-        "model": {**kwargs, "patch_size": list(kwargs["patch_size"])},
-        "input": {"num_frames": FRAMES, "image_size": SIZE},
-        "preprocessing": {
-            "num_frames": FRAMES,
-            "stride": 1,
-            "min_resize": SIZE,
-            "crop_size": SIZE,
-            "mean": [0.5] * 3,
-            "std": [0.5] * 3,
-        },
-        "labels": LABELS,
-        "token_merging": {"mode": "none"},
-    }
-    path = str(tmp_path_factory.mktemp("labelled") / "ckpt")
-    save_checkpoint(path, jax.device_get(params), ModelRecord.from_json(record))
-    return path
+    return tiny_checkpoint("vivit", frames=FRAMES, size=SIZE, labels=tuple(LABELS))
 
 
 def eval_args(checkpoint, manual_dir, results, config="vivit_b_k400"):
