@@ -142,6 +142,7 @@ def load(
     num_frames: int | None = None,
     image_size: int | None = None,
     num_heads: int | None = None,
+    dtype: str | None = None,
 ) -> tuple[nn.Module, Any, ModelRecord]:
     """``(model, params, record)`` of a checkpoint, the parameters checked against the model.
 
@@ -158,6 +159,9 @@ def load(
       verify: check a checkpoint directory's digests and finiteness (slower for large ones).
       num_frames, image_size, num_heads: for sources whose files do not say them, as
         ``vtm-jax convert``'s flags.
+      dtype: what the model computes in: ``float32`` (None, the default) or ``bfloat16``
+        (activations and every matmul; parameters, softmax, merge arithmetic and logits stay
+        float32, so the same parameters serve both). ``with_merging`` keeps it.
     """
     from vtm_jax.jobs.predict import load_model
     from vtm_jax.models.attention import get_attention
@@ -181,7 +185,7 @@ def load(
                 f"{', '.join(given)} apply to a converted source (source=...); a checkpoint "
                 "directory's model.json says them"
             )
-        return load_model(path, merging, attention, verify=verify)
+        return load_model(path, merging, attention, verify=verify, dtype=dtype)
     from vtm_jax.checkpoints.convert.sources import load_source
 
     params, record = load_source(
@@ -190,7 +194,7 @@ def load(
     if merging is None:
         merging = MergingSettings.from_dict(record.token_merging)
     # load_source has checked the parameters against this architecture already.
-    return build_model(record, merging, get_attention(attention)), params, record
+    return build_model(record, merging, get_attention(attention), dtype), params, record
 
 
 def with_merging(model: nn.Module, merging: Merging = None, **fields: Any) -> nn.Module:

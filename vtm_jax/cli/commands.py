@@ -98,7 +98,7 @@ def predict_command(args: argparse.Namespace, config_args: Sequence[str] = ()) -
             path, stored, video=args.video, checkpoint=args.checkpoint, overwrite=args.overwrite
         )
     logits, record = predict(
-        args.checkpoint, args.video, merging, args.attention, verify=args.verify
+        args.checkpoint, args.video, merging, args.attention, verify=args.verify, dtype=args.dtype
     )
     print(merging_line(record, merging))  # the r the model applies, after its clamp
     for name, start, stop in record.heads():
@@ -212,7 +212,7 @@ def demo_command(args: argparse.Namespace, config_args: Sequence[str]) -> None:
     out = _workdir_or_out(args, "out/demo")
     # Named by the flag that gave the directory, before anything is evaluated.
     check_demo_outputs(config, checkpoint, out, what=_out_flag(args), overwrite=args.overwrite)
-    run_demo(config, checkpoint=checkpoint, out_dir=out, overwrite=args.overwrite)
+    run_demo(config, checkpoint=checkpoint, out_dir=out, overwrite=args.overwrite, dtype=args.dtype)
 
 
 def _workdir_or_out(args: argparse.Namespace, default: str) -> str:

@@ -9,6 +9,12 @@ from vtm_jax.checkpoints.convert.sources import SOURCES
 from vtm_jax.merging import RULES
 
 MODE_HELP = f"merging mode: {', '.join(RULES)}, or a 'package.module:attribute' rule"
+# The names are vtm_jax.models.layers.DTYPES' (checked there); eval, bench and train take
+# the same setting as eval.dtype, bench.dtype and training.dtype in their configs.
+DTYPE_HELP = (
+    "what the model computes in: float32 (default) or bfloat16 (activations and matmuls; "
+    "parameters, softmax, merge arithmetic and logits stay float32)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +111,7 @@ def _add_predict(sub: Any) -> argparse.ArgumentParser:
     pred.add_argument("--checkpoint", required=True)
     pred.add_argument("--video", required=True, help=".npy (T, H, W, 3) or a video file")
     _add_merging_options(pred)
+    pred.add_argument("--dtype", help=DTYPE_HELP)
     pred.add_argument("--save-logits", metavar="OUT.npy")
     return pred
 
@@ -183,6 +190,7 @@ def _add_demo(sub: Any) -> argparse.ArgumentParser:
     demo.add_argument("--checkpoint", help="default: the shipped vtm_jax/assets/demo_vivit")
     demo.add_argument("--workdir", help="directory for results and pictures (default out/demo)")
     demo.add_argument("--out", help="the same as --workdir (its older name)")
+    demo.add_argument("--dtype", help=DTYPE_HELP + " (default: the config's demo.dtype)")
     return demo
 
 
@@ -196,7 +204,8 @@ def _add_sweep(sub: Any) -> argparse.ArgumentParser:
     )
     sw.add_argument(
         "--runs",
-        help="JSON: model -> dataset -> {checkpoint, data_dir, manual_dir[, config, overrides]}",
+        help="JSON: model -> dataset -> {checkpoint, data_dir, manual_dir[, config, overrides]}; "
+        "or 'demo': the shipped demo checkpoint on the synthetic dataset",
     )
     sw.add_argument("--workdir", help="results of every run (resumed when rerun) and the tables")
     sw.add_argument(

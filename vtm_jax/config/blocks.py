@@ -15,6 +15,11 @@ from ml_collections import config_dict
 
 from vtm_jax.merging import RULES, MergingSettings
 
+# The model's compute dtype in the eval, bench, training (and demo) blocks: a name of
+# vtm_jax.models.layers.DTYPES (float32, bfloat16), checked where a model is built. float32
+# by default, on every platform: bfloat16 is asked for by name.
+DEFAULT_DTYPE = "float32"
+
 
 def token_merging_config(**values: Any) -> ml_collections.ConfigDict:
     """A ``token_merging`` block holding every MergingSettings field.
@@ -53,13 +58,16 @@ def _rule_option_kinds() -> dict[str, type]:
 
 
 def training_config(**values: Any) -> ml_collections.ConfigDict:
-    """A ``training`` block (``vtm-jax train``): the attention backend, the merging applied while
-    training (none by default) and the input threads (default: up to 8, one per CPU)."""
+    """A ``training`` block (``vtm-jax train``): the attention backend, the model's compute
+    dtype, the merging applied while training (none by default) and the input workers
+    (default: up to 8 threads, one per CPU)."""
     block = ml_collections.ConfigDict(
         {
             "attention": "auto",
+            "dtype": DEFAULT_DTYPE,
             "token_merging": token_merging_config(),
             "workers": config_dict.placeholder(int),
+            "worker_kind": "threads",  # or "processes": grain's worker processes
         }
     )
     block.update(values)
@@ -67,11 +75,13 @@ def training_config(**values: Any) -> ml_collections.ConfigDict:
 
 
 def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
-    """An ``eval`` block: attention backend, example limit, what to keep beside the metrics,
-    how views combine, decoding threads and what a changed frame count does to positions."""
+    """An ``eval`` block: attention backend, compute dtype, example limit, what to keep beside
+    the metrics, how views combine, decoding workers and what a changed frame count does to
+    positions."""
     block = ml_collections.ConfigDict(
         {
             "attention": "auto",
+            "dtype": DEFAULT_DTYPE,
             "limit": config_dict.placeholder(int),
             "overwrite": False,
             "confusion_matrix": False,
@@ -79,6 +89,7 @@ def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
             "ensemble": "sum",  # SlowFast's DATA.ENSEMBLE_METHOD over views: sum or max
             "save_scores": False,  # per-video scores beside the results, as .scores.npz
             "workers": config_dict.placeholder(int),
+            "worker_kind": "threads",  # or "processes": grain's worker processes
             # Clips run at a time within a device batch (None: all at once); on a CPU a step
             # of one clip keeps activations in cache (vtm_jax.models.base.apply_in_steps).
             "clips_per_step": config_dict.placeholder(int),
@@ -92,16 +103,17 @@ def evaluation_config(**values: Any) -> ml_collections.ConfigDict:
 
 
 def bench_config(**values: Any) -> ml_collections.ConfigDict:
-    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend, clips
-    run at a time within a batch (None: all), whether to replace a results file that is not
-    bench's own, and sweeps over modes, r values and schedules (None: just the token_merging
-    block)."""
+    """A ``bench`` block: batch per device, warm-up and timed passes, attention backend,
+    compute dtype, clips run at a time within a batch (None: all), whether to replace a
+    results file that is not bench's own, and sweeps over modes, r values and schedules
+    (None: just the token_merging block)."""
     block = ml_collections.ConfigDict(
         {
             "batch_size": 1,
             "warmup": 1,
             "iterations": 3,
             "attention": "auto",
+            "dtype": DEFAULT_DTYPE,
             "clips_per_step": config_dict.placeholder(int),
             # Replace an existing results file that is not bench's own (as --overwrite).
             "overwrite": False,

@@ -35,7 +35,15 @@ from vtm_jax.data.preprocessing import PREPROCESSING_FIELDS
 from vtm_jax.errors import UserError
 
 SCENIC_VIVIT_MODELS = ("vivit_classification", "vivit_multihead_classification")
-ATTENTION_TYPES = {"spacetime": "vivit", "factorized_encoder": "vivit_factorised_encoder"}
+ATTENTION_TYPES = {
+    "spacetime": "vivit",
+    "factorized_encoder": "vivit_factorised_encoder",
+    "factorized_self_attention_block": "vivit_factorised_self_attention",
+    "factorized_dot_product_attention": "vivit_factorised_dot_product",
+}
+# Models 3 and 4: Scenic's ViViT has no class token for them, and model 3 needs its order.
+FACTORISED_ATTENTION = ("factorized_self_attention_block", "factorized_dot_product_attention")
+ATTENTION_ORDERS = ("time_space", "space_time")
 CLASSIFIERS = ("token", "gap")
 ENCODER_FIELDS = ("num_heads", "mlp_dim", "num_layers")
 
@@ -219,6 +227,8 @@ def check_model(config: ml_collections.ConfigDict) -> str:
         raise UserError(
             f"model.classifier {classifier!r} is not supported; valid: {', '.join(CLASSIFIERS)}"
         )
+    if kind in FACTORISED_ATTENTION:
+        check_factorised(kind, attention, model)
     for name in ("return_prelogits", "return_preclassifier"):
         if model.get(name, False):
             raise UserError(f"model.{name}=True is not supported: vtm-jax returns logits")
@@ -236,6 +246,29 @@ def check_model(config: ml_collections.ConfigDict) -> str:
         if not config.get("dataset_configs", {}).get("class_splits"):
             raise UserError("vivit_multihead_classification needs dataset_configs.class_splits")
     return ATTENTION_TYPES[kind]
+
+
+def check_factorised(kind: str, attention: Any, model: ml_collections.ConfigDict) -> None:
+    """What Scenic's ViViT requires of models 3 and 4: no class token, model 3's
+    ``attention_order``, model 4's heads split evenly between time and space."""
+    if model.get("classifier", "token") == "token":
+        raise UserError(
+            f"model.classifier 'token' is not available for attention type {kind} (Scenic's "
+            "ViViT has no class token there); valid: gap"
+        )
+    if kind == "factorized_self_attention_block":
+        order = attention.get("attention_order")
+        if order not in ATTENTION_ORDERS:
+            raise UserError(
+                f"model.attention_config.attention_order must be one of "
+                f"{', '.join(ATTENTION_ORDERS)} for {kind}, not {order!r}"
+            )
+    heads = model.get("num_heads")
+    if kind == "factorized_dot_product_attention" and isinstance(heads, int) and heads % 2:
+        raise UserError(
+            f"model.num_heads must be even for {kind} (half the heads attend over time, half "
+            f"over space), not {heads}"
+        )
 
 
 def check_float32(config: ml_collections.ConfigDict, names: Sequence[str] = DTYPE_FIELDS) -> None:
@@ -286,14 +319,16 @@ def vivit_record(config: ml_collections.ConfigDict) -> ModelRecord:
             "classifier": model.get("classifier", "token"),
             "representation_size": model.get("representation_size"),
         }
-        if architecture == "vivit":
-            sizes = {field: model[field] for field in ENCODER_FIELDS}
-        else:
+        if architecture == "vivit_factorised_encoder":
             sizes = {
                 f"{part}_{field}": model[f"{part}_transformer"][field]
                 for part in ("spatial", "temporal")
                 for field in ("num_layers", "num_heads", "mlp_dim")
             }
+        else:
+            sizes = {field: model[field] for field in ENCODER_FIELDS}
+        if architecture == "vivit_factorised_self_attention":
+            sizes["attention_order"] = model.attention_config.attention_order
         return ModelRecord(
             architecture=architecture,
             model={**common, **sizes},
@@ -321,6 +356,8 @@ def ignored_fields(config: ml_collections.ConfigDict, also_used: Sequence[str] =
         )
     else:
         sizes = ENCODER_FIELDS
+    if kind == "factorized_self_attention_block":
+        sizes = (*sizes, "attention_config.attention_order")
     used = {
         "": _TOP_USED + tuple(also_used),
         "model.": _MODEL_USED + sizes,

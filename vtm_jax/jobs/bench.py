@@ -20,9 +20,11 @@ from jax.sharding import Mesh
 
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
-from vtm_jax.merging import MergingSettings
+from vtm_jax.merging import MergingSettings, get_rule
+from vtm_jax.merging.methods import rlt
 from vtm_jax.models.attention import get_attention
 from vtm_jax.models.base import apply_in_steps
+from vtm_jax.models.layers import dtype_name
 from vtm_jax.models.registry import build_model
 from vtm_jax.runtime import mesh as device_mesh
 
@@ -44,12 +46,20 @@ def sweep(
     if base.mode == "none" and not modes:
         return settings
     for mode in modes or [base.mode]:
-        for r in r_values or [base.r]:
+        # A mode that takes no r (rlt) runs once, at r=0; r=0 is the baseline for the others.
+        rs = [0] if _ignores_r(mode) else [r for r in r_values or [base.r] if r != 0]
+        for r in rs:
             for schedule in schedules or [base.schedule]:
-                if r == 0:
-                    continue
-                settings.append(dataclasses.replace(base, mode=mode, r=r, schedule=float(schedule)))
+                setting = dataclasses.replace(base, mode=mode, r=r, schedule=float(schedule))
+                if setting not in settings:
+                    settings.append(setting)
     return settings
+
+
+def _ignores_r(mode: str) -> bool:
+    """A mode whose token count follows the video (rlt) reduces at r=0, and takes no other r."""
+    rule = get_rule(mode)
+    return rule is not None and rule.place == "input"
 
 
 def _xla_flops(compiled) -> float | None:
@@ -110,14 +120,17 @@ def bench_settings(
     params: Any = None,
     progress: Callable[[str], None] = print,
     clips_per_step: int | None = None,
+    dtype: str = "float32",
 ) -> list[dict[str, Any]]:
     """Time each setting; ``batch_size`` is per device. The r=0 setting is the baseline.
 
     Settings are timed in turns, one pass of each per round, after all are compiled and
     warmed up. ``clips_per_step`` runs each batch that many clips at a time
-    (:func:`vtm_jax.models.base.apply_in_steps`; None: the whole batch at once)."""
+    (:func:`vtm_jax.models.base.apply_in_steps`; None: the whole batch at once). ``dtype``:
+    what the models compute in (``float32``, ``bfloat16``; the parameters stay float32)."""
     if batch_size < 1 or iterations < 1 or warmup < 0:
         raise UserError("bench needs batch_size >= 1, iterations >= 1 and warmup >= 0")
+    dtype = dtype_name(dtype)
     num_frames, size = record.num_frames, record.image_size
     attention_fn = get_attention(attention)
     mesh = device_mesh.global_mesh()
@@ -130,7 +143,7 @@ def bench_settings(
     # speedups, which are ratios of settings.
     runs = [
         _compiled_run(
-            record, merging, attention_fn, params, video, warmup, progress, clips_per_step
+            record, merging, attention_fn, params, video, warmup, progress, clips_per_step, dtype
         )
         for merging in settings
     ]
@@ -148,6 +161,7 @@ def bench_settings(
     baseline = next((r for r in results if r["mode"] == "none"), None)
     for r in results:
         r["clips_per_step"] = clips_per_step
+        r["dtype"] = dtype
         if baseline is not None:
             r["speedup"] = r["clips_per_s"] / baseline["clips_per_s"]
             r["flop_limit"] = baseline["gmacs_per_clip"] / r["gmacs_per_clip"]
@@ -170,9 +184,14 @@ def _compiled_run(
     warmup: int,
     progress: Callable[[str], None],
     clips_per_step: int | None = None,
+    dtype: str = "float32",
 ) -> _CompiledRun:
-    """One setting's model, compiled for ``video`` and run ``warmup`` times."""
-    model = build_model(record, merging, attention_fn)
+    """One setting's model in ``dtype``, compiled for ``video`` and run ``warmup`` times."""
+    model = build_model(record, merging, attention_fn, dtype)
+    # Mode rlt with buckets: the host picks the token length this batch needs (rlt.bucket).
+    bucketed = rlt.batch_settings(merging, video, getattr(model, "patch_size", None))
+    if bucketed is not merging:
+        merging, model = bucketed, build_model(record, bucketed, attention_fn, dtype)
     progress(
         f"compiling mode={merging.mode} r={merging.to_dict()['r']} schedule={merging.schedule}"
     )
@@ -361,7 +380,7 @@ def bench(
         f"{config.get('experiment_name', 'model')}: {record.architecture} ({fields}), input "
         f"{record.num_frames}x{record.image_size}x{record.image_size}, random weights; "
         f"{info['devices']} {info['device_kind']} device(s) in {info['processes']} process(es), "
-        f"batch {batch} per device"
+        f"batch {batch} per device, {dtype_name(options.get('dtype'))}"
     )
     results = bench_settings(
         record,
@@ -372,6 +391,7 @@ def bench(
         attention=options.get("attention", "auto"),
         progress=say,
         clips_per_step=options.get("clips_per_step"),
+        dtype=options.get("dtype", "float32"),
     )
     # Measured again after the timing, the best kept: one reading taken in a loaded moment
     # would make every rate look closer to the peak than it is.

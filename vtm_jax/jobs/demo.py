@@ -105,17 +105,19 @@ def run_demo(
     progress: bool = True,
     say=print,
     overwrite: bool = False,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy and speed of every setting, the table, the plot and the visualisation.
 
     Files in ``out_dir`` that are not an earlier demo's are refused before any work, unless
-    ``overwrite`` (:func:`check_demo_outputs`)."""
+    ``overwrite`` (:func:`check_demo_outputs`). ``dtype``: see :func:`demo_dtype`."""
     import jax
 
     from vtm_jax.checkpoints.store import load_checkpoint
     from vtm_jax.data.datasets import open_split
     from vtm_jax.jobs.bench import bench_settings
 
+    dtype = demo_dtype(config, dtype)  # before any work
     began = time.perf_counter()
     pictures = check_demo_outputs(config, checkpoint, out_dir, overwrite=overwrite)
     paths.makedirs(out_dir)
@@ -135,7 +137,7 @@ def run_demo(
     batch = max(1, int(data.get("test_batch_size", devices)) // devices)
     attention = config.demo.get("attention", "auto")
 
-    accuracy = _accuracy(checkpoint, source, everything, batch, attention, progress, say)
+    accuracy = _accuracy(checkpoint, source, everything, batch, (attention, dtype), progress, say)
     say("timing every setting (random input, warm-up, then timed forward passes)")
     bench = config.get("bench", {})
     speed = bench_settings(
@@ -147,6 +149,7 @@ def run_demo(
         attention=bench.get("attention", attention),
         params=params,
         progress=(lambda *_: None),
+        dtype=dtype,
     )
     rows = _rows(everything, accuracy, speed)
     table_rows = rows[: len(main)]
@@ -161,6 +164,7 @@ def run_demo(
         "curve": rows[len(main) :],
         "devices": devices,
         "device_kind": jax.devices()[0].device_kind,
+        "dtype": dtype,
         "seconds": round(time.perf_counter() - began, 1),
         "pictures": pictures,
     }
@@ -175,16 +179,25 @@ def run_demo(
     return summary
 
 
+def demo_dtype(config: ml_collections.ConfigDict, dtype: str | None = None) -> str:
+    """What the demo's model computes in, for accuracy and speed alike: ``dtype`` (``--dtype``),
+    else the config's ``demo.dtype``, else float32; a UserError for an unknown name."""
+    from vtm_jax.models.layers import dtype_name
+
+    return dtype_name(dtype or config.demo.get("dtype", "float32"))
+
+
 def _accuracy(
     checkpoint: str,
     source: Any,
     settings: Sequence[MergingSettings],
     batch: int,
-    attention: str,
+    compute: tuple[str, str],
     progress: bool,
     say,
 ) -> list[float]:
-    """Top-1 of every setting, evaluated in turn."""
+    """Top-1 of every setting, evaluated in turn; ``compute``: the attention backend and the
+    model's dtype."""
     from vtm_jax.jobs.evaluation.evaluate import evaluate
 
     accuracy = []
@@ -195,7 +208,8 @@ def _accuracy(
             source,
             merging=merging,
             batch_size=batch,
-            attention=attention,
+            attention=compute[0],
+            dtype=compute[1],
             progress=progress,
         )
         accuracy.append(results["metrics"]["top1"])

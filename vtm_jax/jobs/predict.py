@@ -86,12 +86,14 @@ def load_model(
     attention: str = "auto",
     *,
     verify: bool = True,
+    dtype: str | None = None,
 ) -> tuple[Any, Any, ModelRecord]:
     """``(model, params, record)`` of a checkpoint, the parameters checked against the model.
 
     ``merging=None`` uses the record's stored settings; ``verify`` checks the checkpoint's
     digests (:func:`vtm_jax.checkpoints.store.load_checkpoint`). Missing, extra or mis-shaped
-    parameters are a UserError naming them, before anything is compiled.
+    parameters are a UserError naming them, before anything is compiled. ``dtype``: what the
+    model computes in (``float32``, the default, or ``bfloat16``; parameters stay float32).
     """
     from vtm_jax.models.attention import get_attention
     from vtm_jax.models.registry import check_params_fit
@@ -99,7 +101,7 @@ def load_model(
     params, record = load_checkpoint(checkpoint, verify=verify)
     if merging is None:
         merging = MergingSettings.from_dict(record.token_merging)
-    model = build_model(record, merging, get_attention(attention))
+    model = build_model(record, merging, get_attention(attention), dtype)
     check_params_fit(model, params, record.input, where=checkpoint)
     return model, params, record
 
@@ -148,15 +150,16 @@ def predict(
     attention: str = "auto",
     *,
     verify: bool = True,
+    dtype: str | None = None,
 ) -> tuple[np.ndarray, ModelRecord]:
     """Logits ``[num_classes]`` of one clip (a ``.npy`` or video path, or an array), and the
     checkpoint record.
 
     Non-finite input values, or a model output that overflows, are a UserError, never NaN
     scores. The compiled forward pass is reused by later calls with the same checkpoint and
-    settings (:func:`forward`).
+    settings (:func:`forward`). ``dtype``: as :func:`load_model`'s.
     """
-    model, params, record = load_model(checkpoint, merging, attention, verify=verify)
+    model, params, record = load_model(checkpoint, merging, attention, verify=verify, dtype=dtype)
     clip = load_clip(video, record)
     logits = forward(model, params, clip[None], where=checkpoint)
     what = os.fspath(video) if isinstance(video, str | os.PathLike) else "the clip"

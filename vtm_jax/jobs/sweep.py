@@ -27,7 +27,16 @@ from vtm_jax import paths as storage
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.errors import UserError
 from vtm_jax.jobs.sweep_families import CURVE_STEPS, get_families
-from vtm_jax.jobs.sweep_plan import Pair, Row, Run, family_rows, read_runs
+from vtm_jax.jobs.sweep_methods import format_methods, method_rows, methods_table, plot_methods
+from vtm_jax.jobs.sweep_plan import (
+    DEMO_RUNS,
+    Pair,
+    Row,
+    Run,
+    demo_pairs,
+    family_rows,
+    read_runs,
+)
 from vtm_jax.jobs.sweep_tables import (
     family_table,
     format_markdown,
@@ -233,12 +242,15 @@ def run_sweep(
     if curve_steps < 1:
         raise UserError(f"--curve-steps must be at least 1, not {curve_steps}")
     chosen, want_table = get_families(families)
-    pairs = read_runs(runs_file)
+    pairs = demo_pairs(workdir) if runs_file == DEMO_RUNS else read_runs(runs_file)
     runner = Runner(workdir, overrides, say=say, progress=progress)
     records = {(p.model, p.dataset): runner.record(p) for p in pairs}
     planned: dict[str, list[Row]] = {}
     for family in chosen:
-        planned[family.name] = family_rows(family, pairs, records, curve_steps)
+        if family.kind == "methods":
+            planned[family.name] = method_rows(pairs, records)
+        else:
+            planned[family.name] = family_rows(family, pairs, records, curve_steps)
     headline = headline_rows(pairs, records) if want_table else None
     # Every distinct run once, grouped by pair so each dataset is opened once.
     runs: dict[Run, None] = {}
@@ -265,7 +277,10 @@ def run_sweep(
         for family in chosen:
             if not planned[family.name]:
                 say(f"{family.name}: the runs file has no pair this family covers")
-            table = family_table(family, planned[family.name], paths, runner.workdir)
+            if family.kind == "methods":
+                table = methods_table(planned[family.name], paths, runner.workdir)
+            else:
+                table = family_table(family, planned[family.name], paths, runner.workdir)
             written[family.name] = table
             _write_table(table, storage.join(workdir, family.name), plot=family.plot)
         if headline:
@@ -302,8 +317,9 @@ def _claim_tables(
 def _write_table(table: dict[str, Any], stem: str, *, plot: bool) -> None:
     from vtm_jax.outputs import atomic_file
 
+    methods = table["kind"] == "methods"
     _write_json(stem + ".json", {"format": TABLE_FORMAT, **table})
     with atomic_file(stem + ".md") as f:
-        f.write(format_markdown(table))
+        f.write(format_methods(table) if methods else format_markdown(table))
     if plot:
-        plot_family(table, stem + ".png")
+        (plot_methods if methods else plot_family)(table, stem + ".png")

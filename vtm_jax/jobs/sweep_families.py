@@ -259,6 +259,19 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+# Beyond the paper, not in ``all``: the field's other methods at matched MACs
+# (vtm_jax.jobs.sweep_methods plans its runs and writes its table).
+METHODS_FAMILY = Family(
+    "methods",
+    "-",
+    "Token-reduction methods at matched MACs (beyond the paper)",
+    "methods",
+    EVERY_MODEL,
+    ("paper", "25%", "max"),
+    plot=True,
+)
+EXTRA_FAMILIES = (METHODS_FAMILY,)
+
 # The headline table (docs/method.md §8): every mode at the paper's r, accuracy and speed. It reads
 # the runs of these families, plus merging for ViViT on SSv2 (the table reports it, family 7
 # does not run it).
@@ -278,7 +291,7 @@ TABLE_FAMILIES = (
 TABLE_MODES = ("random_drop", "drop", "random_merge", "merge", "hybrid")
 SHORTHANDS = {
     "table": "the headline table (docs/method.md §8) and the families it reads",
-    "all": "every family, and the headline table",
+    "all": "every family of the paper, and the headline table",
 }
 
 
@@ -288,7 +301,7 @@ def family_names() -> list[str]:
 
 def get_families(names: Sequence[str]) -> tuple[list[Family], bool]:
     """The families named (comma-separated names allowed) and whether the table is wanted."""
-    by_name = {f.name: f for f in FAMILIES}
+    by_name = {f.name: f for f in FAMILIES + EXTRA_FAMILIES}
     chosen: list[str] = []
     table = False
     for item in names:
@@ -313,7 +326,7 @@ def get_families(names: Sequence[str]) -> tuple[list[Family], bool]:
 def describe_families() -> str:
     """The ``--list`` text: per family its name, number, kind, r rules, coverage and title."""
     lines = [f"{'family':<24} {'#':>2}  {'kind':<8}  {'r':<20}  covers, and what it is"]
-    for f in FAMILIES:
+    for f in FAMILIES + EXTRA_FAMILIES:
         r = ", ".join(("0", *f.r))  # every family has its r=0 reference row
         lines.append(f"{f.name:<24} {f.paper:>2}  {f.kind:<8}  {r:<20}  {_coverage_text(f)}")
         lines.append(f"{'':<61}{f.title}")

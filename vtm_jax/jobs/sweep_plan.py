@@ -120,6 +120,26 @@ def read_runs(path: str) -> list[Pair]:
     return pairs
 
 
+DEMO_RUNS = "demo"
+
+
+def demo_pairs(workdir: str) -> list[Pair]:
+    """``--runs demo``: the shipped demo checkpoint on the synthetic dataset, built on first
+    use under ``workdir/data`` (the demo's own config, nothing to download)."""
+    from vtm_jax.jobs.demo import shipped_checkpoint
+
+    return [
+        Pair(
+            model="vivit",
+            dataset="synthetic",
+            checkpoint=shipped_checkpoint(),
+            data_dir=storage.join(workdir, "data"),
+            manual_dir=None,
+            config=shipped_configs()["vivit_demo"],
+        )
+    ]
+
+
 def _overrides(overrides: Any, where: str) -> dict[str, tuple]:
     """``{"a.b": value}`` (config values) or ``["--config.a.b=value", ...]`` (arguments)."""
     if overrides is None:

@@ -8,6 +8,7 @@ static token counts and analytic MACs), :mod:`.tube` (temporal tube merging).
 
 from vtm_jax.merging.rules import (
     RULES,
+    check_supported,
     get_rule,
     initial_positions,
     initial_source,
@@ -17,9 +18,10 @@ from vtm_jax.merging.rules import (
     merge_tokens,
     needs_positions,
     register_rule,
+    removal_count,
 )
 from vtm_jax.merging.settings import MergingSettings, PerLayerR, RuleOptions
-from vtm_jax.merging.tokens import MergeContext, Rule, RuleFn, RuleOption, Tokens
+from vtm_jax.merging.tokens import MergeContext, Rule, RuleFn, RuleOption, Support, Tokens
 
 __all__ = [
     "RULES",
@@ -30,7 +32,9 @@ __all__ = [
     "RuleFn",
     "RuleOption",
     "RuleOptions",
+    "Support",
     "Tokens",
+    "check_supported",
     "get_rule",
     "initial_positions",
     "initial_source",
@@ -40,4 +44,5 @@ __all__ = [
     "merge_tokens",
     "needs_positions",
     "register_rule",
+    "removal_count",
 ]

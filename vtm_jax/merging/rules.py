@@ -15,7 +15,8 @@ One word throughout: *merging* names the concept (this package, the settings, th
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,24 @@ import jax.numpy as jnp
 from vtm_jax import plugins
 from vtm_jax.errors import UserError
 from vtm_jax.merging import matching as mg
-from vtm_jax.merging.tokens import MergeContext, Rule, RuleFn, RuleOption, Tokens
+from vtm_jax.merging.matching import clamp_r
+from vtm_jax.merging.methods import mctf as _mctf
+from vtm_jax.merging.methods import pitome as _pitome
+from vtm_jax.merging.methods import rlt as _rlt
+from vtm_jax.merging.methods import sta as _sta
+from vtm_jax.merging.methods import tofu as _tofu
+from vtm_jax.merging.methods import vid_tldr as _vid_tldr
+from vtm_jax.merging.tokens import (
+    LAYOUTS,
+    PLACES,
+    READS,
+    MergeContext,
+    Rule,
+    RuleFn,
+    RuleOption,
+    Support,
+    Tokens,
+)
 from vtm_jax.merging.tube import tube_merge
 
 if TYPE_CHECKING:
@@ -112,6 +130,12 @@ RULES: dict[str, Rule | None] = {
     ),
     # Shipped beyond the paper's modes: registered here, so every name is listed from the start.
     "tube_merge": tube_merge,
+    "pitome": _pitome.RULE,
+    "tofu": _tofu.RULE,
+    "sta": _sta.RULE,
+    "rlt": _rlt.RULE,
+    "vid_tldr": _vid_tldr.RULE,
+    "mctf": _mctf.RULE,
 }
 
 
@@ -123,6 +147,7 @@ def register_rule(
     random: bool = False,
     options: tuple[RuleOption, ...] = (),
     replace: bool = False,
+    **needs: Any,
 ) -> Rule:
     """Add a merging mode, selectable as ``MergingSettings(mode=name)`` or from a config.
 
@@ -131,15 +156,34 @@ def register_rule(
     ``needs_positions``) reduced the same way, a class token (``ctx.class_token``) kept first.
     A rule that draws from ``ctx.key`` says ``random=True``; one with parameters lists them as
     ``options`` (:class:`RuleOption`) and reads them from ``ctx.settings.rule_options``.
+    ``needs`` are the other :class:`Rule` fields (``reads``, ``place``, ``layouts``,
+    ``removed``, ``check``): what the rule reads, where it acts, its own token count.
     Registering the same rule twice is a no-op; another rule under a taken name needs
     ``replace=True``. Returns the :class:`Rule`, to keep as a ``module:attribute`` target.
     """
-    rule = fn if isinstance(fn, Rule) else Rule(fn, needs_positions, random, tuple(options))
-    if not callable(rule.apply):
-        raise TypeError(f"a rule must be callable, not {type(rule.apply).__name__}")
+    if isinstance(fn, Rule):
+        rule = fn
+    else:
+        unknown = sorted(set(needs) - set(Rule._fields))
+        if unknown:
+            raise TypeError(f"register_rule got unknown fields {', '.join(unknown)}")
+        rule = Rule(fn, needs_positions, random, tuple(options), **needs)
+    check_rule(rule)
     plugins.check_name(RULES, name, rule, replace=replace)
     RULES[name] = rule
     return rule
+
+
+def check_rule(rule: Rule) -> None:
+    """A TypeError for a rule whose declaration the backbones could not honour."""
+    if not callable(rule.apply):
+        raise TypeError(f"a rule must be callable, not {type(rule.apply).__name__}")
+    if rule.place not in PLACES:
+        raise TypeError(f"a rule's place must be one of {', '.join(PLACES)}, not {rule.place!r}")
+    for what, given, valid in (("reads", rule.reads, READS), ("layouts", rule.layouts, LAYOUTS)):
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise TypeError(f"a rule's {what} must be among {', '.join(valid)}, not {unknown}")
 
 
 def get_rule(name: str) -> Rule | None:
@@ -176,6 +220,50 @@ def needs_positions(settings: MergingSettings) -> bool:
     return rule is not None and rule.needs_positions
 
 
+def removal_count(settings: MergingSettings, n: int, r: int, ctx: MergeContext) -> int:
+    """Tokens a layer removes (static): the rule's own count, else r clamped to half of the
+    unprotected tokens (docs/method.md §1.1), 0 when the schedule gives 0."""
+    rule = get_rule(settings.mode)
+    if rule is None:
+        return 0
+    if rule.removed is not None:
+        return int(rule.removed(n, r, ctx))
+    return clamp_r(n, r, class_token=ctx.class_token) if r > 0 else 0
+
+
+def unsupported_reason(rule: Rule, backbone: str, support: Support) -> str | None:
+    """Why ``rule`` cannot run on a backbone whose blocks offer ``support``, or None."""
+    if support.layout not in rule.layouts:
+        layouts = " or ".join(rule.layouts)
+        return f"it needs a {layouts} token layout, and {backbone}'s is {support.layout}"
+    if rule.place not in support.places:
+        places = ", ".join(support.places)
+        return f"it acts at {rule.place!r}, and {backbone}'s blocks reduce only at {places}"
+    missing = sorted(set(rule.reads) - set(support.reads))
+    if missing:
+        return f"it reads {', '.join(missing)}, which {backbone}'s blocks do not supply"
+    return None
+
+
+def check_supported(
+    settings: MergingSettings, backbone: str, supports: Mapping[str, Support]
+) -> None:
+    """Refuse a mode that ``backbone`` cannot run, with the reason and the backbones that can.
+
+    ``supports`` maps each backbone name to what its blocks offer (the model registry's).
+    """
+    rule = get_rule(settings.mode)
+    if rule is None or backbone not in supports:
+        return
+    reason = unsupported_reason(rule, backbone, supports[backbone])
+    if reason is not None:
+        able = [name for name, s in supports.items() if unsupported_reason(rule, name, s) is None]
+        raise UserError(
+            f"mode {settings.mode!r} cannot run on {backbone}: {reason}; "
+            f"backbones that run it: {', '.join(able) or 'none'}"
+        )
+
+
 def merge_tokens(
     tokens: Tokens,
     metric: jax.Array,
@@ -185,10 +273,14 @@ def merge_tokens(
     class_token: bool,
     key: jax.Array | None = None,
     grid: tuple[int, int, int] | None = None,
-) -> Tokens:
-    """One merging step with static ``r`` (already clamped, > 0) under ``settings.mode``.
+    ctx: MergeContext | None = None,
+) -> Tokens | tuple[Tokens, jax.Array]:
+    """One reduction step under ``settings.mode``, removing the static ``r`` tokens that
+    :func:`removal_count` gave (> 0).
 
-    ``grid`` is the ``(t, h, w)`` patch grid, given by backbones that track positions.
+    ``grid`` is the ``(t, h, w)`` patch grid; ``ctx`` (which then carries class_token, key and
+    grid) adds the layer and attention for rules that read them. A ``block_start`` rule may
+    return ``(tokens, probabilities)``; an ``input`` rule may keep every token (padding).
     """
     rule = get_rule(settings.mode)
     if rule.needs_positions and tokens.pos is None:
@@ -196,17 +288,18 @@ def merge_tokens(
             f"mode {settings.mode!r} needs token positions, which this backbone does not track "
             "(only global merging over a whole patch grid does: vivit, videomae)"
         )
-    out = rule.apply(tokens, metric, r, MergeContext(settings, class_token, key, grid))
+    if ctx is None:
+        ctx = MergeContext(settings, class_token, key, grid)
+    out = rule.apply(tokens, metric, r, ctx)
+    reduced = out if isinstance(out, Tokens) else out[0]
     # Checked here, at trace time, so a faulty extension fails at once with its name: the
     # static plan (schedule.plan_tokens) relies on exactly r tokens going.
-    if not isinstance(out, Tokens):
-        raise UserError(f"mode {settings.mode!r} returned a {type(out).__name__}, not Tokens")
-    if out.x.shape[1] != tokens.x.shape[1] - r:
-        raise UserError(
-            f"mode {settings.mode!r} returned {out.x.shape[1]} tokens, not "
-            f"{tokens.x.shape[1]} - {r}"
-        )
-    if rule.needs_positions and out.pos is None:
+    if not isinstance(reduced, Tokens):
+        raise UserError(f"mode {settings.mode!r} returned a {type(reduced).__name__}, not Tokens")
+    n_in, n_out = tokens.x.shape[1], reduced.x.shape[1]
+    if n_out != n_in - r and not (rule.place == "input" and n_out <= n_in):
+        raise UserError(f"mode {settings.mode!r} returned {n_out} tokens, not {n_in} - {r}")
+    if rule.needs_positions and reduced.pos is None:
         raise UserError(f"mode {settings.mode!r} needs positions but returned none")
     return out
 

@@ -114,23 +114,52 @@ class LayerPlan:
     tokens_in: int
     r: int
     tokens_out: int
+    place: str = "attention"
 
 
-def plan_tokens(tokens: int, r_per_layer: Sequence[int], *, class_token: bool) -> list[LayerPlan]:
-    """Static per-layer token counts for one merge group (the clamp applied layer by layer)."""
+def plan_tokens(
+    tokens: int,
+    r_per_layer: Sequence[int],
+    *,
+    class_token: bool,
+    count: Callable[[int, int, int], int] | None = None,
+    place: str = "attention",
+) -> list[LayerPlan]:
+    """Static per-step token counts for one merge group.
+
+    ``count(step, n, r)`` is the tokens a step removes (a mode's own count, see
+    ``rules.removal_count``); by default r clamped layer by layer. ``place`` is where in the
+    block the mode reduces, for the MAC count.
+    """
     plan = []
-    for r in r_per_layer:
-        r_eff = clamp_r(tokens, r, class_token=class_token) if r > 0 else 0
-        plan.append(LayerPlan(tokens, r_eff, tokens - r_eff))
+    for step, r in enumerate(r_per_layer):
+        if count is not None:
+            r_eff = count(step, tokens, r)
+        else:
+            r_eff = clamp_r(tokens, r, class_token=class_token) if r > 0 else 0
+        plan.append(LayerPlan(tokens, r_eff, tokens - r_eff, place))
         tokens -= r_eff
     return plan
 
 
-def block_macs(tokens_in: int, tokens_out: int, *, hidden: int, mlp_dim: int) -> int:
-    """Multiply-adds of one pre-LN block that reduces after attention and before the MLP.
+def block_macs(
+    tokens_in: int, tokens_out: int, *, hidden: int, mlp_dim: int, place: str = "attention"
+) -> int:
+    """Multiply-adds of one pre-LN block that reduces at ``place``.
 
-    Projections q, k, v, out (4 N D^2) and the two attention products (2 N^2 D) see the tokens
-    entering the block; the MLP (2 N D M) sees the tokens left after the reduction.
+    Reducing after attention (the paper's place): projections q, k, v, out (4 N D^2) and the two
+    attention products (2 N^2 D) see the tokens entering the block; the MLP (2 N D M) sees the
+    tokens left. At ``block_end`` everything sees the tokens entering; at ``block_start``
+    (one-step-ahead attention) q, k and their logits see the tokens entering, the values, the
+    weighted sum, the output projection and the MLP the tokens left (``block_start_recompute``:
+    the attention is computed again on the tokens left); at ``input`` everything
+    sees the tokens entering (the reduction happened before the block).
     """
-    attention = 4 * tokens_in * hidden**2 + 2 * tokens_in**2 * hidden
-    return attention + 2 * tokens_out * hidden * mlp_dim
+    n, m, d = tokens_in, tokens_out, hidden
+    if place == "block_start":
+        return 2 * n * d**2 + n**2 * d + 2 * m * d**2 + m**2 * d + 2 * m * d * mlp_dim
+    if place == "block_start_recompute":  # scores on the tokens entering, then a whole block
+        return 2 * n * d**2 + n**2 * d + 4 * m * d**2 + 2 * m**2 * d + 2 * m * d * mlp_dim
+    if place in ("block_end", "input"):
+        m = n
+    return 4 * n * d**2 + 2 * n**2 * d + 2 * m * d * mlp_dim

@@ -21,6 +21,7 @@ from vtm_jax.merging.tokens import Rule, RuleOption
 HEAD_AGGREGATIONS = ("mean", "concat")
 TRACE_SOURCE = ("none", "index", "dense")
 MOTIONFORMER_GROUPS = ("paper", "per_frame")
+FACTORISED_GROUPS = ("aligned", "per_frame")
 
 
 class PerLayerR(tuple):
@@ -89,8 +90,11 @@ class MergingSettings:
         concatenate the heads' keys into the metric. The paper's Motionformer averages them
         over heads whatever is asked, so without this setting concat is refused there; with it
         the model departs from the paper's.
-      temporal_r: factorised-encoder ViViT only: r per layer of the temporal encoder (0, the
-        default, leaves it unmerged; the spatial encoder merges per frame with ``r``).
+      temporal_r: factorised-encoder ViViT: r per layer of the temporal encoder (0, the
+        default, leaves it unmerged; the spatial encoder merges per frame with ``r``). ViViT
+        models 3 and 4: frames merged per layer (docs/vivit_models.md).
+      factorised_groups: ViViT models 3 and 4 only: ``aligned`` (one spatial match per block
+        shared by all frames) or ``per_frame`` (each frame its own match).
     """
 
     mode: str = "none"
@@ -107,6 +111,7 @@ class MergingSettings:
     motionformer_concat_keys: bool = False
     temporal_r: int = 0
     r_schedule: str = "paper"
+    factorised_groups: str = "aligned"
 
     def __post_init__(self):
         rule = get_rule(self.mode)  # a UserError naming the valid modes
@@ -131,6 +136,11 @@ class MergingSettings:
         r_values = r if isinstance(r, tuple) else (r,)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in r_values):
             raise UserError(f"r must be a non-negative int or a list of them, not {self.r!r}")
+        if rule is not None and rule.place == "input" and any(r_values):
+            # Its count follows the video: an r would silently do nothing.
+            raise UserError(
+                f"mode {self.mode!r} takes no r (its token count follows the video): set r to 0"
+            )
         if self.r_schedule == "paper":
             if not -1.0 <= float(self.schedule) <= 1.0:
                 raise UserError(f"schedule (inflection) must be in [-1, 1], not {self.schedule}")
@@ -145,21 +155,14 @@ class MergingSettings:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise UserError(f"seed must be an int in [0, 2**32), not {self.seed!r}")
         if self.duplicate is not None:
-            dup = tuple(self.duplicate)
-            if (
-                len(dup) != 2
-                or not all(isinstance(v, int) for v in dup)
-                or dup[0] < 0
-                or dup[1] < 1
-            ):
-                raise UserError(
-                    f"duplicate must be (layer >= 0, quantity >= 1), not {self.duplicate!r}"
-                )
-            if isinstance(self.r, PerLayerR):
-                raise UserError("duplicate needs a single int r (it is the r of every repeat)")
-            object.__setattr__(self, "duplicate", dup)
+            object.__setattr__(self, "duplicate", _checked_duplicate(self, rule))
         if not isinstance(self.temporal_r, int) or self.temporal_r < 0:
             raise UserError(f"temporal_r must be a non-negative int, not {self.temporal_r!r}")
+        if self.factorised_groups not in FACTORISED_GROUPS:
+            raise UserError(
+                f"unknown factorised_groups {self.factorised_groups!r}; "
+                f"valid: {', '.join(FACTORISED_GROUPS)}"
+            )
         if self.motionformer_groups not in MOTIONFORMER_GROUPS:
             raise UserError(
                 f"unknown motionformer_groups {self.motionformer_groups!r}; "
@@ -288,6 +291,23 @@ def refuse_data_path(where: str, field: str, value: str) -> None:
     )
 
 
+def _checked_duplicate(settings: MergingSettings, rule: Rule | None) -> tuple[int, int]:
+    """``settings.duplicate`` as a checked ``(layer, quantity)`` tuple."""
+    dup = tuple(settings.duplicate)
+    if len(dup) != 2 or not all(isinstance(v, int) for v in dup) or dup[0] < 0 or dup[1] < 1:
+        raise UserError(
+            f"duplicate must be (layer >= 0, quantity >= 1), not {settings.duplicate!r}"
+        )
+    if isinstance(settings.r, PerLayerR):
+        raise UserError("duplicate needs a single int r (it is the r of every repeat)")
+    if rule is not None and (rule.place != "attention" or "attention" in rule.reads):
+        raise UserError(
+            "duplicate repeats a reduction after attention that reads the keys only; mode "
+            f"{settings.mode!r} reduces at {rule.place!r} reading {', '.join(rule.reads)}"
+        )
+    return dup
+
+
 def _declared_options(rule: Rule | None) -> dict[str, RuleOption]:
     return {} if rule is None else {option.name: option for option in rule.options}
 
@@ -324,7 +344,10 @@ def _checked_options(mode: str, rule: Rule | None, given: Any) -> RuleOptions:
         if option.required and option.name not in values:
             hint = f" ({option.hint})" if option.hint else ""
             raise UserError(f"mode {mode!r} needs a {option.name}{hint}")
-    return RuleOptions({k: v for k, v in values.items() if k in declared})
+    options = RuleOptions({k: v for k, v in values.items() if k in declared})
+    if rule is not None and rule.check is not None:
+        rule.check(options)
+    return options
 
 
 _KIND_NAMES = {float: "a finite number", int: "an integer", str: "a string", bool: "true or false"}
@@ -342,6 +365,9 @@ def _checked_value(option: RuleOption, value: Any) -> Any:
     if not ok:
         what = _KIND_NAMES.get(kind, f"a {kind.__name__}")
         raise UserError(f"{option.name} must be {what}, not {value!r}")
+    if option.choices is not None and value not in option.choices:
+        valid = ", ".join(str(c) for c in option.choices)
+        raise UserError(f"{option.name} must be one of {valid}, not {value!r}")
     low, high = option.minimum, option.maximum
     if (low is not None and value < low) or (high is not None and value > high):
         low_text = "-inf" if low is None else f"{low:g}"

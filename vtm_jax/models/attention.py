@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from vtm_jax import plugins
 from vtm_jax.errors import UserError
+from vtm_jax.models.kernel_inputs import even_tokens, fold_key_bias, round_up
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -24,12 +25,18 @@ AttentionFn = Callable[..., jax.Array]
 def xla_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None
 ) -> jax.Array:
-    """Plain attention: materialises the ``[B, H, N, N]`` logits."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
+    """Plain attention: materialises the ``[B, H, N, N]`` logits.
+
+    The logits and softmax are float32 whatever the inputs' dtype (bfloat16 ones accumulate
+    into float32), as in the other backends; the weights meet ``v`` in its dtype.
+    """
+    scaled = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", scaled, k, preferred_element_type=logits_dtype)
     if bias is not None:
         logits = logits + bias
     weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
 def blockwise_attention(
@@ -69,7 +76,7 @@ def blockwise_attention(
     # As many chunks as chunk_size needs, made equal (a multiple of 8 queries): padded queries
     # are wasted work, e.g. 1337 tokens in 6 chunks of 224 instead of 6 of 256 (15% padding).
     num_chunks = -(-n // chunk_size)
-    chunk_size = _round_up(-(-n // num_chunks), 8)
+    chunk_size = round_up(-(-n // num_chunks), 8)
     xs = _pair_major(q, k, v, num_chunks, chunk_size, compute_dtype)
     # a key bias ([..., 1, Nk], proportional attention's) stays one row per pair
     key_bias = bias is not None and (jnp.ndim(bias) < 2 or jnp.shape(bias)[-2] == 1)
@@ -164,31 +171,52 @@ def cudnn_attention(
     *,
     bias: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float16,
+    implementation: str = "cudnn",
 ) -> jax.Array:
     """cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``).
 
-    cuDNN's kernel takes only fp16, bf16 or fp8 inputs and a bias of exactly ``Nq x Nk`` per
-    (batch|1, head|1), so float32 ``q, k, v`` and the bias are cast to ``compute_dtype`` and
-    the output is cast back: this backend is never float32 inside. float16 is the default
-    because it keeps 3 more mantissa bits than bfloat16 (the ``log(size)`` bias, up to about 8,
-    is then off by at most 0.004) and ViT activations stay far below its 65504 limit. A key
-    bias ``[B|1, H|1, 1, Nk]`` is broadcast over the queries, ``[B|1, H|1, Nq, Nk]``: at 3137
-    tokens that is 20 MB per clip in float16. The lowering needs cuDNN on the machine (JAX
-    asks it for its version while tracing).
+    cuDNN's kernel takes only fp16, bf16 or fp8 inputs, so float32 ``q, k, v`` are cast to
+    ``compute_dtype`` and the output is cast back: this backend is never float32 inside.
+    float16 is the default because it keeps 3 more mantissa bits than bfloat16 (the
+    ``log(size)`` bias, up to about 8, is then off by at most 0.004) and ViT activations stay
+    far below its 65504 limit. The lowering needs cuDNN on the machine (JAX asks it for its
+    version while tracing).
+
+    A key bias (``[B|1, H|1, 1, Nk]``, proportional attention's ``log(size)``) is folded into
+    the head dim (``kernel_inputs.fold_key_bias``, padded to cuDNN's multiple of 8: 64 -> 72)
+    and the kernel runs without a bias: cuDNN's bias must be a whole ``[B|1, H|1, Nq, Nk]``
+    (20 MB per clip in float16 at 3137 tokens). A head dim whose fold would pass 128 (cuDNN's
+    limit before Hopper) and any other bias take the kernel's own bias, broadcast to
+    ``Nq x Nk``. Odd token counts get one zero row more (``kernel_inputs.even_tokens``): JAX
+    0.10's cuDNN training rule refuses them. ``implementation="xla"`` runs the same inputs
+    through JAX's reference attention instead (tests on machines without a GPU).
     """
     dtype = q.dtype
     if dtype not in (jnp.float16, jnp.bfloat16):
         q, k, v = (x.astype(compute_dtype) for x in (q, k, v))
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    scale = None  # the kernel's own, 1/sqrt(d)
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
-        bias = bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
-    return out.astype(dtype)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    if bias is not None and bias.shape[2] == 1 and round_up(d + 1, 8) <= 128:
+        column = jnp.transpose(jnp.broadcast_to(bias[:, :, 0], (b, h, nk)), (0, 2, 1))
+        scaled = q * (1.0 / d**0.5)  # the scale on q alone, not on the bias column
+        q, k, v = fold_key_bias(scaled, k, v, column.astype(q.dtype), multiple=8)
+        bias, scale = None, 1.0
+    elif bias is not None:
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (nq, nk)).astype(q.dtype)
+    q, k, v, bias, lengths = even_tokens(q, k, v, bias)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias=bias,
+        scale=scale,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :nq, :, :d].astype(dtype)
 
 
 def pallas_block_size(n: int) -> int:
@@ -198,9 +226,9 @@ def pallas_block_size(n: int) -> int:
     the larger tile (fewer grid steps) is taken while its padding costs at most 1/16 more than
     padding to 128, e.g. 3137 tokens: 256 (3328 padded), 2837: 512 (3072 padded).
     """
-    base = _round_up(n, 128)
+    base = round_up(n, 128)
     for block in (512, 256):
-        if _round_up(n, block) * 16 <= base * 17:
+        if round_up(n, block) * 16 <= base * 17:
             return block
     return 128
 
@@ -226,9 +254,9 @@ def pallas_tpu_attention(
 
     A key bias (``[B|1, H|1, 1, Nk]``, proportional attention's ``log(size)``) is not expanded
     to ``[B, H, Nq, Nk]`` (470 MB per clip in f32 at 3137 tokens and 12 heads): it becomes an
-    extra head-dim column, ``q' = [q/sqrt(d), 1]``, ``k' = [k, bias]``, ``v' = [v, 0]``, with
-    the head dim padded to a multiple of 128 (64 -> 128); padded keys get a large negative
-    entry there. The bias then has ``q``'s dtype inside the kernel. Any other bias is expanded
+    extra head-dim column (``kernel_inputs.fold_key_bias``), ``q' = [q/sqrt(d), 1]``,
+    ``k' = [k, bias]``, ``v' = [v, 0]``, the head dim padded to a multiple of 128 (64 -> 128),
+    and no ``ab``; padded keys get a large negative entry there. Any other bias is expanded
     and padded to ``[B, H, Nq, Nk]`` and passed as ``ab`` (that memory cost applies). Without a
     bias, padded keys are masked with the kernel's segment ids.
 
@@ -252,7 +280,7 @@ def pallas_tpu_attention(
 
     block_q = block_size or pallas_block_size(nq)
     block_k = block_size or pallas_block_size(nk)
-    nq_pad, nk_pad = _round_up(nq, block_q), _round_up(nk, block_k)
+    nq_pad, nk_pad = round_up(nq, block_q), round_up(nk, block_k)
     mask_value = -0.5 * float(jnp.finfo(q.dtype).max)
 
     def heads_first(x: jax.Array, n_pad: int) -> jax.Array:
@@ -265,7 +293,9 @@ def pallas_tpu_attention(
     if bias is not None:
         bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)
     if bias is not None and bias.shape[2] == 1:  # a key bias: one more head-dim column
-        qt, kt, vt = _key_bias_column(qt, kt, vt, bias, nk, mask_value)
+        column = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(qt.dtype)
+        column = jnp.pad(column, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
+        qt, kt, vt = fold_key_bias(qt, kt, vt, column, multiple=128)
     elif bias is not None:  # a bias per query and key: the kernel's full [B, H, Nq, Nk] ab
         ab = jnp.broadcast_to(bias, (b, h, nq, nk)).astype(jnp.float32)
         ab = jnp.pad(ab, ((0, 0), (0, 0), (0, nq_pad - nq), (0, 0)))
@@ -278,25 +308,6 @@ def pallas_tpu_attention(
     with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
         out = fa.flash_attention(qt, kt, vt, ab, segment_ids, sm_scale=1.0, block_sizes=blocks)
     return jnp.transpose(out[:, :, :nq, :d], (0, 2, 1, 3))
-
-
-def _key_bias_column(
-    qt: jax.Array, kt: jax.Array, vt: jax.Array, bias: jax.Array, nk: int, mask_value: float
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A key bias ``[B|1, H|1, 1, Nk]`` as one more head-dim column of padded ``[B, H, N, d]``
-    inputs: ``q' = [q, 1]``, ``k' = [k, bias]``, ``v' = [v, 0]``, the head dim padded to a
-    multiple of 128; padded keys get ``mask_value`` there."""
-    b, h, nq_pad, d = qt.shape
-    nk_pad = kt.shape[2]
-    d_aug = _round_up(d + 1, 128)
-    key_bias = jnp.broadcast_to(bias[:, :, 0], (b, h, nk)).astype(qt.dtype)
-    key_bias = jnp.pad(key_bias, ((0, 0), (0, 0), (0, nk_pad - nk)), constant_values=mask_value)
-    ones = jnp.ones((b, h, nq_pad, 1), qt.dtype)
-    widen = ((0, 0),) * 3 + ((0, d_aug - d - 1),)
-    qt = jnp.pad(jnp.concatenate([qt, ones], -1), widen)
-    kt = jnp.pad(jnp.concatenate([kt, key_bias[..., None]], -1), widen)
-    vt = jnp.pad(vt, ((0, 0),) * 3 + ((0, d_aug - d),))
-    return qt, kt, vt
 
 
 def _flash_block_sizes(fa: Any, block_q: int, block_k: int) -> Any:
@@ -326,6 +337,8 @@ BACKENDS: dict[str, AttentionFn] = {
     "pallas_tpu": pallas_tpu_attention,
 }
 NEEDS_PLATFORM = {"cudnn": "gpu", "pallas_tpu": "tpu"}
+# what ``auto`` picks on each platform (``jax.default_backend()``); ``xla`` elsewhere
+AUTO_BACKENDS = {"cpu": "blockwise", "gpu": "jax_nn", "tpu": "pallas_tpu"}
 
 
 def register_attention(
@@ -363,7 +376,7 @@ def get_attention(name: str = "auto", *, chunk_size: int | None = None) -> Atten
     """
     platform = jax.default_backend()
     if name == "auto":
-        name = {"cpu": "blockwise", "gpu": "jax_nn", "tpu": "pallas_tpu"}.get(platform, "xla")
+        name = AUTO_BACKENDS.get(platform, "xla")
     if name not in BACKENDS:
         raise UserError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     needs = NEEDS_PLATFORM.get(name)

@@ -14,6 +14,7 @@ multiply-add bookkeeping of ``analytic_macs`` is :mod:`vtm_jax.models.macs`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -35,6 +36,7 @@ BACKBONE_OPTIONS = (
     "motionformer_groups",
     "motionformer_concat_keys",
     "size_weighted_pool",
+    "factorised_groups",
 )
 
 
@@ -89,7 +91,10 @@ class Backbone(Protocol):
     * ``options``: the names of :data:`BACKBONE_OPTIONS` it reads; any other set away from its
       default is refused when the model is built.
 
-    Fields: ``merging`` (static settings) and ``attention_fn`` (the attention backend).
+    Fields: ``merging`` (static settings) and ``attention_fn`` (the attention backend); and,
+    optionally, ``dtype``: the dtype activations and matmul inputs are computed in (float32
+    by default; ``vtm_jax.models.layers.DTYPES``), with float32 parameters, softmax, merge
+    arithmetic and logits. ``registry.build_model`` refuses bfloat16 for a backbone without it.
     """
 
     merging: MergingSettings
@@ -135,13 +140,18 @@ def check_classifier(classifier: str) -> None:
         raise UserError(f"unknown classifier {classifier!r}; valid: {', '.join(CLASSIFIERS)}")
 
 
-def embed_tubelets(video: jax.Array, hidden_size: int, patch_size: Sequence[int]) -> jax.Array:
-    """``[B, T, H, W, 3]`` to ``[B, t, h, w, D]``: the non-overlapping Conv ``embedding``.
+def embed_tubelets(
+    video: jax.Array, hidden_size: int, patch_size: Sequence[int], dtype: Any = jnp.float32
+) -> jax.Array:
+    """``[B, T, H, W, 3]`` to ``[B, t, h, w, D]``: the non-overlapping Conv ``embedding``,
+    computed in ``dtype`` (the model's: its output is the first activation in that dtype).
 
     Call it inside a module's compact ``__call__``: the Conv becomes that module's child.
     """
     patch = tuple(patch_size)
-    return nn.Conv(hidden_size, patch, strides=patch, padding="VALID", name="embedding")(video)
+    return nn.Conv(
+        hidden_size, patch, strides=patch, padding="VALID", dtype=dtype, name="embedding"
+    )(video)
 
 
 def prepend_class_token(module: nn.Module, x: jax.Array, name: str = "cls") -> jax.Array:
@@ -221,10 +231,12 @@ def apply_in_steps(
 
 
 def mean_pool(tokens: Tokens, *, weighted: bool) -> jax.Array:
-    """Mean over tokens: unweighted as in the paper, or weighted by token sizes."""
+    """Mean over tokens: unweighted as in the paper, or weighted by token sizes (float32
+    arithmetic, the sizes' dtype; the mean comes back in the tokens' dtype)."""
     if not weighted or tokens.size is None:
         return tokens.x.mean(axis=1)
-    return (tokens.x * tokens.size).sum(axis=1) / tokens.size.sum(axis=1)
+    mean = (tokens.x * tokens.size).sum(axis=1) / tokens.size.sum(axis=1)
+    return mean.astype(tokens.x.dtype)
 
 
 def pool(tokens: Tokens, *, class_token: bool, weighted: bool) -> jax.Array:
@@ -238,13 +250,31 @@ def classifier_head(
     representation_size: int | None = None,
     *,
     zero_init: bool = True,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """Optional ``pre_logits`` (Dense + tanh), then ``output_projection``.
+    """Optional ``pre_logits`` (Dense + tanh), then ``output_projection``: float32 logits.
 
     ``zero_init``: the output kernel starts at zero (Scenic's and these ports' choice); the
-    original Motionformer keeps Flax's default.
+    original Motionformer keeps Flax's default. ``dtype``: the model's; the output matmul
+    takes its inputs in it but accumulates into float32 and adds the float32 bias, so the
+    logits keep float32's precision (bfloat16 logits would be off by up to 1/256 of their
+    size, enough to swap close classes).
     """
     if representation_size is not None:
-        x = nn.tanh(nn.Dense(representation_size, name="pre_logits")(x))
+        x = nn.tanh(nn.Dense(representation_size, dtype=dtype, name="pre_logits")(x))
     init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
-    return nn.Dense(num_classes, kernel_init=init, name="output_projection")(x)
+    return nn.Dense(
+        num_classes,
+        kernel_init=init,
+        dtype=dtype,
+        promote_dtype=_matmul_inputs_only,
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+        name="output_projection",
+    )(x)
+
+
+def _matmul_inputs_only(inputs, kernel, bias, *, dtype=None):
+    """Flax's ``promote_dtype`` for the output layer: inputs and kernel in ``dtype``, the
+    bias left float32 (it is added to the float32 accumulator)."""
+    dtype = dtype or jnp.float32
+    return inputs.astype(dtype), kernel.astype(dtype), bias

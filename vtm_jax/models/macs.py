@@ -5,13 +5,14 @@ model sizes, with no arrays: :func:`step_macs` for the steps of a pre-LN encoder
 between attention and MLP (a duplicated layer's extra runs only project keys),
 :func:`embedding_macs` for the patch embedding, :func:`head_macs` for the classifier head and
 :func:`macs_total` for the dict ``analytic_macs`` returns (see
-:class:`vtm_jax.models.base.Backbone`).
+:class:`vtm_jax.models.base.Backbone`); :func:`grid_step_macs` for the factorised-attention
+blocks of ViViT models 3 and 4, whose tokens stay a ``[time, space]`` grid (:class:`GridStep`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from vtm_jax.merging.schedule import LayerPlan, block_macs
 
@@ -29,7 +30,9 @@ def step_macs(
         if i + 1 < len(steps) and steps[i + 1][0] == steps[i][0]:
             macs.append(p.tokens_in * hidden**2)
         else:
-            macs.append(block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim))
+            macs.append(
+                block_macs(p.tokens_in, p.tokens_out, hidden=hidden, mlp_dim=mlp_dim, place=p.place)
+            )
     return macs
 
 
@@ -54,3 +57,45 @@ def macs_total(embedding: int, layers: list[int], head: int) -> dict[str, Any]:
         "head": head,
         "total": embedding + sum(layers) + head,
     }
+
+
+class GridStep(NamedTuple):
+    """One step of an encoder whose tokens stay a ``[time, space]`` grid (ViViT models 3 and 4):
+    frames and tokens per frame entering and leaving it. ``reduce_only``: a duplicated layer's
+    extra run, which only projects keys and reduces."""
+
+    frames_in: int
+    space_in: int
+    frames_out: int
+    space_out: int
+    reduce_only: bool = False
+
+
+GRID_ATTENTIONS = ("self_attention", "dot_product")
+
+
+def grid_step_macs(plan: list[GridStep], *, hidden: int, mlp_dim: int, attention: str) -> list[int]:
+    """Multiply-adds of each step of a factorised-attention encoder.
+
+    With ``T`` frames of ``S`` tokens (``N = T S``), attention over time costs ``2 S T^2 D``
+    in its two products and over space ``2 T S^2 D``. ``self_attention`` (model 3) runs two
+    attentions, each with its own q, k, v, out projections (``2 x 4 N D^2``), and both products
+    in full; ``dot_product`` (model 4) projects once (``4 N D^2``) and gives half the channels
+    to each axis. Both see the tokens entering the block; the MLP (``2 N D M``) sees those left
+    after the reduction. A reduce-only step costs its key projection, ``N D^2``.
+    """
+    if attention not in GRID_ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(GRID_ATTENTIONS)}")
+    macs = []
+    for p in plan:
+        n, d = p.frames_in * p.space_in, hidden
+        if p.reduce_only:
+            macs.append(n * d**2)
+            continue
+        products = 2 * p.space_in * p.frames_in**2 * d + 2 * p.frames_in * p.space_in**2 * d
+        if attention == "self_attention":
+            attention_macs = 8 * n * d**2 + products
+        else:
+            attention_macs = 4 * n * d**2 + products // 2
+        macs.append(attention_macs + 2 * p.frames_out * p.space_out * d * mlp_dim)
+    return macs

@@ -53,13 +53,13 @@ import jax.numpy as jnp
 
 from vtm_jax.errors import UserError
 from vtm_jax.merging import (
+    MergeContext,
     MergingSettings,
     Tokens,
     initial_source,
     key_metric,
-    merge_tokens,
+    removal_count,
 )
-from vtm_jax.merging.matching import clamp_r
 from vtm_jax.merging.schedule import LayerPlan, plan_tokens
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
@@ -70,7 +70,13 @@ from vtm_jax.models.base import (
     embed_tubelets,
     merge_key,
 )
-from vtm_jax.models.encoder import encoder_blocks, encoder_steps, sow_source
+from vtm_jax.models.encoder import (
+    encoder_blocks,
+    encoder_steps,
+    merge_float32,
+    sow_source,
+    step_counter,
+)
 from vtm_jax.models.layers import MlpBlock
 from vtm_jax.models.macs import embedding_macs, head_macs, macs_total
 
@@ -131,6 +137,7 @@ class TrajectoryAttention(nn.Module):
     qkv_bias: bool = True
     original_temporal_values: bool = True
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, key_bias: jax.Array | None = None):
@@ -142,7 +149,7 @@ class TrajectoryAttention(nn.Module):
         d = width // h
         s = n - 1
         p = s // f
-        proj = dict(features=(h, d), use_bias=self.qkv_bias, kernel_init=_XAVIER)
+        proj = dict(features=(h, d), use_bias=self.qkv_bias, kernel_init=_XAVIER, dtype=self.dtype)
         q = nn.DenseGeneral(name="query", **proj)(x)
         k = nn.DenseGeneral(name="key", **proj)(x)
         v = nn.DenseGeneral(name="value", **proj)(x)
@@ -153,8 +160,8 @@ class TrajectoryAttention(nn.Module):
         q_p, k_p, v_p = q[:, 1:], k[:, 1:], v[:, 1:]
         q_slots = jnp.broadcast_to(q_p[:, None], (b, f, s, h, d)).reshape(b * f, s, h, d)
         bias = None
-        if key_bias is not None:
-            bias = key_bias.reshape(b * f, 1, 1, p).astype(x.dtype)
+        if key_bias is not None:  # float32 log sizes, whatever the model's dtype
+            bias = key_bias.reshape(b * f, 1, 1, p).astype(jnp.float32)
         agg = self.attention_fn(
             q_slots, k_p.reshape(b * f, p, h, d), v_p.reshape(b * f, p, h, d), bias=bias
         )
@@ -166,12 +173,16 @@ class TrajectoryAttention(nn.Module):
         k2, v2 = PairProjection(h, self.qkv_bias, name="proj_kv")(
             agg, values=not self.original_temporal_values
         )  # [B, S, F, H, d]
-        weights = jax.nn.softmax(jnp.einsum("bshd,bsfhd->bshf", q2, k2), axis=-1)
+        # The softmax over slots in float32 (a no-op for a float32 model), as every softmax.
+        logits = jnp.einsum("bshd,bsfhd->bshf", q2, k2, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1)
         values = agg.reshape(b, s, f, h, d) if self.original_temporal_values else v2
-        patches = jnp.einsum("bshf,bsfhd->bshd", weights, values)
+        patches = jnp.einsum("bshf,bsfhd->bshd", weights.astype(values.dtype), values)
 
         y = jnp.concatenate([cls_out, patches], axis=1)
-        out = nn.DenseGeneral(width, axis=(-2, -1), kernel_init=_XAVIER, name="out")(y)
+        out = nn.DenseGeneral(
+            width, axis=(-2, -1), kernel_init=_XAVIER, dtype=self.dtype, name="out"
+        )(y)
         return out, k_p
 
 
@@ -190,11 +201,22 @@ class TrajectoryBlock(nn.Module):
     qkv_bias: bool = True
     original_temporal_values: bool = True
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: Tokens, key: jax.Array | None, *, r: int) -> Tokens:
+    def __call__(
+        self,
+        tokens: Tokens,
+        key: jax.Array | None,
+        *,
+        r: int,
+        layer: int = 0,
+        num_layers: int = 0,
+    ) -> Tokens:
         f, grouping = self.num_slots, self.merging.motionformer_groups
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(tokens.x)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(
+            tokens.x
+        )
         key_bias = None
         if self.merging.prop_attn and tokens.size is not None:
             key_bias = from_groups(jnp.log(tokens.size), f, grouping)[..., 0]
@@ -204,20 +226,22 @@ class TrajectoryBlock(nn.Module):
             self.qkv_bias,
             self.original_temporal_values,
             self.attention_fn,
+            self.dtype,
             name="TrajectoryAttention_0",
         )(y, key_bias=key_bias)
         x = tokens.x + y
-        r = clamp_r((x.shape[1] - 1) // f, r, class_token=False)
+        ctx = MergeContext(self.merging, False, key, None, layer, num_layers)
+        r = removal_count(self.merging, (x.shape[1] - 1) // f, r, ctx)
         if r > 0:
             metric = to_groups(key_metric(keys, self.merging.head_aggregation), f, grouping)
             grouped = Tokens(to_groups(x[:, 1:], f, grouping), tokens.size, tokens.source)
-            grouped = merge_tokens(
+            grouped = merge_float32(
                 grouped, metric, r, settings=self.merging, class_token=False, key=key
             )
             x = jnp.concatenate([x[:, :1], from_groups(grouped.x, f, grouping)], axis=1)
             tokens = grouped
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(x)
-        y = MlpBlock(self.mlp_dim, gelu_approximate=False, name="MlpBlock_0")(y)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, gelu_approximate=False, dtype=self.dtype, name="MlpBlock_0")(y)
         return tokens._replace(x=x + y)
 
 
@@ -256,6 +280,7 @@ class Motionformer(nn.Module):
     original_temporal_values: bool = True  # USE_ORIGINAL_TRAJ_ATTN_CODE
     merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32  # activations and matmuls (models.layers.DTYPES); params float32
 
     options: ClassVar[tuple[str, ...]] = ("motionformer_groups", "motionformer_concat_keys")
 
@@ -271,7 +296,7 @@ class Motionformer(nn.Module):
         f = video.shape[1] // t
         p = (video.shape[2] // ph) * (video.shape[3] // pw)
         self._check_input_fits(f, p)
-        x = embed_tubelets(video, self.hidden_size, self.patch_size)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size, self.dtype)
         b, dim = x.shape[0], self.hidden_size
         x = x.reshape(b, f * p, dim)  # (f n): frame-major, as the Conv3d flatten
         init = nn.initializers.normal(stddev=0.02)
@@ -294,6 +319,7 @@ class Motionformer(nn.Module):
                 qkv_bias=self.qkv_bias,
                 original_temporal_values=self.original_temporal_values,
                 attention_fn=self.attention_fn,
+                dtype=self.dtype,
                 name=name,
             ),
             self.num_layers,
@@ -301,11 +327,16 @@ class Motionformer(nn.Module):
         tokens = Tokens(x, None, initial_source(b * f, p, self.merging.trace_source))
         # A duplicated layer is listed several times: the whole block reruns with tied weights.
         for step in encoder_steps(self.merging, self.num_layers, merge_rng):
-            tokens = blocks[step.layer](tokens, step.key, r=step.r)
+            tokens = blocks[step.layer](
+                tokens, step.key, r=step.r, layer=step.layer, num_layers=self.num_layers
+            )
         sow_source(self, tokens)
-        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)[:, 0]
+        norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")
+        x = norm(tokens.x)[:, 0]
         # The original's head keeps Flax's default initialiser (it is trained from it).
-        return classifier_head(x, self.num_classes, self.representation_size, zero_init=False)
+        return classifier_head(
+            x, self.num_classes, self.representation_size, zero_init=False, dtype=self.dtype
+        )
 
     def _check_input_fits(self, slots: int, patches: int) -> None:
         """A one-line error when the video does not fit the position embeddings."""
@@ -330,7 +361,8 @@ class Motionformer(nn.Module):
         _, ph, pw = self.patch_size
         patches = (image_size // ph) * (image_size // pw)
         steps = self.merging.layer_steps(self.num_layers)
-        return plan_tokens(patches, [r for _, r in steps], class_token=False)
+        count = step_counter(self.merging, self.num_layers, class_token=False)
+        return plan_tokens(patches, [r for _, r in steps], class_token=False, count=count)
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per step (every step is a whole block) and in total.

@@ -18,13 +18,15 @@ from flax import traverse_util
 
 from vtm_jax import plugins
 from vtm_jax.errors import UserError
-from vtm_jax.merging import MergingSettings
+from vtm_jax.merging import MergingSettings, Support, check_supported
 from vtm_jax.models.attention import AttentionFn, get_attention
 from vtm_jax.models.base import BACKBONE_OPTIONS
+from vtm_jax.models.layers import compute_dtype, dtype_name
 from vtm_jax.models.motionformer import Motionformer
 from vtm_jax.models.timesformer import TimeSformer
 from vtm_jax.models.videomae import VideoMAE
 from vtm_jax.models.vivit import ViViT
+from vtm_jax.models.vivit_factorised import FactorisedDotProductViViT, FactorisedSelfAttentionViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 
 if TYPE_CHECKING:  # read by duck typing: models sit below checkpoints
@@ -33,6 +35,8 @@ if TYPE_CHECKING:  # read by duck typing: models sit below checkpoints
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vivit": ViViT,
     "vivit_factorised_encoder": FactorisedEncoderViViT,
+    "vivit_factorised_self_attention": FactorisedSelfAttentionViViT,
+    "vivit_factorised_dot_product": FactorisedDotProductViViT,
     "videomae": VideoMAE,
     "timesformer": TimeSformer,
     "motionformer": Motionformer,
@@ -53,7 +57,8 @@ def register_backbone(name: str, module: type[nn.Module], *, replace: bool = Fal
     """Add a backbone under ``name`` (a checkpoint record's ``architecture``).
 
     ``module`` is a Flax module class meeting :class:`~vtm_jax.models.base.Backbone`; its
-    fields are the record's ``model`` entries plus ``merging`` and ``attention_fn``.
+    fields are the record's ``model`` entries plus ``merging`` and ``attention_fn`` (and
+    ``dtype``, if it can compute in another dtype than float32).
     Registering the same class twice is a no-op; another under a taken name needs
     ``replace=True``.
     """
@@ -71,12 +76,21 @@ def register_backbone(name: str, module: type[nn.Module], *, replace: bool = Fal
     ARCHITECTURES[name] = module
 
 
+def merging_support(module: type[nn.Module]) -> Support:
+    """What a backbone's blocks offer a mode (``merging_support``; by default per-frame
+    sequences reducing after attention on the keys, the least a merging backbone offers)."""
+    return getattr(module, "merging_support", Support("frame"))
+
+
 def check_settings_apply(architecture: str, merging: MergingSettings) -> None:
-    """A UserError for a backbone-only option the architecture would ignore.
+    """A UserError for a mode the architecture cannot run or a backbone-only option it would
+    ignore.
 
     Each backbone lists the options it reads (``options``); one set away from its default on
     a backbone that does not list it would silently do nothing.
     """
+    supports = {name: merging_support(cls) for name, cls in ARCHITECTURES.items()}
+    check_supported(merging, architecture, supports)
     defaults = MergingSettings()
     for option in BACKBONE_OPTIONS:
         if getattr(merging, option) == getattr(defaults, option):
@@ -90,25 +104,41 @@ def build_model(
     record: ModelRecord,
     merging: MergingSettings | None = None,
     attention_fn: AttentionFn | None = None,
+    dtype: Any = None,
 ) -> nn.Module:
     """The Flax module a record describes, with the given merging settings and attention.
 
     ``record`` is a :class:`~vtm_jax.checkpoints.record.ModelRecord` or anything else with its
-    ``architecture`` and ``model_kwargs()``.
+    ``architecture`` and ``model_kwargs()``. ``dtype``: what activations and matmuls compute
+    in, a name of ``vtm_jax.models.layers.DTYPES`` (``float32``, ``bfloat16``) or that dtype;
+    None: float32. Parameters stay float32 either way, so the same checkpoint serves both.
     """
     name = record.architecture
     if name not in ARCHITECTURES:
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
     merging = merging or MergingSettings()
     check_settings_apply(name, merging)
+    extra = _dtype_field(ARCHITECTURES[name], name, dtype)
     try:
         return ARCHITECTURES[name](
             **record.model_kwargs(),
             merging=merging,
             attention_fn=attention_fn or get_attention("auto"),
+            **extra,
         )
     except TypeError as e:
         raise UserError(f"checkpoint model config does not fit {name}: {e}") from None
+
+
+def _dtype_field(module: type[nn.Module], name: str, dtype: Any) -> dict[str, Any]:
+    """``{"dtype": ...}`` for a backbone with that field; nothing for one without (a
+    registered backbone may lack it), which then runs float32 only."""
+    value = compute_dtype(dtype)
+    if "dtype" in getattr(module, "__dataclass_fields__", {}):
+        return {"dtype": value}
+    if dtype_name(value) != "float32":
+        raise UserError(f"backbone {name} has no dtype field: it computes in float32 only")
+    return {}
 
 
 def param_shapes(model: nn.Module, input_config: Mapping[str, int]) -> dict[str, tuple[int, ...]]:

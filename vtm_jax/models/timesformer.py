@@ -31,13 +31,13 @@ import jax.numpy as jnp
 
 from vtm_jax.errors import UserError
 from vtm_jax.merging import (
+    MergeContext,
     MergingSettings,
     Tokens,
     initial_source,
     key_metric,
-    merge_tokens,
+    removal_count,
 )
-from vtm_jax.merging.matching import clamp_r
 from vtm_jax.merging.schedule import LayerPlan, plan_tokens
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
@@ -49,7 +49,13 @@ from vtm_jax.models.base import (
     merge_key,
     prepend_class_token,
 )
-from vtm_jax.models.encoder import encoder_blocks, encoder_steps, sow_source
+from vtm_jax.models.encoder import (
+    encoder_blocks,
+    encoder_steps,
+    merge_float32,
+    sow_source,
+    step_counter,
+)
 from vtm_jax.models.layers import AddPositionEmbs, MlpBlock, SelfAttention
 from vtm_jax.models.macs import embedding_macs, head_macs, macs_total
 
@@ -95,9 +101,18 @@ class EncoderBlock(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: Tokens, key: jax.Array | None, *, r: int) -> Tokens:
+    def __call__(
+        self,
+        tokens: Tokens,
+        key: jax.Array | None,
+        *,
+        r: int,
+        layer: int = 0,
+        num_layers: int = 0,
+    ) -> Tokens:
         b, n, d = tokens.x.shape
         t = self.num_frames
         p = (n - 1) // t
@@ -105,29 +120,30 @@ class EncoderBlock(nn.Module):
 
         # Temporal: each spatial slot over its T frames. No size bias (the paper has none).
         slots = patches.reshape(b * p, t, d)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_temporal")(slots)
-        y, _ = SelfAttention(
-            self.num_heads, self.attention_fn, name="MultiHeadDotProductAttention_temporal"
-        )(y)
-        y = nn.Dense(d, name="temporal_fc")(y)
+        # Submodules made inline, not by helper methods: a method's output is an intermediate
+        # that capture_intermediates would record, and a module is no JAX value.
+        norm = dict(epsilon=self.layer_norm_eps, dtype=self.dtype)
+        attention = dict(num_heads=self.num_heads, attention_fn=self.attention_fn, dtype=self.dtype)
+        y = nn.LayerNorm(**norm, name="LayerNorm_temporal")(slots)
+        y, _ = SelfAttention(**attention, name="MultiHeadDotProductAttention_temporal")(y)
+        y = nn.Dense(d, dtype=self.dtype, name="temporal_fc")(y)
         patches = patches + y.reshape(b, p * t, d)
 
         # Spatial: each frame with its own copy of the class token.
         frames = to_frames(patches, t)
         cls_copies = jnp.broadcast_to(cls, (b, t, d)).reshape(b * t, 1, d)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_0")(
-            jnp.concatenate([cls_copies, frames], axis=1)
+        y = nn.LayerNorm(**norm, name="LayerNorm_0")(jnp.concatenate([cls_copies, frames], axis=1))
+        y, keys = SelfAttention(**attention, name="MultiHeadDotProductAttention_0")(
+            y, bias=spatial_size_bias(tokens.size, self.merging.prop_attn)
         )
-        y, keys = SelfAttention(
-            self.num_heads, self.attention_fn, name="MultiHeadDotProductAttention_0"
-        )(y, bias=spatial_size_bias(tokens.size, self.merging.prop_attn))
         cls = cls + y[:, 0].reshape(b, t, d).mean(axis=1, keepdims=True)
         frame_tokens = Tokens(frames + y[:, 1:], tokens.size, tokens.source)
 
         # Reduction per frame: frames are the batch of the matching, no protected token.
-        r = clamp_r(p, r, class_token=False)
+        ctx = MergeContext(self.merging, False, key, None, layer, num_layers)
+        r = removal_count(self.merging, p, r, ctx)
         if r > 0:
-            frame_tokens = merge_tokens(
+            frame_tokens = merge_float32(
                 frame_tokens,
                 key_metric(keys[:, 1:], "mean"),
                 r,
@@ -137,8 +153,8 @@ class EncoderBlock(nn.Module):
             )
         x = jnp.concatenate([cls, from_frames(frame_tokens.x, t)], axis=1)
 
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, name="LayerNorm_1")(x)
-        y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+        y = nn.LayerNorm(**norm, name="LayerNorm_1")(x)
+        y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, name="MlpBlock_0")(y)
         return frame_tokens._replace(x=x + y)
 
 
@@ -153,6 +169,7 @@ class Encoder(nn.Module):
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = False
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: Tokens, merge_rng: jax.Array | None = None) -> Tokens:
@@ -165,15 +182,18 @@ class Encoder(nn.Module):
                 layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate,
                 attention_fn=self.attention_fn,
+                dtype=self.dtype,
                 name=name,
             ),
             self.num_layers,
         )
         # Duplication (docs/method.md §3.6): the same block object runs Q times with tied weights.
         for step in encoder_steps(self.merging, self.num_layers, merge_rng):
-            tokens = blocks[step.layer](tokens, step.key, r=step.r)
-        x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="encoder_norm")(tokens.x)
-        return tokens._replace(x=x)
+            tokens = blocks[step.layer](
+                tokens, step.key, r=step.r, layer=step.layer, num_layers=self.num_layers
+            )
+        norm = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="encoder_norm")
+        return tokens._replace(x=norm(tokens.x))
 
 
 class TimeSformer(nn.Module):
@@ -199,6 +219,7 @@ class TimeSformer(nn.Module):
     gelu_approximate: bool = False  # the paper's and HF's TimeSformer use exact GELU
     merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32  # activations and matmuls (models.layers.DTYPES); params float32
 
     options: ClassVar[tuple[str, ...]] = ()
 
@@ -220,7 +241,9 @@ class TimeSformer(nn.Module):
         d = self.hidden_size
         self._check_embeddings(t, p)
 
-        x = embed_tubelets(video.reshape(b * t, h, w, video.shape[-1]), d, self.patch_size)
+        x = embed_tubelets(
+            video.reshape(b * t, h, w, video.shape[-1]), d, self.patch_size, self.dtype
+        )
         x = prepend_class_token(self, x.reshape(b * t, p, d))
         x = AddPositionEmbs(name="posembed_input")(x)  # one (1, 1 + p, D) table for every frame
         # One class token (every frame's copy is the same), patches to (p t) plus time embedding.
@@ -239,10 +262,11 @@ class TimeSformer(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             gelu_approximate=self.gelu_approximate,
             attention_fn=self.attention_fn,
+            dtype=self.dtype,
             name="Transformer",
         )(Tokens(x, None, source), merge_rng)
         sow_source(self, tokens)
-        return classifier_head(tokens.x[:, 0], self.num_classes)
+        return classifier_head(tokens.x[:, 0], self.num_classes, dtype=self.dtype)
 
     def _check_embeddings(self, frames: int, patches: int) -> None:
         """A clear error when the video does not fit the stored embeddings."""
@@ -268,7 +292,10 @@ class TimeSformer(nn.Module):
         the sequence holds ``1 + num_frames * tokens``."""
         del num_frames  # every frame loses the same r
         steps = self.merging.layer_steps(self.num_layers)
-        return plan_tokens(self._patches(image_size), [r for _, r in steps], class_token=False)
+        count = step_counter(self.merging, self.num_layers, class_token=False)
+        return plan_tokens(
+            self._patches(image_size), [r for _, r in steps], class_token=False, count=count
+        )
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per clip, per step (a duplicated block counts in full each time).

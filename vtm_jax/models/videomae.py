@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vtm_jax.merging import MergingSettings
-from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.merging import MergingSettings, Support
+from vtm_jax.merging.schedule import LayerPlan
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     SourceLayout,
@@ -35,7 +35,14 @@ from vtm_jax.models.base import (
     mean_pool,
     merge_key,
 )
-from vtm_jax.models.encoder import Encoder, sow_source
+from vtm_jax.models.encoder import (
+    ENCODER_PLACES,
+    ENCODER_READS,
+    Encoder,
+    encoder_plan,
+    masks_padding,
+    sow_source,
+)
 from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 
@@ -79,8 +86,10 @@ class VideoMAE(nn.Module):
     fc_norm_eps: float = 1e-6
     merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32  # activations and matmuls (models.layers.DTYPES); params float32
 
     options: ClassVar[tuple[str, ...]] = ("size_weighted_pool",)
+    merging_support: ClassVar[Support] = Support("joint", ENCODER_PLACES, ENCODER_READS)
 
     @nn.compact
     def __call__(
@@ -89,7 +98,7 @@ class VideoMAE(nn.Module):
         del train  # no dropout: the paper's test configs set every rate to 0
         merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
-        x = embed_tubelets(video, self.hidden_size, self.patch_size)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size, self.dtype)
         grid = tuple(x.shape[1:4])
         x = x.reshape(x.shape[0], -1, self.hidden_size)
         x = x + jnp.asarray(sinusoid_positions(x.shape[1], self.hidden_size), x.dtype)
@@ -107,19 +116,21 @@ class VideoMAE(nn.Module):
             key_bias=False,
             learned_positions=False,
             final_norm=False,
+            dtype=self.dtype,
             name="Transformer",
-        )(x, merge_rng, grid)
+        )(x, merge_rng, grid, pixels=video)
         sow_source(self, tokens)
-        x = mean_pool(tokens, weighted=self.merging.size_weighted_pool)
-        x = nn.LayerNorm(epsilon=self.fc_norm_eps, name="fc_norm")(x)
-        return classifier_head(x, self.num_classes)
+        weighted = self.merging.size_weighted_pool or masks_padding(self.merging)
+        x = mean_pool(tokens, weighted=weighted)
+        x = nn.LayerNorm(epsilon=self.fc_norm_eps, dtype=self.dtype, name="fc_norm")(x)
+        return classifier_head(x, self.num_classes, dtype=self.dtype)
 
     def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
         """Static token counts of each step (layer, or repeat of a duplicated layer)."""
         t, h, w = self.patch_size
-        patches = (num_frames // t) * (image_size // h) * (image_size // w)
-        steps = self.merging.layer_steps(self.num_layers)
-        return plan_tokens(patches, [r for _, r in steps], class_token=False)
+        grid = (num_frames // t, image_size // h, image_size // w)
+        patches = grid[0] * grid[1] * grid[2]
+        return encoder_plan(self.merging, patches, self.num_layers, class_token=False, grid=grid)
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per step and in total.

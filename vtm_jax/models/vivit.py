@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from vtm_jax.merging import MergingSettings
-from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.merging import MergingSettings, Support
+from vtm_jax.merging.schedule import LayerPlan
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     SourceLayout,
@@ -27,7 +28,15 @@ from vtm_jax.models.base import (
     pool,
     prepend_class_token,
 )
-from vtm_jax.models.encoder import Encoder, EncoderBlock, sow_source
+from vtm_jax.models.encoder import (
+    ENCODER_PLACES,
+    ENCODER_READS,
+    Encoder,
+    EncoderBlock,
+    encoder_plan,
+    masks_padding,
+    sow_source,
+)
 from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 # The shared encoder is ViViT's (Scenic's Transformer); its block is named here for the tests
@@ -55,8 +64,10 @@ class ViViT(nn.Module):
     gelu_approximate: bool = True
     merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32  # activations and matmuls (models.layers.DTYPES); params float32
 
     options: ClassVar[tuple[str, ...]] = ("size_weighted_pool",)
+    merging_support: ClassVar[Support] = Support("joint", ENCODER_PLACES, ENCODER_READS)
 
     @nn.compact
     def __call__(
@@ -66,7 +77,7 @@ class ViViT(nn.Module):
         merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_classifier(self.classifier)
-        x = embed_tubelets(video, self.hidden_size, self.patch_size)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size, self.dtype)
         b, grid = x.shape[0], tuple(x.shape[1:4])
         x = x.reshape(b, -1, self.hidden_size)
         class_token = self.classifier == "token"
@@ -81,19 +92,23 @@ class ViViT(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             gelu_approximate=self.gelu_approximate,
             attention_fn=self.attention_fn,
+            dtype=self.dtype,
             name="Transformer",
-        )(x, merge_rng, grid)
+        )(x, merge_rng, grid, pixels=video)
         sow_source(self, tokens)
-        x = pool(tokens, class_token=class_token, weighted=self.merging.size_weighted_pool)
-        return classifier_head(x, self.num_classes, self.representation_size)
+        weighted = self.merging.size_weighted_pool or masks_padding(self.merging)
+        x = pool(tokens, class_token=class_token, weighted=weighted)
+        return classifier_head(x, self.num_classes, self.representation_size, dtype=self.dtype)
 
     def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
         """Static token counts of each step (layer, or repeat of a duplicated layer)."""
         t, h, w = self.patch_size
         class_token = self.classifier == "token"
-        tokens = (num_frames // t) * (image_size // h) * (image_size // w) + int(class_token)
-        steps = self.merging.layer_steps(self.num_layers)
-        return plan_tokens(tokens, [r for _, r in steps], class_token=class_token)
+        grid = (num_frames // t, image_size // h, image_size // w)
+        tokens = grid[0] * grid[1] * grid[2] + int(class_token)
+        return encoder_plan(
+            self.merging, tokens, self.num_layers, class_token=class_token, grid=grid
+        )
 
     def analytic_macs(self, num_frames: int, image_size: int) -> dict[str, Any]:
         """Multiply-adds per step and in total (a duplicate's extra runs cost a key projection)."""

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from vtm_jax.merging import MergingSettings, Tokens
-from vtm_jax.merging.schedule import LayerPlan, plan_tokens
+from vtm_jax.merging import MergingSettings, Support, Tokens
+from vtm_jax.merging.schedule import LayerPlan
 from vtm_jax.models.attention import AttentionFn, xla_attention
 from vtm_jax.models.base import (
     SourceLayout,
@@ -30,7 +31,7 @@ from vtm_jax.models.base import (
     pool,
     prepend_class_token,
 )
-from vtm_jax.models.encoder import Encoder, sow_source
+from vtm_jax.models.encoder import ENCODER_PLACES, ENCODER_READS, Encoder, encoder_plan, sow_source
 from vtm_jax.models.macs import embedding_macs, head_macs, macs_total, step_macs
 
 
@@ -52,8 +53,13 @@ class FactorisedEncoderViViT(nn.Module):
     gelu_approximate: bool = True
     merging: MergingSettings = MergingSettings()
     attention_fn: AttentionFn = xla_attention
+    dtype: Any = jnp.float32  # activations and matmuls (models.layers.DTYPES); params float32
 
     options: ClassVar[tuple[str, ...]] = ("temporal_r", "size_weighted_pool")
+    # Frames are the spatial encoder's sequences; nothing reaches it as a video.
+    merging_support: ClassVar[Support] = Support(
+        "frame", tuple(p for p in ENCODER_PLACES if p != "input"), ENCODER_READS[:3]
+    )
 
     def _encoder(self, name: str, merging: MergingSettings) -> Encoder:
         prefix = name[: -len("Transformer")].lower()
@@ -66,6 +72,7 @@ class FactorisedEncoderViViT(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             gelu_approximate=self.gelu_approximate,
             attention_fn=self.attention_fn,
+            dtype=self.dtype,
             name=name,
         )
 
@@ -87,7 +94,7 @@ class FactorisedEncoderViViT(nn.Module):
         merge_rng = merge_key(self, merge_rng)
         check_video_shape(video.shape, self.patch_size)
         check_classifier(self.classifier)
-        x = embed_tubelets(video, self.hidden_size, self.patch_size)
+        x = embed_tubelets(video, self.hidden_size, self.patch_size, self.dtype)
         b, t = x.shape[:2]
         # Frames become batch rows: the spatial encoder, and its merging, work per frame.
         frames = x.reshape(b * t, -1, self.hidden_size)
@@ -100,21 +107,27 @@ class FactorisedEncoderViViT(nn.Module):
             temporal_settings(self.merging),
             temporal_rng(self.merging, merge_rng),
         )
-        return classifier_head(self._pool(temporal), self.num_classes, self.representation_size)
+        return classifier_head(
+            self._pool(temporal), self.num_classes, self.representation_size, dtype=self.dtype
+        )
 
     def token_plan(self, num_frames: int, image_size: int) -> list[LayerPlan]:
         """Per-frame token counts of the spatial steps, then the temporal steps."""
         t, h, w = self.patch_size
         cls = int(self.classifier == "token")
-        spatial_steps = self.merging.layer_steps(self.spatial_num_layers)
-        temporal_steps = temporal_settings(self.merging).layer_steps(self.temporal_num_layers)
-        spatial = plan_tokens(
-            (image_size // h) * (image_size // w) + cls,
-            [r for _, r in spatial_steps],
+        grid = (1, image_size // h, image_size // w)
+        spatial = encoder_plan(
+            self.merging,
+            grid[1] * grid[2] + cls,
+            self.spatial_num_layers,
             class_token=bool(cls),
+            grid=grid,
         )
-        temporal = plan_tokens(
-            num_frames // t + cls, [r for _, r in temporal_steps], class_token=bool(cls)
+        temporal = encoder_plan(
+            temporal_settings(self.merging),
+            num_frames // t + cls,
+            self.temporal_num_layers,
+            class_token=bool(cls),
         )
         return spatial + temporal
 

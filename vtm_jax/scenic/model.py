@@ -10,8 +10,9 @@ runs Scenic's classification trainer with it, as a Scenic project's ``main.py`` 
 
 Without Scenic this module still imports: :data:`SCENIC_AVAILABLE` is False and building
 the model class raises an ImportError saying how to install Scenic. The Flax modules
-(:class:`ScenicViViT`, :class:`ScenicFactorisedEncoderViViT`) and :func:`flax_model_from_config`
-need no Scenic.
+(:class:`ScenicViViT`, :class:`ScenicFactorisedEncoderViViT`, and models 3 and 4:
+:class:`ScenicFactorisedSelfAttentionViViT`, :class:`ScenicFactorisedDotProductViViT`) and
+:func:`flax_model_from_config` need no Scenic.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ml_collections
 from vtm_jax.merging import MergingSettings
 from vtm_jax.models.base import MERGE_STREAM
 from vtm_jax.models.vivit import ViViT
+from vtm_jax.models.vivit_factorised import FactorisedDotProductViViT, FactorisedSelfAttentionViViT
 from vtm_jax.models.vivit_fe import FactorisedEncoderViViT
 
 try:
@@ -89,9 +91,50 @@ class ScenicFactorisedEncoderViViT(FactorisedEncoderViViT):
         return super().__call__(video, train=train, merge_rng=merge_rng)
 
 
+class ScenicFactorisedSelfAttentionViViT(FactorisedSelfAttentionViViT):
+    """vtm_jax's ViViT model 3 (factorised self-attention) with Scenic's call signature."""
+
+    def __call__(
+        self,
+        video: jax.Array,
+        *,
+        train: bool = False,
+        debug: bool = False,
+        merge_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        del debug
+        merge_rng = training_merge_rng(self, train, merge_rng)
+        return super().__call__(video, train=train, merge_rng=merge_rng)
+
+
+class ScenicFactorisedDotProductViViT(FactorisedDotProductViViT):
+    """vtm_jax's ViViT model 4 (factorised dot-product attention) with Scenic's call signature."""
+
+    def __call__(
+        self,
+        video: jax.Array,
+        *,
+        train: bool = False,
+        debug: bool = False,
+        merge_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        del debug
+        merge_rng = training_merge_rng(self, train, merge_rng)
+        return super().__call__(video, train=train, merge_rng=merge_rng)
+
+
+# The Scenic-signature module of each architecture a Scenic ViViT config can describe.
+SCENIC_MODULES: dict[str, type[nn.Module]] = {
+    "vivit": ScenicViViT,
+    "vivit_factorised_encoder": ScenicFactorisedEncoderViViT,
+    "vivit_factorised_self_attention": ScenicFactorisedSelfAttentionViViT,
+    "vivit_factorised_dot_product": ScenicFactorisedDotProductViViT,
+}
+
+
 def flax_model_from_config(
     config: ml_collections.ConfigDict, num_classes: int | None = None
-) -> ViViT | FactorisedEncoderViViT:
+) -> nn.Module:
     """The Flax module a Scenic ViViT config (plus ``token_merging``) describes.
 
     ``num_classes`` defaults to ``config.dataset_configs.num_classes``. A non-zero dropout rate
@@ -113,7 +156,7 @@ def flax_model_from_config(
     record = vivit_record(config)
     merging = MergingSettings.from_dict(config.get("token_merging"))
     check_settings_apply(record.architecture, merging)
-    module = ScenicViViT if record.architecture == "vivit" else ScenicFactorisedEncoderViViT
+    module = SCENIC_MODULES[record.architecture]
     return module(
         **record.model_kwargs(),
         layer_norm_eps=SCENIC_LAYER_NORM_EPS,
@@ -159,7 +202,7 @@ if SCENIC_AVAILABLE:
         class; ``config.token_merging`` sets the reduction (absent: none).
         """
 
-        def build_flax_model(self) -> ViViT | FactorisedEncoderViViT:
+        def build_flax_model(self) -> nn.Module:
             return flax_model_from_config(
                 self.config, num_classes=self.dataset_meta_data["num_classes"]
             )

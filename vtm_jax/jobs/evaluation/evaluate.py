@@ -64,6 +64,7 @@ from vtm_jax.jobs.evaluation.state import (
     merge_states,
 )
 from vtm_jax.merging import MergingSettings, is_random
+from vtm_jax.merging.methods import rlt
 from vtm_jax.outputs import write_json
 from vtm_jax.paths import absolute
 from vtm_jax.runtime import lock
@@ -177,6 +178,7 @@ def _evaluate(
         state_path=state_path,
         progress=spec.progress and process == 0,
         workers=spec.workers or min(8, os.cpu_count() or 1),
+        worker_kind=spec.worker_kind,
         on_batch=on_batch,
         started=started,
         scores_dir=scores_dir,
@@ -196,17 +198,40 @@ def _compiled_step(
     from vtm_jax.models.attention import get_attention
     from vtm_jax.models.registry import build_model, check_params_fit
 
-    model = build_model(record, merging, get_attention(spec.attention))
-    check_params_fit(model, params, record.input)
-    return loop.compiled_step(
-        model,
-        heads,
-        mesh,
-        softmax_views=spec.softmax_views,
-        ensemble=spec.ensemble,
-        seed=merging.seed,
-        clips_per_step=spec.clips_per_step,
-    )
+    def make(settings: MergingSettings) -> Any:
+        model = build_model(record, settings, get_attention(spec.attention), spec.dtype)
+        check_params_fit(model, params, record.input)
+        return loop.compiled_step(
+            model,
+            heads,
+            mesh,
+            softmax_views=spec.softmax_views,
+            ensemble=spec.ensemble,
+            seed=merging.seed,
+            clips_per_step=spec.clips_per_step,
+        )
+
+    if rlt.asks_for_buckets(merging):
+        return _BucketedStep(make, merging, record.model.get("patch_size"))
+    return make(merging)
+
+
+class _BucketedStep:
+    """rlt with buckets: each batch's token length picked on the host from its pixels, one
+    compiled step per length (``merging.methods.rlt.batch_settings``). The kept count is read
+    from the whole (global) batch, so every process picks the same length."""
+
+    def __init__(self, make: Any, merging: MergingSettings, patch_size: Any):
+        self.make, self.merging, self.patch_size = make, merging, patch_size
+        self.steps: dict[MergingSettings, Any] = {}
+
+    def __call__(self, params: Any, batch: dict[str, Any]) -> Any:
+        inputs = batch["inputs"]
+        clips = inputs.reshape((-1,) + tuple(inputs.shape[2:]))
+        settings = rlt.batch_settings(self.merging, clips, self.patch_size)
+        if settings not in self.steps:
+            self.steps[settings] = self.make(settings)
+        return self.steps[settings](params, batch)
 
 
 def _override(spec: EvalSpec) -> dict[str, Any] | None:
@@ -303,6 +328,7 @@ def _run_info(run: dict[str, Any], record: ModelRecord, spec: EvalSpec) -> dict[
         "views_per_video": spec.views,
         "clips_per_step": spec.clips_per_step,
         "attention": spec.attention,
+        "dtype": spec.dtype,
         "jax": jax.__version__,
     }
 

@@ -1,14 +1,17 @@
 """Evaluation input: this process's examples, read and preprocessed through grain, batched.
 
 The source is random access (``len``, ``[i]``: one decoded example). grain reads the indices
-of the process's shard that are not yet counted in ``worker`` threads, at most
-``PREFETCH_BATCHES`` host batches ahead of the devices, so memory holds a few batches of views
-whatever the size of the split. A corrupt video becomes a :class:`Loaded` without views, with
-the reason, and is masked out of the batch; the results list it.
+of the process's shard that are not yet counted with ``workers`` threads or worker processes
+(``read_ahead``), at most ``PREFETCH_BATCHES`` host batches ahead of the devices, so memory
+holds a few batches of views whatever the size of the split. A corrupt video becomes a
+:class:`Loaded` without views, with the reason, and is masked out of the batch; the results
+list it.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,6 +23,10 @@ from vtm_jax.errors import UserError
 from vtm_jax.jobs.evaluation.state import Loaded
 
 PREFETCH_BATCHES = 2
+# Threads share this interpreter; processes each run their own, at the cost of starting them
+# (seconds), pickling the source and sending every view through shared memory (BENCHMARKS.md).
+WORKER_KINDS = ("threads", "processes")
+_AT_EXIT: list = []  # what this module has registered with atexit
 NONFINITE_INPUT = "pixels are not finite after preprocessing"
 
 
@@ -63,27 +70,107 @@ class ExampleLoader:
 
 
 def loaded_batches(
-    load: ExampleLoader, indices: range, host_batch: int, workers: int
+    load: ExampleLoader,
+    indices: range,
+    host_batch: int,
+    workers: int,
+    worker_kind: str = "threads",
 ) -> Iterator[list[Loaded]]:
     """``load(i)`` for ``i`` in ``indices``, in order, in lists of up to ``host_batch``.
 
-    grain's threads read ahead at most ``PREFETCH_BATCHES`` batches; closing the iterator (or
-    dropping it) stops them.
+    grain's workers (``read_ahead``) read ahead at most ``PREFETCH_BATCHES`` batches; closing
+    the iterator (or dropping it) stops them.
     """
     import grain
 
     if not len(indices):
         return iter(())
-    options = grain.ReadOptions(
-        num_threads=max(1, workers), prefetch_buffer_size=PREFETCH_BATCHES * host_batch
+    dataset = grain.MapDataset.range(indices.start, indices.stop, indices.step).map(load)
+    ahead = read_ahead(dataset, workers, worker_kind, PREFETCH_BATCHES * host_batch)
+    return closing(iter(ahead.batch(host_batch, batch_fn=list)), worker_kind)
+
+
+def check_worker_kind(kind: Any, where: str = "worker_kind") -> str:
+    """``kind`` if it is one of :data:`WORKER_KINDS`; a one-line error naming them if not."""
+    if kind not in WORKER_KINDS:
+        raise UserError(f"{where} must be one of {', '.join(WORKER_KINDS)}, not {kind!r}")
+    return kind
+
+
+def read_ahead(dataset: Any, workers: int, kind: str, buffer: int) -> Any:
+    """A grain ``MapDataset`` read in order, about ``buffer`` elements ahead, as an
+    ``IterDataset``: by ``workers`` threads of this process, or by ``workers`` processes.
+
+    Processes (grain's ``mp_prefetch``): process ``i`` maps elements ``i, i + workers, ...`` one
+    at a time, and they are taken round robin, so the order is the threads' order. The dataset
+    (its functions and the source inside them) is pickled into each process once, when reading
+    starts; arrays come back through shared memory.
+    """
+    import grain
+
+    workers = max(1, workers)
+    if check_worker_kind(kind) == "threads":
+        options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=buffer)
+        return dataset.to_iter_dataset(options)
+    import cloudpickle
+    from absl import flags
+
+    try:  # as grain will, into each process: an error here is one line, not a worker's traceback
+        cloudpickle.dumps(dataset)
+    except Exception as e:
+        raise UserError(
+            f"worker_kind 'processes' sends the data source to each worker process, and this one "
+            f"does not pickle ({type(e).__name__}: {e}); use worker_kind 'threads'"
+        ) from None
+    if not flags.FLAGS.is_parsed():  # grain's process reader reads its absl flags
+        flags.FLAGS.mark_as_parsed()
+    if _release_shared_memory not in _AT_EXIT:
+        _AT_EXIT.append(atexit.register(_release_shared_memory))  # before multiprocessing's
+    in_order = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    options = grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=-(-buffer // workers)
     )
-    dataset = (
-        grain.MapDataset.range(indices.start, indices.stop, indices.step)
-        .map(load)
-        .to_iter_dataset(options)
-        .batch(host_batch, batch_fn=list)
-    )
-    return iter(dataset)
+    return in_order.mp_prefetch(options, worker_init_fn=_input_worker_init)
+
+
+def closing(iterator: Any, kind: str) -> Iterator[Any]:
+    """``iterator``'s items; its readers stop when they end or when this is closed (or
+    dropped), not when the garbage collector finds them."""
+    try:
+        yield from iterator
+    finally:
+        iterator.close()
+        if kind == "processes":
+            # grain keeps its last elements in reference cycles: their shared memory is
+            # freed now, not whenever the collector runs.
+            gc.collect()
+
+
+def _release_shared_memory() -> None:
+    """Unlink the shared memory of worker processes' arrays before the interpreter exits:
+    grain unlinks it in a background thread, and what is left for the exit is reported as
+    leaked (then removed) by multiprocessing's resource tracker."""
+    from grain._src.python.ipc import shared_memory_array
+
+    gc.collect()
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:  # grain's one thread: after this no-op, earlier unlinks are done
+        pool.apply(int)
+
+
+def _input_worker_init(index: int, count: int) -> None:
+    """A worker process does host work only: its JAX (the crop kernel) must not take an
+    accelerator that the main process uses. The TFDS notes that opening a split silences in
+    the main process (``data.datasets``) come again when a worker unpickles the split: they
+    are silenced there too, without importing TFDS for sources that do not need it."""
+    del index, count
+    import logging
+
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    notes = ("Using custom data configuration", "Variant folder")
+    logging.getLogger("absl").addFilter(lambda record: not str(record.msg).startswith(notes))
 
 
 def host_batch(

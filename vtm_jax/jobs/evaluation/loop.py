@@ -130,6 +130,7 @@ def run_shard(
     on_batch: Callable[[EvalState], None] | None,
     started: float,
     scores_dir: str | None = None,
+    worker_kind: str = "threads",
 ) -> None:
     """Evaluate the examples of ``shard`` not yet in ``state``, saving it after every batch.
 
@@ -138,7 +139,8 @@ def run_shard(
     counts them.
     """
     host_batch = batch_size * mesh.size
-    batches = eval_input.loaded_batches(load, shard[state.done :], host_batch, workers)
+    rest = shard[state.done :]
+    batches = eval_input.loaded_batches(load, rest, host_batch, workers, worker_kind)
     meter = _Progress(state, len(shard), progress, started)
     try:
         for loaded in batches:
@@ -154,7 +156,7 @@ def run_shard(
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
-            close()  # grain's reader threads stop with it
+            close()  # grain's reader threads or processes stop with it
         meter.close()
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vtm_jax.errors import UserError
+from vtm_jax.jobs.evaluation.input import check_worker_kind
 from vtm_jax.merging import MergingSettings
 from vtm_jax.outputs import check_output_file, claim_outputs, results_targets
 
@@ -31,6 +32,9 @@ class EvalSpec:
         is resumed, and a file of a different run, or any other file, is an error unless
         ``overwrite`` (which starts afresh over it).
       attention: attention backend (``vtm_jax.models.attention.get_attention``).
+      dtype: what the model computes in, ``float32`` (the default) or ``bfloat16``
+        (``vtm_jax.models.layers.DTYPES``): activations and matmuls; parameters, softmax,
+        merge arithmetic and logits stay float32. The results' ``info`` records it.
       progress: show a progress bar (process 0 only).
       limit: evaluate only the first ``limit`` examples of the source.
       dataset: a name for the data in the results, e.g. ``'kinetics400/validation'``. The
@@ -44,6 +48,8 @@ class EvalSpec:
         ``<results stem>.scores.npz``; needs ``results_path``.
       workers: grain threads that read and decode videos ahead of the devices (default: the
         CPU count, at most 8).
+      worker_kind: ``threads`` (in this process) or ``processes`` (grain's worker processes:
+        Python's decoding and cropping no longer share one interpreter; the source must pickle).
       verify: check the checkpoint's digests on load. The results name the parameters by
         their content digest either way, and a resume against other parameters is refused.
       position_embeddings: when ``preprocessing`` asks for another frame count than the
@@ -61,6 +67,7 @@ class EvalSpec:
     three_crops: bool = False
     results_path: str | None = None
     attention: str = "auto"
+    dtype: str = "float32"
     progress: bool = True
     limit: int | None = None
     overwrite: bool = False
@@ -71,16 +78,21 @@ class EvalSpec:
     predictions: bool = False
     save_scores: bool = False
     workers: int | None = None
+    worker_kind: str = "threads"
     verify: bool = True
     position_embeddings: str = "paper"
     clips_per_step: int | None = None
 
     def __post_init__(self) -> None:
+        from vtm_jax.models.layers import dtype_name
+
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))  # a name, as results keep it
         for name, value in (("batch_size", self.batch_size), ("num_clips", self.num_clips)):
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be an integer >= 1, not {value!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise UserError(f"limit must be a positive integer (or unset), not {self.limit!r}")
+        check_worker_kind(self.worker_kind)
         if self.ensemble not in ENSEMBLES:
             raise UserError(f"unknown ensemble {self.ensemble!r}; valid: {', '.join(ENSEMBLES)}")
         step = self.clips_per_step
@@ -145,6 +157,7 @@ class EvalSpec:
             three_crops=data.get("do_three_spatial_crops", False),
             results_path=config.get("results_path"),
             attention=options.get("attention", "auto"),
+            dtype=options.get("dtype", "float32"),
             limit=limit,
             overwrite=options.get("overwrite", False),
             dataset=f"{config.dataset_name}/{split}",
@@ -154,6 +167,9 @@ class EvalSpec:
             predictions=options.get("predictions", False),
             save_scores=options.get("save_scores", False),
             workers=workers,
+            worker_kind=check_worker_kind(
+                options.get("worker_kind", "threads"), "eval.worker_kind"
+            ),
             position_embeddings=options.get("position_embeddings", "paper"),
             clips_per_step=options.get("clips_per_step"),
             progress=progress,

@@ -3,8 +3,9 @@
 Step ``s`` reads the examples ``batch_indices(seed, s, batch_size, n)``: each epoch is a fresh
 permutation of the split (its tail that does not fill a batch is left out), so a run resumed
 at step ``s`` reads exactly the batches an uninterrupted run reads from ``s`` on. grain decodes
-examples in worker threads, at most ``PREFETCH_BATCHES`` batches ahead, so memory holds a few
-batches whatever the size of the split.
+examples in worker threads or processes (``evaluation.input.read_ahead``: the same order
+either way), at most ``PREFETCH_BATCHES`` batches ahead, so memory holds a few batches whatever
+the size of the split.
 """
 
 from __future__ import annotations
@@ -40,8 +41,21 @@ class TrainExamples:
     def __init__(self, source: Any, preprocessing: Preprocessing, seed: int, batch_size: int):
         self.source, self.preprocessing = source, preprocessing
         self.seed, self.batch_size, self.num_examples = seed, batch_size, len(source)
+        self._cache()
+
+    def _cache(self) -> None:
         # One epoch's permutation at a time is kept: a lookup per example stays cheap.
         self._order = functools.lru_cache(maxsize=2)(self._epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes get the examples pickled; the cache is rebuilt there, not sent.
+        state = dict(self.__dict__)
+        del state["_order"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache()
 
     def _epoch(self, epoch: int) -> np.ndarray:
         return epoch_order(self.seed, epoch, self.num_examples)
@@ -61,19 +75,19 @@ class TrainExamples:
 
 
 def train_batches(
-    examples: TrainExamples, start_step: int, total_steps: int, workers: int
+    examples: TrainExamples,
+    start_step: int,
+    total_steps: int,
+    workers: int,
+    worker_kind: str = "threads",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of steps ``start_step`` to ``total_steps - 1``, stacked, in order."""
+    """The batches of steps ``start_step`` to ``total_steps - 1``, stacked, in order, read by
+    ``workers`` threads or processes (``worker_kind``)."""
     import grain
 
+    from vtm_jax.jobs.evaluation.input import closing, read_ahead
+
     size = examples.batch_size
-    options = grain.ReadOptions(
-        num_threads=max(1, workers), prefetch_buffer_size=PREFETCH_BATCHES * size
-    )
-    dataset = (
-        grain.MapDataset.range(start_step * size, total_steps * size)
-        .map(examples)
-        .to_iter_dataset(options)
-        .batch(size, drop_remainder=True)
-    )
-    return iter(dataset)
+    dataset = grain.MapDataset.range(start_step * size, total_steps * size).map(examples)
+    ahead = read_ahead(dataset, workers, worker_kind, PREFETCH_BATCHES * size)
+    return closing(iter(ahead.batch(size, drop_remainder=True)), worker_kind)

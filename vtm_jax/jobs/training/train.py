@@ -36,6 +36,7 @@ from etils import epath
 from vtm_jax.checkpoints.record import ModelRecord
 from vtm_jax.data.preprocessing import Preprocessing
 from vtm_jax.errors import UserError, writing
+from vtm_jax.jobs.evaluation.input import check_worker_kind
 from vtm_jax.jobs.evaluation.loop import compiled_step
 from vtm_jax.jobs.training.input import (
     TrainExamples,
@@ -49,7 +50,7 @@ from vtm_jax.jobs.training.optim import (
     learning_rate_schedule,
     make_optimizer,
 )
-from vtm_jax.jobs.training.steps import cross_entropy, init_state, train_step
+from vtm_jax.jobs.training.steps import compiled_train_step, cross_entropy, init_state
 from vtm_jax.jobs.training.workdir import (
     LOG_FILE,
     MODEL_DIR,
@@ -109,6 +110,7 @@ class _Run:
     batch_size: int
     total_steps: int
     workers: int
+    worker_kind: str
     train_step: Callable
     eval_step: Callable
     init: Callable
@@ -228,8 +230,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, train_source, test_
     training = config.get("training", {}) or {}
     merging = MergingSettings.from_dict(training.get("token_merging"))
     attention = get_attention(training.get("attention", "auto"))
-    model = build_model(record, merging, attention)
-    eval_model = build_model(record, MergingSettings(), attention)
+    dtype = training.get("dtype", "float32")  # the compute dtype; parameters stay float32
+    model = build_model(record, merging, attention, dtype)
+    eval_model = build_model(record, MergingSettings(), attention, dtype)
     mesh = device_mesh.local_mesh()
     batch_size = int(config.batch_size)
     if batch_size % mesh.size:
@@ -253,14 +256,11 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str, train_source, test_
         batch_size=batch_size,
         total_steps=total_steps,
         workers=int(training.get("workers") or min(8, os.cpu_count() or 1)),
-        train_step=jax.jit(
-            functools.partial(
-                train_step,
-                model=model,
-                optimizer=optimizer,
-                smoothing=smoothing,
-                merge_seed=merging.seed,
-            )
+        worker_kind=check_worker_kind(
+            training.get("worker_kind", "threads"), "training.worker_kind"
+        ),
+        train_step=compiled_train_step(
+            model, optimizer, mesh, smoothing=smoothing, merge_seed=merging.seed
         ),
         eval_step=compiled_step(eval_model, heads, mesh),
         init=functools.partial(init_state, eval_model, optimizer, seed, clip_shape),
@@ -302,7 +302,7 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
     save_every = int(run.config.get("checkpoint_steps", 0) or 0) or run.total_steps
     seed = int(run.config.get("rng_seed", 0))
     examples = TrainExamples(run.train_source, run.preprocessing, seed, run.batch_size)
-    batches = train_batches(examples, start, run.total_steps, run.workers)
+    batches = train_batches(examples, start, run.total_steps, run.workers, run.worker_kind)
     bar = tqdm(
         total=run.total_steps,
         initial=start,
@@ -333,7 +333,7 @@ def _train_loop(run: _Run, state: Any, start: int, manager: Any, on_step, progre
                 if on_step is not None:
                     on_step(done)
     finally:
-        batches.close()  # grain's reader threads stop with it
+        batches.close()  # grain's reader threads or processes stop with it
         bar.close()
         writer.close()
     return state
@@ -384,12 +384,16 @@ def _test_accuracy(run: _Run, params: Any) -> float:
     )
     counts = {"count": 0, "top1": 0}
     indices = range(len(run.test_source))
-    for loaded in eval_input.loaded_batches(load, indices, run.batch_size, run.workers):
-        # A fixed shape (the last batch padded and masked): one compile for every batch.
-        batch = eval_input.host_batch(loaded, run.batch_size, view_shape, len(heads))
-        sums, _, _, _ = run.eval_step(params, device_mesh.put_batch(batch, run.mesh))
-        for key in counts:
-            counts[key] += int(sums[key])
+    reading = eval_input.loaded_batches(load, indices, run.batch_size, run.workers, run.worker_kind)
+    try:
+        for loaded in reading:
+            # A fixed shape (the last batch padded and masked): one compile for every batch.
+            batch = eval_input.host_batch(loaded, run.batch_size, view_shape, len(heads))
+            sums, _, _, _ = run.eval_step(params, device_mesh.put_batch(batch, run.mesh))
+            for key in counts:
+                counts[key] += int(sums[key])
+    finally:
+        getattr(reading, "close", lambda: None)()  # worker processes end now, not at collection
     return counts["top1"] / counts["count"] if counts["count"] else 0.0
 
 
