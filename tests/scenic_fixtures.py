@@ -6,6 +6,11 @@ Scenic commit 4a38d47, written out here as facts (no Scenic code): the files imp
 ``ml_collections`` (and, like Scenic's model-1 file, ``absl.logging``), define
 ``get_config()``, set ``checkpoint = True`` and the typo'd ``datset_configs``, and have no
 ``token_merging`` block.
+
+Scenic ships no config file for models 3 (``factorized_self_attention_block``) and 4
+(``factorized_dot_product_attention``): theirs here are the model-1 file with the attention
+type Scenic's ``ViViT`` reads for them, model 3's ``attention_order`` and the ``gap``
+classifier (Scenic's ViViT asserts there is no class token for these types).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ _MODEL2 = """
 
 _TAIL = """
   config.model.representation_size = None
-  config.model.classifier = 'token'
+  config.model.classifier = {classifier!r}
   config.model.attention_dropout_rate = 0.
   config.model.dropout_rate = 0.
   config.model_dtype_str = 'float32'
@@ -133,14 +138,34 @@ _TAIL = """
 """
 
 
-def scenic_k400_config_text(model: int) -> str:
-    """The text of a K400 ViViT-B config file in Scenic's form: model 1 or model 2."""
+FACTORISED_TYPES = {
+    3: "factorized_self_attention_block",
+    4: "factorized_dot_product_attention",
+}
+
+
+def scenic_k400_config_text(model: int, order: str = "time_space") -> str:
+    """The text of a K400 ViViT-B config file in Scenic's form: model 1, 2, 3 or 4
+    (``order``: model 3's ``attention_order``)."""
     sizes = {"train": K400_TRAIN, "val": K400_VAL, "test": K400_TEST}
+    if model in FACTORISED_TYPES:
+        head = _HEAD.format(
+            experiment=f"vivit_base_kinetics400_model{model}",
+            attention=FACTORISED_TYPES[model],
+            **sizes,
+        )
+        extra = f"  config.model.attention_config.attention_order = {order!r}" if model == 3 else ""
+        tail = _TAIL.format(
+            extra_model=extra, extra_tail="", lr=0.1, train=K400_TRAIN, classifier="gap"
+        )
+        return head + _MODEL1 + tail
     if model == 1:
         head = _HEAD.format(
             experiment="vivit_base_kinetics400_im21k", attention="spacetime", **sizes
         )
-        tail = _TAIL.format(extra_model="", extra_tail="", lr=0.1, train=K400_TRAIN)
+        tail = _TAIL.format(
+            extra_model="", extra_tail="", lr=0.1, train=K400_TRAIN, classifier="token"
+        )
         return head + _MODEL1 + tail
     head = _HEAD.format(
         experiment="vivit_kinetics400_classification", attention="factorized_encoder", **sizes
@@ -150,14 +175,16 @@ def scenic_k400_config_text(model: int) -> str:
         extra_tail="  config.checkpoint_steps = 1000",
         lr=0.05,
         train=K400_TRAIN,
+        classifier="token",
     )
     return head + _MODEL2 + tail
 
 
-def write_scenic_config(directory: Path, model: int) -> Path:
-    """Write the model-1 or model-2 K400 config file into ``directory``; its path."""
-    path = Path(directory) / f"scenic_vivit_k400_model{model}.py"
-    path.write_text(scenic_k400_config_text(model))
+def write_scenic_config(directory: Path, model: int, order: str = "time_space") -> Path:
+    """Write the K400 config file of model 1, 2, 3 or 4 into ``directory``; its path."""
+    suffix = f"_{order}" if model == 3 else ""
+    path = Path(directory) / f"scenic_vivit_k400_model{model}{suffix}.py"
+    path.write_text(scenic_k400_config_text(model, order))
     return path
 
 
@@ -168,6 +195,8 @@ TINY_MODEL1 = [
     "--config.model.mlp_dim=32",
     "--config.model.num_layers=1",
 ]
+TINY_MODEL3 = TINY_MODEL1  # models 3 and 4 have model 1's fields
+TINY_MODEL4 = TINY_MODEL1
 TINY_MODEL2 = [
     "--config.model.hidden_size=16",
     *[

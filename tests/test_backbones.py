@@ -81,11 +81,15 @@ def test_options_are_declared_by_the_backbones():
         option: sorted(name for name, cls in ARCHITECTURES.items() if option in cls.options)
         for option in BACKBONE_OPTIONS
     }
+    factorised = ["vivit_factorised_dot_product", "vivit_factorised_self_attention"]
     assert readers == {
-        "temporal_r": ["vivit_factorised_encoder"],
+        "temporal_r": sorted([*factorised, "vivit_factorised_encoder"]),
         "motionformer_groups": ["motionformer"],
         "motionformer_concat_keys": ["motionformer"],
-        "size_weighted_pool": ["videomae", "vivit", "vivit_factorised_encoder"],
+        "size_weighted_pool": sorted(
+            ["videomae", "vivit", *factorised, "vivit_factorised_encoder"]
+        ),
+        "factorised_groups": factorised,
     }
 
 

@@ -31,6 +31,12 @@ TINY = {
         patch_size=(1, 4, 4),
     ),
     "timesformer": dict(hidden_size=16, num_heads=2, mlp_dim=32, num_layers=2, patch_size=(4, 4)),
+    "vivit_factorised_self_attention": dict(
+        hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1, patch_size=(2, 4, 4)
+    ),
+    "vivit_factorised_dot_product": dict(
+        hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1, patch_size=(2, 4, 4)
+    ),
     "motionformer": dict(
         hidden_size=16,
         num_heads=2,

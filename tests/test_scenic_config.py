@@ -146,7 +146,7 @@ def test_own_configs_have_no_ignored_fields(name, capsys):
     "override, message",
     [
         (
-            "--config.model.attention_config.type=factorized_self_attention_block",
+            "--config.model.attention_config.type=factorized_transformer_block",
             "is not supported",
         ),
         ("--config.model.classifier=gmp", "model.classifier 'gmp' is not supported"),
