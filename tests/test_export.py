@@ -93,3 +93,8 @@ def test_backbone_exports_for_its_accelerator(backbone, paper_r, backend, pinned
     if kernel is not None:  # the fused kernel itself is in the program, not a fallback
         assert kernel in module, f"{backend} left no {kernel} call in {backbone}"
     assert "__cudnn" not in module or backend == "cudnn"
+    # proportional attention's key bias (paper_r) is folded into the keys, so cuDNN's bias
+    # variant does not run; TimeSformer's spatial bias spares the CLS query (a bias per query
+    # and key, built by the model), which cuDNN still takes whole
+    whole_bias = backend == "cudnn" and paper_r and backbone == "timesformer_b"
+    assert ("fmhaScaleBias" in module) == whole_bias
